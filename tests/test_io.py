@@ -1,0 +1,225 @@
+"""Reading, validation, atomic writing and the source adapters."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from upgrade_jax.data import io
+from upgrade_jax.data.types import Volume
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def _pair(root, name, image, labels, others=None):
+  for sub in ("images", "labels") + (("others",) if others is not None else ()):
+    (root / sub).mkdir(exist_ok=True)
+  tifffile.imwrite(root / "images" / f"{name}.tif", image)
+  tifffile.imwrite(root / "labels" / f"{name}.tif", labels)
+  if others is not None:
+    tifffile.imwrite(root / "others" / f"{name}.tif", others)
+
+
+def _labels(shape, ids=(5, 9)):
+  lab = np.zeros(shape, np.uint16)
+  lab[1:3, 1:3] = ids[0]
+  lab[-3:-1, -3:-1] = ids[1]
+  return lab
+
+
+def test_folder_reads_grey_rgb_and_dtypes(tmp_path):
+  rng = np.random.default_rng(0)
+  _pair(tmp_path, "a", rng.integers(0, 255, (8, 10)).astype(np.uint8), _labels((8, 10)))
+  _pair(tmp_path, "b", rng.integers(0, 60000, (12, 6, 3)).astype(np.uint16),
+        _labels((12, 6)), others=None)
+  _pair(tmp_path, "c", rng.random((8, 8)).astype(np.float32), _labels((8, 8)))
+  vols = io.folder(tmp_path / "images", tmp_path / "labels")
+  assert [v.name for v in vols] == ["a", "b", "c"]
+  assert vols[0].image.shape == (1, 8, 10) and vols[1].image.shape == (1, 12, 6, 3)
+  assert vols[1].target.dtype == np.int32 and not vols[1].others.any()
+  ds = io.volumes_to_dataset(vols)
+  assert ds.images.shape == (3, 12, 10, 1) and ds.images.dtype == np.float32
+  np.testing.assert_array_equal(ds.extents, [[8, 10], [12, 6], [8, 8]])
+  # Padding is zero; labels are relabelled 1..n; max normalisation per image.
+  assert not ds.images[0, 8:].any() and not ds.targets[1, :, 6:].any()
+  assert sorted(np.unique(ds.targets[0])) == [0, 1, 2]
+  for i in range(3):
+    assert ds.images[i].max() == pytest.approx(1.0)
+  # RGB -> grey with the luma weights, then max-normalised.
+  rgb = vols[1].image[0].astype(np.float64)
+  grey = rgb @ [0.299, 0.587, 0.114]
+  np.testing.assert_allclose(ds.images[1, :12, :6, 0], grey / grey.max(), rtol=1e-5)
+  ds_rgb = io.volumes_to_dataset(vols, channels="rgb")
+  assert ds_rgb.channels == 3
+  np.testing.assert_allclose(ds_rgb.images[0, ..., 0], ds_rgb.images[0, ..., 2])
+
+
+def test_folder_with_others_and_png(tmp_path):
+  import skimage.io
+  (tmp_path / "images").mkdir()
+  skimage.io.imsave(tmp_path / "images" / "x.png", np.full((6, 7), 200, np.uint8),
+                    check_contrast=False)
+  (tmp_path / "labels").mkdir()
+  tifffile.imwrite(tmp_path / "labels" / "x.tif", _labels((6, 7)))
+  (tmp_path / "others").mkdir()
+  tifffile.imwrite(tmp_path / "others" / "x.tif", _labels((6, 7), ids=(2, 4)))
+  (v,) = io.load_source("folder", images_dir=tmp_path / "images",
+                        labels_dir=tmp_path / "labels", others_dir=tmp_path / "others")
+  assert v.image.shape == (1, 6, 7) and sorted(np.unique(v.others)) == [0, 2, 4]
+
+
+def test_validation_errors(tmp_path):
+  img, lab = np.zeros((6, 6), np.uint8), _labels((6, 6))
+  _pair(tmp_path, "a", img, lab)
+  (tmp_path / "images" / "b.tif").write_bytes(b"")
+  tifffile.imwrite(tmp_path / "images" / "b.tif", img)
+  with pytest.raises(ValueError, match=r"have no label file .*b\.tif"):
+    io.folder(tmp_path / "images", tmp_path / "labels")
+  os.remove(tmp_path / "images" / "b.tif")
+  tifffile.imwrite(tmp_path / "labels" / "c.tif", lab)
+  with pytest.raises(ValueError, match=r"have no image .*c\.tif"):
+    io.folder(tmp_path / "images", tmp_path / "labels")
+  os.remove(tmp_path / "labels" / "c.tif")
+  tifffile.imwrite(tmp_path / "labels" / "a.tif", _labels((6, 5)))
+  with pytest.raises(ValueError, match=r"a\.tif.*shape \(6, 6\).*\(6, 5\)"):
+    io.folder(tmp_path / "images", tmp_path / "labels")
+  tifffile.imwrite(tmp_path / "labels" / "a.tif", lab.astype(np.float32) + 0.5)
+  with pytest.raises(ValueError, match=r"a\.tif: labels must be integer ids"):
+    io.folder(tmp_path / "images", tmp_path / "labels")
+  tifffile.imwrite(tmp_path / "labels" / "a.tif", lab.astype(np.int16) - 1)
+  with pytest.raises(ValueError, match=r"a\.tif: labels must be >= 0, found -1"):
+    io.folder(tmp_path / "images", tmp_path / "labels")
+  # Integral floats are accepted (some tools save labels as float32).
+  tifffile.imwrite(tmp_path / "labels" / "a.tif", lab.astype(np.float32))
+  assert io.folder(tmp_path / "images", tmp_path / "labels")[0].target.max() == 9
+  (tmp_path / "images" / "a.tif").write_bytes(b"this is not a tiff")
+  with pytest.raises(ValueError, match=r"cannot read .*a\.tif"):
+    io.folder(tmp_path / "images", tmp_path / "labels")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match=r"images folder .*empty.* is empty"):
+    io.folder(tmp_path / "empty", tmp_path / "labels")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    io.folder(tmp_path / "nope", tmp_path / "labels")
+  with pytest.raises(ValueError, match="unknown data source"):
+    io.load_source("zarr")
+
+
+def test_stack_reads_volumes_with_channels(tmp_path):
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 4000, (4, 9, 8, 3)).astype(np.uint16)
+  labels = np.stack([_labels((9, 8))] * 4)
+  tifffile.imwrite(tmp_path / "img.tif", image, photometric="rgb")
+  tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
+  (v,) = io.stack(tmp_path / "img.tif", tmp_path / "lab.tif")
+  assert v.image.shape == (4, 9, 8, 3) and v.target.shape == (4, 9, 8)
+  tifffile.imwrite(tmp_path / "grey.tif", image[..., 0], photometric="minisblack")
+  (g,) = io.load_source("stack", image_path=tmp_path / "grey.tif",
+                        label_path=tmp_path / "lab.tif")
+  assert g.image.shape == (4, 9, 8)
+  (two,) = io.stack(tmp_path / "img.tif", tmp_path / "lab.tif", slices=[3, 1])
+  np.testing.assert_array_equal(two.image, image[[3, 1]])
+  np.testing.assert_array_equal(two.target, labels[[3, 1]])
+  with pytest.raises(ValueError, match=r"slices \[7\] out of range"):
+    io.stack(tmp_path / "img.tif", tmp_path / "lab.tif", slices=[7])
+  tifffile.imwrite(tmp_path / "short.tif", labels[:3], photometric="minisblack")
+  with pytest.raises(ValueError, match=r"img\.tif vs .*short\.tif"):
+    io.stack(tmp_path / "img.tif", tmp_path / "short.tif")
+
+
+def test_normalise():
+  img = np.array([[0, 50], [100, 200]], np.uint16)
+  np.testing.assert_allclose(io.normalise(img), img / 200.0)
+  assert not io.normalise(np.zeros((3, 3), np.uint8)).any()
+  ramp = np.arange(1000, dtype=np.float32)
+  p = io.normalise(ramp, "percentile", percentiles=(10, 90))
+  lo, hi = np.percentile(ramp, (10, 90))
+  np.testing.assert_allclose(p, np.clip((ramp - lo) / (hi - lo), 0, 1), rtol=1e-6)
+  assert p.dtype == np.float32
+  raw = io.normalise(img, "none")
+  assert raw.dtype == np.float32 and raw.max() == 200
+  with pytest.raises(ValueError, match="normalisation"):
+    io.normalise(img, "zscore")
+
+
+def test_write_labels_atomic_and_refuses_inputs(tmp_path):
+  lab = _labels((5, 5)).astype(np.int32)
+  out = io.write_labels(tmp_path / "out.tif", lab)
+  np.testing.assert_array_equal(tifffile.imread(out), lab)
+  assert tifffile.imread(out).dtype == np.uint16
+  big = lab * 10000
+  np.testing.assert_array_equal(tifffile.imread(io.write_labels(out, big)), big)
+  src = tmp_path / "labels.tif"
+  tifffile.imwrite(src, lab)
+  before = src.read_bytes()
+  with pytest.raises(ValueError, match="refusing to overwrite input"):
+    io.write_labels(src, lab + 1, inputs=[tmp_path / "x.tif", src])
+  link = tmp_path / "alias.tif"
+  os.symlink(src, link)
+  with pytest.raises(ValueError, match="refusing to overwrite input"):
+    io.write_labels(link, lab, inputs=[src])
+  assert src.read_bytes() == before
+  with pytest.raises(ValueError, match="labels must be >= 0"):
+    io.write_labels(tmp_path / "neg.tif", lab - 1)
+  assert not (tmp_path / "neg.tif").exists()
+
+
+def test_write_labels_leaves_nothing_on_failure(tmp_path, monkeypatch):
+  old = np.ones((3, 3), np.uint16)
+  io.write_labels(tmp_path / "keep.tif", old)
+  def boom(*args, **kwargs):
+    raise OSError("disk full")
+  monkeypatch.setattr(tifffile, "imwrite", boom)
+  with pytest.raises(OSError, match="disk full"):
+    io.write_labels(tmp_path / "keep.tif", old * 2)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tif"]  # no temp file
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "keep.tif"), old)
+
+
+def test_stack_samples_checks():
+  img = np.zeros((4, 4))
+  with pytest.raises(ValueError, match="no samples"):
+    io.stack_samples([])
+  with pytest.raises(ValueError, match="s1: others shape"):
+    io.stack_samples([(img, np.zeros((4, 4), int), np.zeros((3, 4), int), "s1")])
+  with pytest.raises(ValueError, match=r"s2: image shape \(4, 4\) does not match"):
+    io.stack_samples([(img, np.zeros((4, 5), int), None, "s2")])
+
+
+def test_synthetic_source():
+  vols = io.load_source("synthetic", preset="hl60", seed=0, n_volumes=1, shape=(8, 64, 64))
+  assert isinstance(vols[0], Volume) and vols[0].image.dtype == np.uint16
+
+
+@pytest.mark.shared_data
+def test_reads_shared_epfl_mito():
+  root = SHARED / "epfl_mito"
+  if not root.is_dir():
+    pytest.skip(f"{root} not present")
+  for split in ("train", "test"):
+    (v,) = io.load_source("epfl_mito", root=root, split=split, slices=[0, 27])
+    assert v.image.dtype == np.uint8 and v.image.shape == (2, 768, 1024)
+    assert v.target.shape == v.image.shape and v.target.max() > 0
+  ds = io.volumes_to_dataset([v])
+  assert ds.images.shape == (2, 768, 1024, 1) and ds.targets.max() >= 5
+  full = tifffile.imread(root / "test" / "labels.tif", key=27)
+  np.testing.assert_array_equal(v.target[1], full)
+
+
+@pytest.mark.shared_data
+def test_reads_shared_dsb2018():
+  root = SHARED / "dsb2018"
+  if not root.is_dir():
+    pytest.skip(f"{root} not present")
+  stems = sorted(p.stem for p in (root / "images").iterdir())
+  picks = stems[:4]
+  for stem in stems:  # include one RGB image if there is one
+    if tifffile.imread(root / "images" / f"{stem}.tif").ndim == 3:
+      picks.append(stem)
+      break
+  vols = io.folder(root / "images", root / "labels", names=picks)
+  assert any(v.image.ndim == 4 for v in vols)  # an RGB image (1, H, W, 3)
+  ds = io.volumes_to_dataset(vols)
+  assert ds.channels == 1 and len(ds) == len(picks)
+  assert all(ds.targets[i].max() >= 1 for i in range(len(ds)))

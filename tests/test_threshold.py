@@ -1,0 +1,79 @@
+"""The global-threshold baseline against a brute-force oracle."""
+
+import numpy as np
+import pytest
+
+from upgrade_jax.baselines import threshold
+from upgrade_jax.data.types import Dataset
+from upgrade_jax.metrics import pooled_dice_np
+
+
+def _dataset(rng, n=3, h=20, w=24, c=1, extents=None):
+  targets = np.zeros((n, h, w), np.int32)
+  images = rng.random((n, h, w, c)).astype(np.float32) * 0.6
+  for i in range(n):
+    y, x = rng.integers(2, h - 8), rng.integers(2, w - 8)
+    targets[i, y:y + 6, x:x + 6] = 1
+    images[i, y:y + 6, x:x + 6] += 0.4  # brighter objects, overlapping noise
+  if extents is None:
+    extents = np.tile([h, w], (n, 1))
+  return Dataset(images, targets, np.zeros_like(targets), np.asarray(extents, np.int32),
+                 tuple(f"s{i}" for i in range(n)))
+
+
+def _brute_force(ds, thresholds):
+  valid = ds.valid_mask()
+  inten = ds.images.mean(axis=-1).astype(np.float64)
+  return np.array([pooled_dice_np(inten >= t, ds.targets, valid) for t in thresholds])
+
+
+def test_dice_per_threshold_matches_brute_force():
+  rng = np.random.default_rng(0)
+  ds = _dataset(rng, extents=[[20, 24], [15, 24], [20, 10]], c=3)
+  # Padding pixels get huge values: they must not count.
+  ds.images[1, 15:] = 5.0
+  top = ds.images.mean(axis=-1)[ds.valid_mask()].max()
+  cands = threshold.threshold_candidates(top)
+  assert len(cands) == 101 and cands[0] == 0 and cands[-1] == pytest.approx(top)
+  np.testing.assert_allclose(threshold.dice_per_threshold(ds, cands), _brute_force(ds, cands))
+  # Thresholds equal to pixel values exactly (>= counts them as foreground).
+  vals = np.unique(ds.images.mean(axis=-1)[ds.valid_mask()])[::37]
+  np.testing.assert_allclose(threshold.dice_per_threshold(ds, vals), _brute_force(ds, vals))
+
+
+def test_best_threshold_and_apply():
+  rng = np.random.default_rng(1)
+  train, test = _dataset(rng, n=4), _dataset(rng, n=3, extents=[[20, 24], [18, 20], [20, 24]])
+  t, frac, train_dice = threshold.best_threshold(train)
+  top = train.images.max()
+  oracle = _brute_force(train, threshold.threshold_candidates(top))
+  assert train_dice == pytest.approx(oracle.max())
+  assert frac == pytest.approx(np.argmax(oracle) / 100) and t == pytest.approx(frac * top)
+  assert 0.4 < frac < 0.8  # between the noise and the objects
+  result = threshold.fit_and_evaluate(train, test)
+  pred = threshold.apply_threshold(test, result.threshold)
+  assert not pred[~test.valid_mask()].any()
+  assert result.test_dice == pytest.approx(
+      pooled_dice_np(test.images[..., 0] >= result.threshold, test.targets,
+                     test.valid_mask()))
+  assert result.test_dice > 0.6
+
+
+def test_separable_data_gives_dice_one():
+  targets = np.zeros((2, 8, 8), np.int32)
+  targets[:, 2:5, 2:5] = 1
+  images = np.where(targets > 0, 0.9, 0.1).astype(np.float32)[..., None]
+  ds = Dataset(images, targets, np.zeros_like(targets), np.full((2, 2), 8, np.int32),
+               ("a", "b"))
+  result = threshold.fit_and_evaluate(ds, ds)
+  assert result.train_dice == 1.0 and result.test_dice == 1.0
+  assert 0.1 < result.threshold <= 0.9
+
+
+def test_errors():
+  rng = np.random.default_rng(2)
+  ds = _dataset(rng)
+  with pytest.raises(ValueError, match="empty"):
+    threshold.best_threshold(ds.subset(np.zeros(0, int)))
+  with pytest.raises(ValueError, match="increasing"):
+    threshold.dice_per_threshold(ds, [0.5, 0.2])

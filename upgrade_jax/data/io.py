@@ -1,0 +1,422 @@
+"""Reading, validating and writing the data users have; source adapters.
+
+Every source becomes the same in-memory form, a list of `Volume` (a 2-D image
+is a Volume with one slice):
+
+  synthetic   the virtual microscope (upgrade_jax.data.synthetic.generate)
+  epfl_mito   <root>/{train,test}/{images,labels}.tif stacks (one split per call)
+  folder      images/ + labels/ (+ optional others/) with matching file names
+              (the StarDist / Cellpose convention; DSB2018 and users' data)
+  stack       one TIFF image stack (Z, H, W[, C]) with its label stack
+
+`load_source(name, **kwargs)` picks one by name. `volumes_to_dataset` (or
+`stack_samples` for loose 2-D samples) then pads slices of different sizes
+into one `Dataset`.
+
+Channel policy: the images of one Dataset share C. `channels="grey"` (the
+default) converts RGB(A) to grey with the ITU-R 601 luma weights, so DSB2018's
+mix of grey fluorescence and RGB histology becomes C=1; `channels="rgb"`
+repeats grey images to 3 channels and keeps RGB. Normalisation to float32 is
+per image: "max" (divide by the image's maximum, the default) or "percentile"
+(map the 1st..99.8th percentile to 0..1, then clip to [0, 1]); "none" keeps
+the raw values as float32.
+
+Matching: an image and its label file match when their names without the
+extension are equal (a.png matches a.tif). Label files must hold non-negative
+integers; floats are accepted only when every value is integral.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import tifffile
+
+from upgrade_jax.data.types import Dataset, Volume
+from upgrade_jax.perturb import relabel_sequential
+
+__all__ = ["IMAGE_SUFFIXES", "read_array", "read_image", "read_labels", "check_labels",
+           "normalise", "to_channels", "stack_samples", "volumes_to_dataset",
+           "write_labels", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
+           "load_source"]
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+_TIFF = (".tif", ".tiff")
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+# --------------------------------------------------------------------------
+# Reading and validating single files.
+
+def read_array(path, slices=None) -> np.ndarray:
+  """Reads one image file (TIFF via tifffile, others via scikit-image).
+
+  Args:
+    path: the file.
+    slices: optional slice indices along the first axis of a stack; for a
+      multi-page TIFF only those pages are decoded.
+
+  Raises FileNotFoundError if it does not exist and ValueError naming the
+  file if it cannot be decoded or `slices` is out of range.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no such file: {path}")
+  try:
+    if path.suffix.lower() in _TIFF:
+      with tifffile.TiffFile(path) as tif:
+        if slices is None:
+          return np.asarray(tif.asarray())
+        slices = [int(z) for z in slices]
+        n_pages = len(tif.pages)
+        if n_pages > 1 and all(0 <= z < n_pages for z in slices):
+          arr = np.asarray(tif.asarray(key=slices))
+          return arr[None] if len(slices) == 1 else arr
+        arr = np.asarray(tif.asarray())
+    else:
+      import skimage.io
+      arr = np.asarray(skimage.io.imread(path))
+  except Exception as err:  # decoders raise many types; report one clearly
+    raise ValueError(f"cannot read {path}: {type(err).__name__}: {err}") from err
+  if slices is None:
+    return arr
+  if any(not 0 <= z < arr.shape[0] for z in slices):
+    raise ValueError(f"{path}: slices {slices} out of range for shape {arr.shape}")
+  return arr[list(slices)]
+
+
+def check_labels(labels: np.ndarray, source) -> np.ndarray:
+  """Returns `labels` as int32 after checking they are non-negative integers.
+
+  Args:
+    labels: array of any shape; integer, bool, or float with integral values.
+    source: file name or description used in error messages.
+  """
+  arr = np.asarray(labels)
+  if arr.dtype == bool:
+    return arr.astype(np.int32)
+  if np.issubdtype(arr.dtype, np.floating):
+    if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+      raise ValueError(f"{source}: labels must be integer ids, found non-integer "
+                       f"values (dtype {arr.dtype})")
+  elif not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"{source}: labels must be integer ids, got dtype {arr.dtype}")
+  if arr.size and arr.min() < 0:
+    raise ValueError(f"{source}: labels must be >= 0, found {arr.min()}")
+  if arr.size and arr.max() > np.iinfo(np.int32).max:
+    raise ValueError(f"{source}: label id {arr.max()} does not fit in int32")
+  return arr.astype(np.int32)
+
+
+def read_image(path, slices=None) -> np.ndarray:
+  """An image file as stored: (H, W), (H, W, C) or a stack (Z, H, W[, C])."""
+  arr = read_array(path, slices)
+  if arr.ndim < 2 or arr.size == 0:
+    raise ValueError(f"{path}: expected an image with at least 2 dimensions, "
+                     f"got shape {arr.shape}")
+  if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+          or arr.dtype == bool):
+    raise ValueError(f"{path}: unsupported image dtype {arr.dtype}")
+  return arr
+
+
+def read_labels(path, slices=None) -> np.ndarray:
+  """A label file as int32, validated (see `check_labels`)."""
+  return check_labels(read_array(path, slices), path)
+
+
+def _split_channels(image: np.ndarray, label_shape, source) -> np.ndarray:
+  """Makes `image` (*label_shape, C): a trailing axis beyond the labels is C."""
+  if image.shape == tuple(label_shape):
+    return image[..., None]
+  if image.shape[:-1] == tuple(label_shape) and image.shape[-1] in (1, 2, 3, 4):
+    return image
+  raise ValueError(f"{source}: image shape {image.shape} does not match label shape "
+                   f"{tuple(label_shape)} (expected equal, or with a trailing channel "
+                   "axis of 1-4)")
+
+
+def to_channels(image: np.ndarray, channels: str) -> np.ndarray:
+  """(..., C) float32 image → (..., 1) for "grey" or (..., 3) for "rgb".
+
+  Alpha (C=4, or C=2 grey+alpha) is dropped first.
+  """
+  img = np.asarray(image, np.float32)
+  c = img.shape[-1]
+  if c in (2, 4):
+    img, c = img[..., :c - 1], c - 1
+  if channels == "grey":
+    return img if c == 1 else (img @ _LUMA)[..., None]
+  if channels == "rgb":
+    return np.repeat(img, 3, axis=-1) if c == 1 else img
+  raise ValueError(f"channels must be 'grey' or 'rgb', got {channels!r}")
+
+
+def normalise(image: np.ndarray, method: str = "max", *, percentiles=(1.0, 99.8)) -> np.ndarray:
+  """Per-image normalisation to float32.
+
+  Args:
+    image: (H, W, C) (or any shape) uint8, uint16, bool or float.
+    method: "max" divides by the image's maximum (zeros stay zeros; an
+      all-zero image stays zero); "percentile" maps the given percentiles to
+      0 and 1 and clips to [0, 1]; "none" only converts to float32 (for data
+      normalised already, or a global threshold on raw intensities).
+
+  Returns:
+    float32 array of the same shape.
+  """
+  img = np.asarray(image, np.float32)
+  if method == "max":
+    top = float(img.max(initial=0.0))
+    return img / top if top > 0 else np.zeros_like(img)
+  if method == "percentile":
+    lo, hi = np.percentile(img, percentiles)
+    if hi <= lo:
+      return np.zeros_like(img)
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+  if method == "none":
+    return img
+  raise ValueError(f"normalisation must be 'max', 'percentile' or 'none', got {method!r}")
+
+
+# --------------------------------------------------------------------------
+# From samples to one padded Dataset.
+
+def stack_samples(samples: Sequence, *, normalisation: str = "max",
+                  channels: str = "grey") -> Dataset:
+  """Pads 2-D samples of different sizes into one Dataset.
+
+  Args:
+    samples: (image, target, others, name) tuples; image (H, W) or (H, W, C)
+      of any numeric dtype, target and others (H, W) integer (others may be
+      None). Sizes may differ between samples.
+    normalisation: per-image method, see `normalise`.
+    channels: "grey" or "rgb", see `to_channels`.
+
+  Returns:
+    Dataset with images (N, Hmax, Wmax, C) float32, targets/others relabelled
+    1..n per sample, zero padding at the bottom/right, and extents (N, 2).
+  """
+  if not samples:
+    raise ValueError("stack_samples: no samples")
+  prepared = []
+  for image, target, others, name in samples:
+    target = check_labels(target, name)
+    if target.ndim != 2:
+      raise ValueError(f"{name}: target must be (H, W), got shape {target.shape}")
+    others = np.zeros_like(target) if others is None else check_labels(others, name)
+    if others.shape != target.shape:
+      raise ValueError(f"{name}: others shape {others.shape} != target shape {target.shape}")
+    img = _split_channels(np.asarray(image), target.shape, name)
+    img = normalise(to_channels(img, channels), normalisation)
+    prepared.append((img, relabel_sequential(target), relabel_sequential(others), str(name)))
+  h = max(p[1].shape[0] for p in prepared)
+  w = max(p[1].shape[1] for p in prepared)
+  n, c = len(prepared), prepared[0][0].shape[-1]
+  images = np.zeros((n, h, w, c), np.float32)
+  targets = np.zeros((n, h, w), np.int32)
+  others = np.zeros((n, h, w), np.int32)
+  extents = np.zeros((n, 2), np.int32)
+  for i, (img, tgt, oth, _) in enumerate(prepared):
+    hi, wi = tgt.shape
+    images[i, :hi, :wi] = img
+    targets[i, :hi, :wi] = tgt
+    others[i, :hi, :wi] = oth
+    extents[i] = (hi, wi)
+  return Dataset(images, targets, others, extents, tuple(p[3] for p in prepared))
+
+
+def volumes_to_dataset(volumes: Sequence[Volume], picks=None, **kwargs) -> Dataset:
+  """The slices `picks` [(volume_idx, slice_idx), ...] (default: all) as a Dataset.
+
+  Sample names are "<volume name>_z<slice>" for multi-slice volumes and the
+  volume name for single-slice ones. kwargs go to `stack_samples`.
+  """
+  if picks is None:
+    picks = [(v, z) for v, vol in enumerate(volumes) for z in range(vol.num_slices)]
+  samples = []
+  for v, z in picks:
+    vol = volumes[v]
+    name = vol.name if vol.num_slices == 1 else f"{vol.name}_z{z:03d}"
+    samples.append((vol.image[z], vol.target[z], vol.others[z], name))
+  return stack_samples(samples, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# Writing.
+
+def write_labels(path, labels: np.ndarray, *, inputs: Sequence = ()) -> Path:
+  """Writes an instance/binary label map as a zlib TIFF, atomically.
+
+  The data go to a temporary file in the destination folder, which then
+  replaces `path` in one step, so readers never see a partial file and a
+  failure leaves no file behind.
+
+  Args:
+    path: destination .tif path.
+    labels: (H, W) or (Z, H, W) non-negative integer (or bool) array; stored
+      as uint16 when the ids fit, else uint32.
+    inputs: paths this run read; writing over any of them is refused.
+
+  Returns:
+    The destination Path.
+  """
+  path = Path(path)
+  arr = check_labels(labels, f"labels for {path}")
+  for src in inputs:
+    src = Path(src)
+    if path.resolve() == src.resolve() or (path.exists() and src.exists()
+                                           and os.path.samefile(path, src)):
+      raise ValueError(f"refusing to overwrite input file {src} with labels")
+  if not path.parent.is_dir():
+    raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+  arr = arr.astype(np.uint16 if arr.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    os.close(fd)
+    # minisblack: a short stack (Z <= 4) must not be stored as one RGB image.
+    tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+# --------------------------------------------------------------------------
+# Source adapters: each returns a list of Volume.
+
+def _index_folder(directory: Path, role: str) -> dict[str, Path]:
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{role} folder does not exist: {directory}")
+  files = {}
+  for p in sorted(directory.iterdir()):
+    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+      if p.stem in files:
+        raise ValueError(f"{role} folder {directory} has two files named {p.stem!r}: "
+                         f"{files[p.stem].name} and {p.name}")
+      files[p.stem] = p
+  if not files:
+    raise ValueError(f"{role} folder {directory} is empty (no {'/'.join(IMAGE_SUFFIXES)} "
+                     "files)")
+  return files
+
+
+def folder(images_dir, labels_dir, others_dir=None, *, names=None) -> list[Volume]:
+  """A folder pair images/ + labels/ (+ others/) as single-slice Volumes.
+
+  Args:
+    images_dir: folder of 2-D images (grey or RGB, any numeric dtype).
+    labels_dir: folder of label images with the same names (any extension).
+    others_dir: optional folder of non-target object labels, same names.
+    names: optional iterable of file stems to read (e.g. a few for a test);
+      default all, in sorted order.
+
+  Returns:
+    One Volume per image: image (1, H, W[, C]), target and others (1, H, W).
+  """
+  images = _index_folder(Path(images_dir), "images")
+  labels = _index_folder(Path(labels_dir), "labels")
+  others = _index_folder(Path(others_dir), "others") if others_dir is not None else None
+  missing = sorted(set(images) - set(labels))
+  if missing:
+    raise ValueError(f"{len(missing)} image(s) have no label file in {labels_dir}: "
+                     f"{', '.join(images[m].name for m in missing[:5])}")
+  orphans = sorted(set(labels) - set(images))
+  if orphans:
+    raise ValueError(f"{len(orphans)} label file(s) have no image in {images_dir}: "
+                     f"{', '.join(labels[m].name for m in orphans[:5])}")
+  if others is not None:
+    missing = sorted(set(images) - set(others))
+    if missing:
+      raise ValueError(f"{len(missing)} image(s) have no others file in {others_dir}: "
+                       f"{', '.join(images[m].name for m in missing[:5])}")
+  stems = sorted(images) if names is None else list(names)
+  volumes = []
+  for stem in stems:
+    if stem not in images:
+      raise ValueError(f"no image named {stem!r} in {images_dir}")
+    target = read_labels(labels[stem])
+    if target.ndim != 2:
+      raise ValueError(f"{labels[stem]}: expected a 2-D label image, got shape {target.shape}")
+    image = read_image(images[stem])
+    image = _split_channels(image, target.shape, f"{images[stem]} vs {labels[stem]}")
+    other = np.zeros_like(target)
+    if others is not None:
+      other = read_labels(others[stem])
+      if other.shape != target.shape:
+        raise ValueError(f"{others[stem]}: shape {other.shape} does not match label shape "
+                         f"{target.shape} of {labels[stem]}")
+    c = image.shape[-1]
+    volumes.append(Volume(image[None] if c > 1 else image[None, ..., 0], target[None],
+                          other[None], name=stem))
+  return volumes
+
+
+def stack(image_path, label_path, others_path=None, *, name=None,
+          slices=None) -> list[Volume]:
+  """One TIFF stack (Z, H, W[, C]) with its label stack (Z, H, W) as a Volume.
+
+  A 2-D label image with a 2-D (or (H, W, C)) image becomes one slice.
+  `slices` (optional indices along Z) reads only those slices.
+  """
+  target = read_labels(label_path, slices)
+  if target.ndim == 2:
+    target = target[None]
+  if target.ndim != 3:
+    raise ValueError(f"{label_path}: expected label stack (Z, H, W), got shape {target.shape}")
+  image = read_image(image_path, slices)
+  if image.ndim in (2, 3) and image.shape[:2] == target.shape[1:] and target.shape[0] == 1:
+    image = image[None]
+  image = _split_channels(image, target.shape, f"{image_path} vs {label_path}")
+  others = np.zeros_like(target)
+  if others_path is not None:
+    others = read_labels(others_path, slices)
+    others = others[None] if others.ndim == 2 else others
+    if others.shape != target.shape:
+      raise ValueError(f"{others_path}: shape {others.shape} does not match label stack "
+                       f"{target.shape} of {label_path}")
+  if image.shape[-1] == 1:
+    image = image[..., 0]
+  return [Volume(image, target, others, name=name or Path(image_path).stem)]
+
+
+def epfl_mito(root, split: str = "train", *, slices=None) -> list[Volume]:
+  """The EPFL hippocampus mitochondria stacks: <root>/<split>/{images,labels}.tif.
+
+  Instance ids in the shared copy are per slice; they are kept as they are
+  (Datasets relabel per slice anyway). `slices` reads only those slices.
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"epfl_mito split must be 'train' or 'test', got {split!r}")
+  base = Path(root) / split
+  return stack(base / "images.tif", base / "labels.tif", name=f"epfl_mito_{split}",
+               slices=slices)
+
+
+def synthetic(preset: str, *, seed: int, n_volumes: int, **kwargs) -> list[Volume]:
+  """The virtual microscope; see upgrade_jax.data.synthetic.generate."""
+  from upgrade_jax.data import synthetic as sim
+  return sim.generate(preset, seed=seed, n_volumes=n_volumes, **kwargs)
+
+
+SOURCES: dict[str, Callable[..., list[Volume]]] = {
+    "synthetic": synthetic,
+    "epfl_mito": epfl_mito,
+    "folder": folder,
+    "stack": stack,
+}
+
+
+def load_source(name: str, **kwargs) -> list[Volume]:
+  """Loads a source by name: load_source("folder", images_dir=..., labels_dir=...)."""
+  try:
+    loader = SOURCES[name]
+  except KeyError:
+    raise ValueError(f"unknown data source {name!r}; choose one of {sorted(SOURCES)}") from None
+  return loader(**kwargs)

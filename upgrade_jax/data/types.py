@@ -1,0 +1,107 @@
+"""In-memory data types shared by every data source.
+
+Every source (synthetic, epfl_mito, folder, stack) becomes either a list of
+`Volume` (3-D, before sampling) or a `Dataset` (a padded stack of 2-D samples,
+ready to be put on the devices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+  """One 3-D acquisition.
+
+  Attributes:
+    image: (Z, H, W) or (Z, H, W, C) raw intensities (uint8, uint16 or float).
+    target: (Z, H, W) int32 instance ids of the target cells, 0 = background.
+    others: (Z, H, W) int32 instance ids of non-target objects; all zero if none.
+    name: a short identifier used in file names and logs.
+  """
+
+  image: np.ndarray
+  target: np.ndarray
+  others: np.ndarray
+  name: str = "volume"
+
+  def __post_init__(self):
+    z = self.image.shape[0]
+    spatial = self.image.shape[1:3]
+    for field in ("target", "others"):
+      arr = getattr(self, field)
+      if arr.shape != (z, *spatial):
+        raise ValueError(
+            f"Volume {self.name!r}: {field} has shape {arr.shape}, expected "
+            f"{(z, *spatial)} to match image {self.image.shape}")
+
+  @property
+  def num_slices(self) -> int:
+    return int(self.image.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A stack of 2-D samples padded on the host to one shape.
+
+  Attributes:
+    images: (N, H, W, C) float32, normalised per image (roughly [0, 1]).
+    targets: (N, H, W) int32 instance ids, relabelled to 1..n per sample.
+    others: (N, H, W) int32 non-target instance ids (zeros when none).
+    extents: (N, 2) int32 valid (height, width) of each sample; pixels at
+      rows >= extents[i, 0] or columns >= extents[i, 1] are padding and never
+      count in losses or metrics.
+    names: N names, one per sample (file names for folder sources).
+  """
+
+  images: np.ndarray
+  targets: np.ndarray
+  others: np.ndarray
+  extents: np.ndarray
+  names: tuple[str, ...]
+
+  def __post_init__(self):
+    n, h, w = self.targets.shape
+    if self.images.ndim != 4 or self.images.shape[:3] != (n, h, w):
+      raise ValueError(f"Dataset: images shape {self.images.shape} does not "
+                       f"match targets {self.targets.shape} (want (N,H,W,C))")
+    if self.others.shape != (n, h, w):
+      raise ValueError(f"Dataset: others shape {self.others.shape} != "
+                       f"targets {self.targets.shape}")
+    if self.extents.shape != (n, 2):
+      raise ValueError(f"Dataset: extents shape {self.extents.shape} != {(n, 2)}")
+    if len(self.names) != n:
+      raise ValueError(f"Dataset: {len(self.names)} names for {n} samples")
+
+  def __len__(self) -> int:
+    return int(self.targets.shape[0])
+
+  @property
+  def channels(self) -> int:
+    return int(self.images.shape[-1])
+
+  @property
+  def max_label(self) -> int:
+    """Static bound on ids in `targets` and `others` (at least 1)."""
+    return max(1, int(self.targets.max(initial=0)), int(self.others.max(initial=0)))
+
+  def valid_mask(self) -> np.ndarray:
+    """(N, H, W) bool, True on real (non-padding) pixels."""
+    _, h, w = self.targets.shape
+    rows = np.arange(h)[None, :, None] < self.extents[:, 0, None, None]
+    cols = np.arange(w)[None, None, :] < self.extents[:, 1, None, None]
+    return rows & cols
+
+  def subset(self, index) -> "Dataset":
+    """The samples at `index` (array of ints or bool mask), as a new Dataset."""
+    index = np.asarray(index)
+    if index.dtype == bool:
+      index = np.flatnonzero(index)
+    return Dataset(self.images[index], self.targets[index], self.others[index],
+                   self.extents[index], tuple(self.names[i] for i in index))
+
+  def replace(self, **changes) -> "Dataset":
+    return dataclasses.replace(self, **changes)

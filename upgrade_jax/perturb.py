@@ -1,0 +1,525 @@
+"""P: the perturbation function that turns high-quality labels into low-quality ones.
+
+The paper (Vadineanu et al., 2024, §2.2) models sloppy annotation with four
+components, always applied in this order:
+
+    omission → inclusion → salt-and-pepper → bias
+
+Every function here is pure, jittable and vmappable, takes its PRNG key first,
+and is a deterministic function of that key. Labels are int32 instance maps of
+shape (H, W): 0 = background, 1..n = objects. `max_label` is static: the
+largest id the caller will pass (use `relabel_sequential` on the host first).
+
+Example:
+  >>> cfg = PerturbConfig(omission_rate=0.7, bias_max=6)
+  >>> f = jax.jit(jax.vmap(functools.partial(perturb, config=cfg, max_label=64),
+  ...                      in_axes=(0, 0, 0)))
+  >>> lq = f(keys, labels, others)            # (B, H, W) bool
+
+Argument checks: static arguments (dtypes, `max_label`, `q_max`, the config) are
+always checked. Values (rates, ids) are checked only when they are concrete,
+i.e. when called eagerly. Under `jit` nothing can be checked: ids outside
+[0, max_label] are clipped into that range (so an id above `max_label` is
+treated like `max_label`, a negative id like background) and rates are clipped
+to [0, 1]. Validate with `check_labels` on the host before tracing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "PerturbConfig", "perturb", "omission", "inclusion", "bias",
+    "salt_and_pepper", "relabel_sequential", "felzenszwalb_objects",
+    "check_labels",
+]
+
+# Floors and rounds of rate·n are taken in float32; a product within this
+# distance of an integer counts as that integer (0.7·10 is 7, not 6).
+_COUNT_EPS = 1e-4
+
+# Bits per packed uint32 word (presence sets and bit-packed masks).
+_WORD = 32
+
+
+# --------------------------------------------------------------------------
+# Argument checks.
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_rate(name: str, rate) -> None:
+  if _is_concrete(rate):
+    r = np.asarray(rate)
+    if r.size and (np.any(~np.isfinite(r)) or np.any(r < 0) or np.any(r > 1)):
+      raise ValueError(f"{name} must lie in [0, 1], got {rate!r}")
+
+
+def _check_int_labels(name: str, labels) -> None:
+  dtype = jnp.asarray(labels).dtype if not hasattr(labels, "dtype") else labels.dtype
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer instance map, got dtype {dtype}")
+
+
+def check_labels(name: str, labels, max_label: int) -> None:
+  """Raises ValueError unless `labels` holds integer ids in [0, max_label].
+
+  Value checks run only on concrete arrays (eagerly); see the module docstring.
+  """
+  if not isinstance(max_label, (int, np.integer)) or max_label < 1:
+    raise ValueError(f"max_label must be a positive int, got {max_label!r}")
+  _check_int_labels(name, labels)
+  if _is_concrete(labels):
+    arr = np.asarray(labels)
+    if arr.size:
+      lo, hi = int(arr.min()), int(arr.max())
+      if lo < 0:
+        raise ValueError(f"{name} has negative ids (min {lo}); ids must be >= 0")
+      if hi > max_label:
+        raise ValueError(f"{name} has id {hi} above max_label={max_label}; "
+                         "pass a larger max_label or relabel_sequential first")
+
+
+# --------------------------------------------------------------------------
+# Choosing a random subset of the ids present.
+
+# XLA:CPU runs a vmapped (batched) scatter or gather with one multi-index per
+# element, about 10× slower than a 1-D one. Presence and table look-ups are
+# therefore written with `custom_vmap`: a batch of B maps becomes one 1-D
+# scatter/gather into a table of B·(L+1) entries, ids offset by b·(L+1). The
+# rules call the same functions again, so nested vmaps flatten too.
+
+@jax.custom_batching.custom_vmap
+def _present_ids(ids, table):
+  """table.at[ids].set(True) for a flat int32 `ids` and a (T,) bool `table`."""
+  return table.at[ids].set(True, mode="drop")
+
+
+@_present_ids.def_vmap
+def _present_ids_vmap(axis_size, in_batched, ids, table):
+  ids_b, table_b = in_batched
+  if not ids_b:
+    ids = jnp.broadcast_to(ids, (axis_size, *ids.shape))
+  if not table_b:
+    table = jnp.broadcast_to(table, (axis_size, *table.shape))
+  size = table.shape[-1]
+  offsets = (jnp.arange(axis_size, dtype=jnp.int32) * size).reshape(
+      (axis_size,) + (1,) * (ids.ndim - 1))
+  flat = _present_ids((ids + offsets).reshape(-1), table.reshape(-1))
+  return flat.reshape(axis_size, size), True
+
+
+@jax.custom_batching.custom_vmap
+def _lookup(table, ids):
+  """table[ids] for a (T,) `table` and int32 `ids` of any shape (in range)."""
+  return jnp.take(table, ids, mode="clip")
+
+
+@_lookup.def_vmap
+def _lookup_vmap(axis_size, in_batched, table, ids):
+  table_b, ids_b = in_batched
+  if not table_b:
+    return _lookup(table, ids), ids_b
+  if not ids_b:
+    ids = jnp.broadcast_to(ids, (axis_size, *ids.shape))
+  size = table.shape[-1]
+  offsets = (jnp.arange(axis_size, dtype=jnp.int32) * size).reshape(
+      (axis_size,) + (1,) * (ids.ndim - 1))
+  return _lookup(table.reshape(-1), ids + offsets), True
+
+
+def _present(labels, max_label: int):
+  """(max_label + 1,) bool: which ids occur in `labels` (index 0 is False)."""
+  lab = jnp.clip(labels, 0, max_label).reshape(-1)
+  present = _present_ids(lab, jnp.zeros((max_label + 1,), jnp.bool_))
+  return present.at[0].set(False)
+
+
+def _choose(key, present, count):
+  """(L,) bool: exactly `count` of the True entries of `present`, uniformly.
+
+  Uniform random scores, absent ids pushed to +inf; the `count` smallest win.
+  This is a uniform draw without replacement among the present ids.
+  """
+  scores = jnp.where(present, jax.random.uniform(key, present.shape), jnp.inf)
+  rank = jnp.argsort(jnp.argsort(scores))
+  return present & (rank < count)
+
+
+def _count(rate, n, rounding):
+  x = jnp.clip(jnp.asarray(rate, jnp.float32), 0.0, 1.0) * n.astype(jnp.float32)
+  if rounding == "floor":
+    return jnp.floor(x + _COUNT_EPS).astype(jnp.int32)
+  return jnp.floor(x + 0.5).astype(jnp.int32)  # round half up
+
+
+# --------------------------------------------------------------------------
+# The four components.
+
+def omission(key, labels, rate, *, max_label: int):
+  """Drops floor(rate·n) of the n instances present, chosen uniformly.
+
+  Args:
+    key: PRNG key.
+    labels: (H, W) int instance map, ids in [0, max_label].
+    rate: scalar in [0, 1] (may be traced, e.g. a per-sample rate under vmap).
+    max_label: static bound on the ids.
+
+  Returns:
+    (H, W) int32: `labels` with the dropped instances set to 0.
+  """
+  check_labels("labels", labels, max_label)
+  _check_rate("omission rate", rate)
+  labels = jnp.asarray(labels, jnp.int32)
+  present = _present(labels, max_label)
+  k = _count(rate, jnp.sum(present), "floor")
+  drop = _choose(key, present, k)
+  lab = jnp.clip(labels, 0, max_label)
+  return jnp.where(_lookup(drop, lab), 0, lab)
+
+
+def inclusion(key, labels, others, rate, *, max_label: int):
+  """Paints round(rate·m) of the m objects of `others` into `labels`.
+
+  Objects are painted on background pixels only (they never overwrite a target
+  instance). A painted object of id j in `others` gets id `max_label + j`, so it
+  cannot collide with an existing id; the output ids are in [0, 2·max_label].
+  Halves round up (round(0.5·3) = 2).
+
+  Args:
+    key: PRNG key.
+    labels: (H, W) int target instance map, ids in [0, max_label].
+    others: (H, W) int non-target instance map, ids in [0, max_label].
+    rate: scalar in [0, 1] (may be traced).
+    max_label: static bound on the ids of both maps.
+
+  Returns:
+    (H, W) int32 instance map.
+  """
+  check_labels("labels", labels, max_label)
+  check_labels("others", others, max_label)
+  _check_rate("inclusion rate", rate)
+  labels = jnp.clip(jnp.asarray(labels, jnp.int32), 0, max_label)
+  others = jnp.clip(jnp.asarray(others, jnp.int32), 0, max_label)
+  present = _present(others, max_label)
+  k = _count(rate, jnp.sum(present), "round")
+  add = _choose(key, present, k)
+  paint = _lookup(add, others) & (labels == 0)
+  return jnp.where(paint, others + max_label, labels)
+
+
+def _flip_coin_noise(key, shape, prob):
+  """(replace, value) bool maps: replace w.p. prob; value is a fair coin.
+
+  One uniform per pixel: u < prob replaces, and given that, u < prob/2 is a
+  fair coin. Half the random bits of drawing the two separately.
+  """
+  u = jax.random.uniform(key, shape)
+  p = jnp.clip(jnp.asarray(prob, jnp.float32), 0.0, 1.0)
+  return u < p, u < 0.5 * p
+
+
+def salt_and_pepper(key, mask, prob):
+  """Replaces each pixel, with probability `prob`, by a fair coin flip.
+
+  Args:
+    key: PRNG key.
+    mask: (H, W) bool (or int; >0 is foreground).
+    prob: scalar in [0, 1] (may be traced).
+
+  Returns:
+    (H, W) bool.
+  """
+  _check_rate("salt_and_pepper prob", prob)
+  mask = jnp.asarray(mask) > 0
+  replace, value = _flip_coin_noise(key, mask.shape, prob)
+  return jnp.where(replace, value, mask)
+
+
+def _salt_and_pepper_labels(key, labels, prob, noise_id):
+  """Salt-and-pepper on an instance map: salt pixels get id `noise_id`."""
+  replace, value = _flip_coin_noise(key, labels.shape, prob)
+  salted = jnp.where(value, jnp.where(labels > 0, labels, noise_id), 0)
+  return jnp.where(replace, salted, labels)
+
+
+def _shift(x, axis, step, fill):
+  """x shifted by `step` (+1/-1) along `axis`, the vacated edge set to `fill`."""
+  n = x.shape[axis]
+  edge_shape = list(x.shape)
+  edge_shape[axis] = 1
+  edge = jnp.broadcast_to(jnp.asarray(fill, x.dtype), edge_shape)
+  if step > 0:
+    body = jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)
+    return jnp.concatenate([edge, body], axis=axis)
+  body = jax.lax.slice_in_dim(x, 1, n, axis=axis)
+  return jnp.concatenate([body, edge], axis=axis)
+
+
+def _max3x3(x, fill):
+  """3×3 max filter (separable), outside pixels equal to `fill`."""
+  r = jnp.maximum(x, jnp.maximum(_shift(x, -1, 1, fill), _shift(x, -1, -1, fill)))
+  return jnp.maximum(r, jnp.maximum(_shift(r, -2, 1, fill), _shift(r, -2, -1, fill)))
+
+
+def _min3x3(x, fill):
+  r = jnp.minimum(x, jnp.minimum(_shift(x, -1, 1, fill), _shift(x, -1, -1, fill)))
+  return jnp.minimum(r, jnp.minimum(_shift(r, -2, 1, fill), _shift(r, -2, -1, fill)))
+
+
+def _draw_bias(key, q_max):
+  """q uniform in 1..q_max and the operation (True = dilate) with p = ½."""
+  kq, kop = jax.random.split(key)
+  q = jax.random.randint(kq, (), 1, q_max + 1)
+  dilate = jax.random.bernoulli(kop, 0.5)
+  return q, dilate
+
+
+def _pack_rows(mask):
+  """(H, W) bool → (H, ceil(W/32)) uint32; pixel j is bit j % 32 of word j // 32.
+
+  Padding bits beyond W are 0.
+  """
+  h, w = mask.shape
+  wp = -(-w // _WORD) * _WORD
+  m = jnp.pad(mask, ((0, 0), (0, wp - w))).reshape(h, wp // _WORD, _WORD)
+  weights = jnp.left_shift(jnp.uint32(1), jnp.arange(_WORD, dtype=jnp.uint32))
+  return jnp.sum(m.astype(jnp.uint32) * weights, axis=-1, dtype=jnp.uint32)
+
+
+def _unpack_rows(words, width: int):
+  """Inverse of `_pack_rows`: (H, n_words) uint32 → (H, width) bool."""
+  bits = jnp.right_shift(words[..., None], jnp.arange(_WORD, dtype=jnp.uint32)) & 1
+  return bits.reshape(words.shape[0], -1)[:, :width].astype(jnp.bool_)
+
+
+def _dilate3x3_packed(x, fill):
+  """One 3×3 binary dilation of packed rows; `fill` (0 or ~0) outside."""
+  prev_w = _shift(x, -1, 1, fill)   # word w-1 (fill left of the image)
+  next_w = _shift(x, -1, -1, fill)  # word w+1 (fill right of the image)
+  left = jnp.left_shift(x, 1) | jnp.right_shift(prev_w, _WORD - 1)    # pixel j-1
+  right = jnp.right_shift(x, 1) | jnp.left_shift(next_w, _WORD - 1)   # pixel j+1
+  h = x | left | right
+  return h | _shift(h, -2, 1, fill) | _shift(h, -2, -1, fill)
+
+
+def _binary_bias(mask, q, dilate, q_max: int):
+  """q dilations or erosions of a bool mask with a 3×3 square, border = 0.
+
+  Why it is fast: rows are packed 32 pixels to a uint32 word, so one word-op
+  does 32 pixels, and a 3×3 dilation is a few shifts and ORs. Erosion with
+  background outside is the complement of a dilation of the complement with
+  foreground outside, so one code path serves both and there is no `lax.cond`
+  (which vmap would turn into computing both branches). The loop runs a fixed
+  `q_max` iterations and keeps iteration q, so shapes are static. Padding bits
+  of the last word act as outside pixels (0 for dilation, 1 after the
+  complement for erosion), which is exactly the border rule.
+
+  The loop stays rolled on purpose: unrolled, XLA fuses the whole chain into
+  the unpacking and recomputes it for each of the 32 bits (100× slower).
+  """
+  width = mask.shape[-1]
+  packed = _pack_rows(mask)
+  x = jnp.where(dilate, packed, ~packed)
+  fill = jnp.where(dilate, jnp.uint32(0), ~jnp.uint32(0))
+
+  def body(i, y):
+    return jnp.where(i < q, _dilate3x3_packed(y, fill), y)
+
+  x = jax.lax.fori_loop(0, q_max, body, x)
+  x = jnp.where(dilate, x, ~x)
+  return _unpack_rows(x, width)
+
+
+def _instance_bias(labels, q, dilate, q_max: int):
+  """Per-instance dilation (into background only) or erosion, q times."""
+  big = jnp.iinfo(jnp.int32).max
+
+  def grow(y):
+    # Background takes the largest neighbouring id; instances keep theirs.
+    return jnp.where(y == 0, _max3x3(y, 0), y)
+
+  def shrink(y):
+    # A pixel survives if its whole 3×3 neighbourhood is the same instance.
+    same = (_max3x3(y, big) == y) & (_min3x3(y, 0) == y)
+    return jnp.where(same, y, 0)
+
+  def body(i, y):
+    return jnp.where(i < q, jnp.where(dilate, grow(y), shrink(y)), y)
+
+  return jax.lax.fori_loop(0, q_max, body, labels)
+
+
+def bias(key, labels, q_max: int, *, per_instance: bool = False):
+  """Dilates or erodes (p = ½ each) q times, q uniform in 1..q_max.
+
+  The structuring element is the 3×3 all-ones square and pixels outside the
+  image count as background: exactly `scipy.ndimage.binary_dilation` /
+  `binary_erosion(mask, np.ones((3, 3)), iterations=q, border_value=0)`.
+
+  Args:
+    key: PRNG key.
+    labels: (H, W) bool mask or int instance map (>0 is foreground).
+    q_max: static int >= 1.
+    per_instance: if True, each instance grows only into background (a pixel
+      claimed by two instances goes to the larger id) and shrinks on its own,
+      so touching instances never merge; `labels` must then be an int map.
+
+  Returns:
+    (H, W) bool mask, or, with per_instance=True, an (H, W) int32 label map.
+  """
+  if not isinstance(q_max, (int, np.integer)) or isinstance(q_max, bool) or q_max < 1:
+    raise ValueError(f"bias q_max must be an int >= 1, got {q_max!r}")
+  q, dilate = _draw_bias(key, int(q_max))
+  labels = jnp.asarray(labels)
+  if per_instance:
+    _check_int_labels("labels", labels)
+    return _instance_bias(labels.astype(jnp.int32), q, dilate, int(q_max))
+  return _binary_bias(labels > 0, q, dilate, int(q_max))
+
+
+# --------------------------------------------------------------------------
+# The composition.
+
+@dataclasses.dataclass(frozen=True)
+class PerturbConfig:
+  """Which perturbations P applies, and how strongly.
+
+  Attributes:
+    omission_rate: fraction r of target instances dropped, in [0, 1].
+    inclusion_rate: fraction r of `others` objects added, in [0, 1].
+    bias_max: q_max for the dilate/erode bias; 0 switches bias off.
+    per_instance_bias: bias each instance on its own (never merges cells).
+    salt_pepper_prob: per-pixel probability of a coin-flip replacement.
+  """
+
+  omission_rate: float = 0.0
+  inclusion_rate: float = 0.0
+  bias_max: int = 0
+  per_instance_bias: bool = False
+  salt_pepper_prob: float = 0.0
+
+  def __post_init__(self):
+    for name in ("omission_rate", "inclusion_rate", "salt_pepper_prob"):
+      v = getattr(self, name)
+      if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+        raise ValueError(f"PerturbConfig.{name} must lie in [0, 1], got {v!r}")
+    if (not isinstance(self.bias_max, (int, np.integer)) or isinstance(self.bias_max, bool)
+        or self.bias_max < 0):
+      raise ValueError(f"PerturbConfig.bias_max must be an int >= 0, got {self.bias_max!r}")
+
+  @property
+  def is_identity(self) -> bool:
+    return (self.omission_rate == 0 and self.inclusion_rate == 0 and
+            self.bias_max == 0 and self.salt_pepper_prob == 0)
+
+
+def perturb(key, labels, others, config: PerturbConfig, *, max_label: int,
+            rates=None):
+  """P(labels): omission → inclusion → salt-and-pepper → bias.
+
+  A component whose rate is 0 in `config` is skipped (the identity, and no
+  random numbers are drawn for it). The four components use independent
+  sub-keys of `key`, so switching one on does not change the others' draws.
+
+  Args:
+    key: PRNG key.
+    labels: (H, W) int32 target instance map, ids in [0, max_label].
+    others: (H, W) int32 non-target objects for inclusion, ids in
+      [0, max_label] (zeros when there are none).
+    config: a PerturbConfig (static under jit).
+    max_label: static bound on the ids.
+    rates: optional (3,) float array overriding (omission_rate,
+      inclusion_rate, salt_pepper_prob) with traced values, e.g. per-sample
+      strengths under vmap. A component switched off in `config` stays off.
+
+  Returns:
+    (H, W) bool low-quality mask.
+  """
+  if not isinstance(config, PerturbConfig):
+    raise ValueError(f"config must be a PerturbConfig, got {type(config).__name__}")
+  check_labels("labels", labels, max_label)
+  check_labels("others", others, max_label)
+  k_om, k_in, k_sp, k_bias = jax.random.split(key, 4)
+  om, inc, sp = ((config.omission_rate, config.inclusion_rate, config.salt_pepper_prob)
+                 if rates is None else (rates[0], rates[1], rates[2]))
+  y = jnp.clip(jnp.asarray(labels, jnp.int32), 0, max_label)
+  if config.omission_rate > 0:
+    y = omission(k_om, y, om, max_label=max_label)
+  if config.inclusion_rate > 0:
+    y = inclusion(k_in, y, others, inc, max_label=max_label)
+  if config.salt_pepper_prob > 0:
+    y = _salt_and_pepper_labels(k_sp, y, sp, noise_id=2 * max_label + 1)
+  if config.bias_max > 0:
+    y = bias(k_bias, y if config.per_instance_bias else y > 0, config.bias_max,
+             per_instance=config.per_instance_bias)
+  return y > 0
+
+
+# --------------------------------------------------------------------------
+# Host helpers (numpy / scikit-image, not jittable).
+
+def relabel_sequential(labels) -> np.ndarray:
+  """Host: renumbers the ids of an instance map to 1..n in order of first id.
+
+  Args:
+    labels: (..., H, W) non-negative integer array.
+
+  Returns:
+    int32 array of the same shape; 0 stays 0, the k-th smallest id becomes k.
+  """
+  arr = np.asarray(labels)
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"labels must be integer, got dtype {arr.dtype}")
+  if arr.size and arr.min() < 0:
+    raise ValueError(f"labels has negative ids (min {arr.min()})")
+  ids, inverse = np.unique(arr, return_inverse=True)
+  if ids.size and ids[0] != 0:
+    inverse = inverse + 1  # no background present: ids start at 1
+  return inverse.reshape(arr.shape).astype(np.int32)
+
+
+def felzenszwalb_objects(image, labels, *, scale: float = 100.0, sigma: float = 0.8,
+                         min_size: int = 20, max_overlap: float = 0.0,
+                         max_area_fraction: float = 0.05) -> np.ndarray:
+  """Host: Felzenszwalb segments that do not overlap the targets, as `others`.
+
+  The paper's case study (§3.3.4) draws its inclusions from these: plausible
+  but wrong objects an annotator might outline.
+
+  Args:
+    image: (H, W) or (H, W, C) image.
+    labels: (H, W) int target instance map.
+    scale, sigma, min_size: `skimage.segmentation.felzenszwalb` parameters.
+    max_overlap: a segment is kept if at most this fraction of it overlaps
+      the targets (0 keeps only segments entirely on background).
+    max_area_fraction: segments larger than this fraction of the image are
+      background regions, not objects, and are dropped.
+
+  Returns:
+    (H, W) int32 instance map with ids 1..m, zero on every target pixel.
+  """
+  from skimage.segmentation import felzenszwalb  # host-only dependency
+
+  img = np.asarray(image, dtype=np.float32)
+  lab = np.asarray(labels)
+  if lab.ndim != 2:
+    raise ValueError(f"labels must be (H, W), got shape {lab.shape}")
+  if img.shape[:2] != lab.shape:
+    raise ValueError(f"image shape {img.shape} does not match labels {lab.shape}")
+  if img.ndim == 3 and img.shape[-1] == 1:
+    img = img[..., 0]
+  channel_axis = -1 if img.ndim == 3 else None
+  segments = felzenszwalb(img, scale=scale, sigma=sigma, min_size=min_size,
+                          channel_axis=channel_axis)
+  n_seg = int(segments.max()) + 1
+  area = np.bincount(segments.ravel(), minlength=n_seg)
+  on_target = np.bincount(segments.ravel(), weights=(lab > 0).ravel(), minlength=n_seg)
+  keep = (on_target <= max_overlap * area) & (area <= max_area_fraction * lab.size)
+  out = np.where(keep[segments] & (lab == 0), segments + 1, 0)
+  return relabel_sequential(out)
