@@ -370,16 +370,29 @@ def sample_crops(key, data: parallel.DeviceData, batch_size: int, crop: int,
   return batch
 
 
-@functools.lru_cache(maxsize=16)
+# Config fields the train step does not read: normalised away so fits that
+# differ only in them share one compiled step.
+_NOT_IN_STEP = dict(max_steps=1, steps_per_epoch=1, patience=1, log_every=1,
+                    checkpoint_every=1, eval_batch_size=1, seed=0)
+
+
 def make_train_step(config: TrainConfig, mesh, max_label: int):
-  """The jitted, data-parallel train step (cached per arguments, so repeated
-  fits of one config in a process compile once).
+  """The jitted, data-parallel train step.
+
+  Cached per (step-relevant config, mesh, max_label), so repeated fits of one
+  config in a process compile once.
 
   Returns:
     train_step(state, data) -> (state, metrics): state is donated; data is
     the parallel.DeviceData of the training set; metrics = {"loss": () f32,
     "dice_counts": (3,) i32 train TP/FP/FN at threshold 0.5}.
   """
+  return _build_train_step(dataclasses.replace(config, **_NOT_IN_STEP), mesh,
+                           int(max_label))
+
+
+@functools.lru_cache(maxsize=16)
+def _build_train_step(config: TrainConfig, mesh, max_label: int):
   parallel.check_batch(config.batch_size, mesh)
   task = TASKS[config.task]
   rep = parallel.replicated(mesh)
@@ -589,7 +602,8 @@ class Checkpoints:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=2, create=True, cleanup_tmp_directories=True,
-            # Synchronous: the step after a save donates the state buffers.
+            # Synchronous: the next step donates (reuses) the state buffers,
+            # and on CPU a "host copy" may alias them. Saves are rare.
             enable_async_checkpointing=False))
 
   def latest_step(self):
@@ -601,7 +615,6 @@ class Checkpoints:
         state=ocp.args.StandardSave(state.arrays()),
         best=ocp.args.StandardSave(best),
         record=ocp.args.JsonSave(json_safe(record))), force=True)
-    self.manager.wait_until_finished()
 
   def restore(self, template: TrainState):
     """Latest (state, best variables, record), shaped and sharded like
@@ -616,6 +629,7 @@ class Checkpoints:
     return state, out["best"], out["record"]
 
   def close(self):
+    self.manager.wait_until_finished()
     self.manager.close()
 
 

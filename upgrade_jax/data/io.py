@@ -84,6 +84,8 @@ def read_array(path, slices=None) -> np.ndarray:
     raise ValueError(f"cannot read {path}: {type(err).__name__}: {err}") from err
   if slices is None:
     return arr
+  if arr.ndim < 3:
+    raise ValueError(f"{path}: slices {slices} given for a 2-D image of shape {arr.shape}")
   if any(not 0 <= z < arr.shape[0] for z in slices):
     raise ValueError(f"{path}: slices {slices} out of range for shape {arr.shape}")
   return arr[list(slices)]

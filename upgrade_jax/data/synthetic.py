@@ -65,7 +65,7 @@ class SimParams:
   a_radius_xy: tuple[float, float] = (13.0, 20.0)
   a_radius_z: tuple[float, float] = (0.18, 0.3)
   a_aspect: float = 1.35            # max ratio of the two xy semi-axes
-  a_brightness: tuple[float, float] = (0.45, 1.0)
+  a_brightness: tuple[float, float] = (0.4, 1.0)
   a_texture: float = 0.45           # std of the interior texture (relative)
   a_surface: float = 0.12           # bumpiness of the surface
   # Type B: granulocyte-like.
@@ -80,8 +80,8 @@ class SimParams:
   max_overlap: float = 0.1          # fraction of a new cell allowed on others
   # Optics and camera.
   cell_scale: float = 1.0           # pixel-size factor (2 = pixels half as big)
-  psf_sigma: tuple[float, float, float] = (2.0, 1.6, 1.6)  # (z, y, x) px
-  illumination: float = 0.4         # 1 - min/max of the illumination field
+  psf_sigma: tuple[float, float, float] = (2.5, 1.8, 1.8)  # (z, y, x) px
+  illumination: float = 0.5         # 1 - min/max of the illumination field
   depth_attenuation: float = 0.3    # signal lost from the first to the last slice
   photons: float = 220.0            # photons at brightness 1
   background: float = 25.0          # background photons per pixel
@@ -190,7 +190,7 @@ def _ellipsoid(center, radii, angle, shape, pad=1.35):
   return box, q.astype(np.float32)
 
 
-def _cell_type_a(rng, shape, sim, depth_scale, shape_field):
+def _cell_type_a(rng, shape, sim, shape_field):
   """One HL60-like nucleus: (box, bool mask in box) or (None, None)."""
   z_n, h, w = shape
   r_xy = rng.uniform(*sim.a_radius_xy) * sim.cell_scale
@@ -203,7 +203,7 @@ def _cell_type_a(rng, shape, sim, depth_scale, shape_field):
   return box, q < 1.0 - sim.a_surface * shape_field[box]
 
 
-def _cell_type_b(rng, shape, sim, depth_scale, shape_field):
+def _cell_type_b(rng, shape, sim, shape_field):
   """One granulocyte-like nucleus: 2-4 small lobes along a bent chain."""
   z_n, h, w = shape
   n_lobes = int(rng.integers(sim.b_lobes[0], sim.b_lobes[1] + 1))
@@ -238,13 +238,12 @@ def _cell_type_b(rng, shape, sim, depth_scale, shape_field):
   return box, mask
 
 
-def _place(rng, make_cell, count, labels, next_id, sim, shape, depth_scale, shape_field,
-           tries=20):
+def _place(rng, make_cell, count, labels, next_id, sim, shape, shape_field, tries=20):
   """Adds up to `count` cells to `labels` in place; returns the ids used."""
   ids = []
   for _ in range(count):
     for _ in range(tries):
-      box, mask = make_cell(rng, shape, sim, depth_scale, shape_field)
+      box, mask = make_cell(rng, shape, sim, shape_field)
       if box is None or not mask.any():
         continue
       region = labels[box]
@@ -285,9 +284,9 @@ def render_volume(rng: np.random.Generator, shape, sim: SimParams):
 
   labels = np.zeros(shape, np.int32)
   ids_a = _place(rng, _cell_type_a, _count(rng, sim.a_count, shape, sim), labels, 1, sim,
-                 shape, depth_scale, shape_field)
+                 shape, shape_field)
   ids_b = _place(rng, _cell_type_b, _count(rng, sim.b_count, shape, sim), labels,
-                 len(ids_a) + 1, sim, shape, depth_scale, shape_field)
+                 len(ids_a) + 1, sim, shape, shape_field)
 
   # Fluorophore density: per-cell brightness times (1 + texture).
   brightness = np.zeros(len(ids_a) + len(ids_b) + 1, np.float32)
@@ -321,7 +320,8 @@ def render_volume(rng: np.random.Generator, shape, sim: SimParams):
 # --------------------------------------------------------------------------
 # Preview (the paper's Figure 3.1): sample slices with target/other contours.
 
-def preview(path, *, presets=None, seed: int = 0, shape=None, slices_per_preset: int = 3):
+def preview(path, *, presets=None, seed: int = 0, size: str = "default",
+            slices_per_preset: int = 3):
   """Writes a PNG grid: one row per preset, contours of target (red) and
   others (cyan) on the percentile-normalised image."""
   import matplotlib
@@ -333,7 +333,7 @@ def preview(path, *, presets=None, seed: int = 0, shape=None, slices_per_preset:
                            figsize=(3.2 * slices_per_preset, 3.2 * len(presets)),
                            squeeze=False)
   for row, name in enumerate(presets):
-    volume = generate(name, seed=seed, n_volumes=1, shape=shape, keep_empty=False)[0]
+    volume = generate(name, seed=seed, n_volumes=1, size=size)[0]
     picks = np.linspace(0, volume.num_slices - 1, slices_per_preset + 2)[1:-1].round()
     for col, z in enumerate(picks.astype(int)):
       img = volume.image[z].astype(np.float32)
@@ -363,8 +363,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   presets = [args.preset] if args.only else [args.preset] + [
       p for p in PRESETS if p != args.preset]
-  shape = PAPER_SHAPE if args.size == "paper" else None
-  preview(args.preview, presets=presets, seed=args.seed, shape=shape)
+  preview(args.preview, presets=presets, seed=args.seed, size=args.size)
   print(f"wrote {args.preview}")
 
 

@@ -105,3 +105,30 @@ class Dataset:
 
   def replace(self, **changes) -> "Dataset":
     return dataclasses.replace(self, **changes)
+
+
+def concat(datasets) -> Dataset:
+  """Stacks Datasets into one, padding every sample to the largest H and W.
+
+  Channels must agree. Padding is zeros, and `extents` keep each sample's
+  valid region, so padded pixels never count.
+  """
+  datasets = [d for d in datasets if len(d)]
+  if not datasets:
+    raise ValueError("concat: no non-empty Dataset")
+  channels = {d.channels for d in datasets}
+  if len(channels) != 1:
+    raise ValueError(f"concat: Datasets differ in channels {sorted(channels)}")
+  h = max(d.targets.shape[1] for d in datasets)
+  w = max(d.targets.shape[2] for d in datasets)
+
+  def pad(x):
+    widths = [(0, 0), (0, h - x.shape[1]), (0, w - x.shape[2])] + [(0, 0)] * (x.ndim - 3)
+    return np.pad(x, widths)
+
+  return Dataset(
+      images=np.concatenate([pad(d.images) for d in datasets]),
+      targets=np.concatenate([pad(d.targets) for d in datasets]),
+      others=np.concatenate([pad(d.others) for d in datasets]),
+      extents=np.concatenate([d.extents for d in datasets]),
+      names=tuple(n for d in datasets for n in d.names))

@@ -1,0 +1,258 @@
+r"""Algorithm 1 end to end: flags → configs → pipeline → report.
+
+    python -m experiments.upgrade --flagfile=experiments/configs/quickstart.cfg
+
+Synthetic or real data with simulated LQ labels (--data=synthetic|epfl_mito|
+folder|stack) gives the paper's Table 3.1: annotation Dice of the LQ and
+upgraded test labels and segmentation Dice per scenario. User mode takes real
+LQ annotations:
+
+    python -m experiments.upgrade --hq_images=DIR --hq_labels=DIR \
+        --lq_images=DIR --lq_labels=DIR --out_dir=DIR [--scenarios=hq_upgraded]
+
+and writes out_dir/upgraded/<LQ file name>.tif. Rerunning with the same
+--out_dir resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+
+F = flags.FLAGS
+
+# Data.
+flags.DEFINE_enum("data", "synthetic", ["synthetic", "epfl_mito", "folder", "stack"],
+                  "Data source.")
+flags.DEFINE_string("preset", "hl60", "Synthetic preset: hl60, granulocytes, combined_hl60, "
+                    "combined_granulocytes.")
+flags.DEFINE_string("data_dir", "", "Root folder of real data (epfl_mito, folder, stack).")
+flags.DEFINE_integer("n_volumes", 10, "Synthetic volumes to simulate.", lower_bound=2)
+flags.DEFINE_list("volume_shape", ["32", "256", "256"], "Synthetic volume shape Z,H,W.")
+flags.DEFINE_integer("n_test", 2, "Volumes (synthetic) or images (folder) held out for test.",
+                     lower_bound=1)
+flags.DEFINE_integer("n_hq", 10, "High-quality slices (the paper's selection rule).",
+                     lower_bound=2)
+flags.DEFINE_integer("n_lq", None, "LQ slices drawn from the rest (default: all).",
+                     lower_bound=0)
+flags.DEFINE_integer("max_test", None, "Cap on test slices (evenly spaced).", lower_bound=1)
+flags.DEFINE_enum("others", "labels", ["labels", "felzenszwalb", "none"],
+                  "What inclusion draws from: the other cell type's labels, "
+                  "Felzenszwalb segments, or nothing.")
+flags.DEFINE_integer("data_seed", 0, "Seed of the simulator and of the test hold-out.")
+flags.DEFINE_enum("normalisation", "max", ["max", "percentile"], "Per-image normalisation.")
+
+# The perturbation u_θ trains with, and the one that makes the LQ set.
+flags.DEFINE_float("omission_rate", 0.7, "Fraction of target cells omitted.",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("inclusion_rate", 0.0, "Fraction of non-target objects included.",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("bias_max", 0, "q_max of the dilate/erode bias (0 = off).", lower_bound=0)
+flags.DEFINE_float("salt_pepper_prob", 0.0, "Salt-and-pepper probability.",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_bool("per_instance_bias", False, "Bias each cell on its own.")
+flags.DEFINE_float("lq_omission_rate", None, "LQ set: omission (default --omission_rate).",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("lq_inclusion_rate", None, "LQ set: inclusion (default --inclusion_rate).",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("lq_bias_max", None, "LQ set: bias q_max (default --bias_max).",
+                     lower_bound=0)
+flags.DEFINE_float("lq_salt_pepper_prob", None, "LQ set: salt-and-pepper (default "
+                   "--salt_pepper_prob).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_bool("lq_per_instance_bias", None, "LQ set: per-instance bias "
+                  "(default --per_instance_bias).")
+flags.DEFINE_float("hq_omission_rate", 0.0, "Imperfect HQ (Figure 3.5): omission in the "
+                   "HQ labels themselves.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("hq_bias_max", 0, "Imperfect HQ: bias q_max in the HQ labels.",
+                     lower_bound=0)
+flags.DEFINE_enum("lq_source", "perturb", ["perturb", "predictions"],
+                  "LQ labels: perturbed ground truth, or the predictions of a segmentation "
+                  "network trained on --predictor_hq HQ slices (the case study, §3.3.4).")
+flags.DEFINE_integer("predictor_hq", 10, "HQ slices of the LQ predictor (--lq_source="
+                     "predictions).", lower_bound=1)
+flags.DEFINE_integer("cost_budget", None, "Annotation budget in LQ-label units (Figure 3.6): "
+                     "sets --n_lq = budget - hq_cost * n_hq.", lower_bound=1)
+flags.DEFINE_float("hq_cost", 5.0, "Cost of one HQ label in LQ-label units.", lower_bound=0.0)
+flags.DEFINE_float("felzenszwalb_scale", 100.0, "Felzenszwalb scale (--others=felzenszwalb).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("felzenszwalb_min_size", 20, "Felzenszwalb min_size.", lower_bound=1)
+
+# Training.
+flags.DEFINE_integer("width", 16, "UNet base width: widths w,2w,4w,8w,8w (paper: 64).",
+                     lower_bound=1)
+flags.DEFINE_string("conv_impl", "xla", "Convolution implementation (models/conv.py).")
+flags.DEFINE_integer("crop", 128, "Square training crop side.", lower_bound=16)
+flags.DEFINE_integer("batch_size", 8, "Global batch size.", lower_bound=1)
+flags.DEFINE_float("lr", 1e-3, "Adam learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("max_steps", 400, "Max train steps of the upgrade network.", lower_bound=1)
+flags.DEFINE_integer("seg_max_steps", None, "Max train steps of each segmentation network "
+                     "(default --max_steps).", lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", 50, "Steps between validations.", lower_bound=1)
+flags.DEFINE_integer("patience", 10, "Early-stopping patience in epochs.", lower_bound=1)
+flags.DEFINE_float("label_dropout", 0.0, "Probability of zeroing the label input of a "
+                   "training sample (anti-shortcut).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_bool("strength_mix", False, "Draw each sample's perturbation rates uniformly "
+                  "in [0, rate] (anti-shortcut).")
+flags.DEFINE_integer("log_every", 50, "Steps between progress lines.", lower_bound=1)
+
+# The run.
+flags.DEFINE_list("scenarios", ["hq", "lq", "hq_lq", "hq_upgraded"],
+                  "Segmentation scenarios; empty = upgrade only.")
+flags.DEFINE_bool("threshold_baseline", True, "Score the global-threshold baseline.")
+flags.DEFINE_integer("reps", 1, "Repetitions (seeds seed..seed+reps-1).", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Base seed.")
+flags.DEFINE_string("out_dir", None, "Output directory (resumes if it holds a run).")
+flags.DEFINE_list("paper", [], "Paper figures for the table, e.g. lq=0.48,upgraded=0.92.")
+flags.DEFINE_string("compilation_cache", str(Path.home() / ".cache" / "upgrade_jax" / "xla"),
+                    "Persistent XLA compilation cache directory ('' = off): reruns, resumes "
+                    "and sweep points skip most compilation.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+
+# User mode.
+flags.DEFINE_string("hq_images", "", "User mode: folder of HQ images.")
+flags.DEFINE_string("hq_labels", "", "User mode: folder of HQ instance labels.")
+flags.DEFINE_string("lq_images", "", "User mode: folder of LQ images.")
+flags.DEFINE_string("lq_labels", "", "User mode: folder of LQ labels.")
+flags.DEFINE_string("others_labels", "", "User mode: non-target objects of the HQ images.")
+
+flags.mark_flag_as_required("out_dir")
+
+USER_FLAGS = ("hq_images", "hq_labels", "lq_images", "lq_labels")
+SCENARIO_NAMES = ("hq", "lq", "hq_lq", "hq_upgraded")
+
+
+@flags.multi_flags_validator(list(USER_FLAGS), message="user mode needs all of --hq_images, "
+                             "--hq_labels, --lq_images and --lq_labels")
+def _user_flags_together(d):
+  given = [bool(d[k]) for k in USER_FLAGS]
+  return all(given) or not any(given)
+
+
+@flags.validator("scenarios", message=f"--scenarios must be a comma list of {SCENARIO_NAMES}")
+def _valid_scenarios(v):
+  return all(s in SCENARIO_NAMES for s in v)
+
+
+@flags.validator("volume_shape", message="--volume_shape must be three positive ints Z,H,W")
+def _valid_shape(v):
+  return len(v) == 3 and all(s.isdigit() and int(s) > 0 for s in v)
+
+
+@flags.validator("paper", message="--paper must be name=value pairs, e.g. lq=0.48")
+def _valid_paper(v):
+  try:
+    _paper(v)
+    return True
+  except ValueError:
+    return False
+
+
+def _paper(items) -> dict:
+  out = {}
+  for item in items:
+    k, _, v = item.partition("=")
+    out[k.strip()] = float(v)
+  return out
+
+
+def _log(msg: str) -> None:
+  print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def build_config():
+  """The flags as frozen configs (the library never sees a flag)."""
+  from upgrade_jax.perturb import PerturbConfig
+  from upgrade_jax.pipeline import DataConfig, PipelineConfig
+  from upgrade_jax.train import TrainConfig
+
+  train_p = PerturbConfig(omission_rate=F.omission_rate, inclusion_rate=F.inclusion_rate,
+                          bias_max=F.bias_max, per_instance_bias=F.per_instance_bias,
+                          salt_pepper_prob=F.salt_pepper_prob)
+
+  def lq(name):
+    v = getattr(F, f"lq_{name}")
+    return getattr(train_p, name) if v is None else v
+
+  lq_p = PerturbConfig(omission_rate=lq("omission_rate"), inclusion_rate=lq("inclusion_rate"),
+                       bias_max=lq("bias_max"), per_instance_bias=lq("per_instance_bias"),
+                       salt_pepper_prob=lq("salt_pepper_prob"))
+  hq_p = PerturbConfig(omission_rate=F.hq_omission_rate, bias_max=F.hq_bias_max)
+  n_lq = F.n_lq
+  if F.cost_budget is not None:
+    n_lq = int(F.cost_budget - F.hq_cost * F.n_hq)
+    if n_lq < 0:
+      raise ValueError(f"--cost_budget={F.cost_budget} is below the cost of --n_hq={F.n_hq} "
+                       f"HQ labels at --hq_cost={F.hq_cost}")
+  w = F.width
+  common = dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), conv_impl=F.conv_impl, crop=F.crop,
+                batch_size=F.batch_size, lr=F.lr, steps_per_epoch=F.steps_per_epoch,
+                patience=F.patience, log_every=F.log_every)
+  upgrade = TrainConfig(task="upgrade", max_steps=F.max_steps, perturb=train_p,
+                        label_dropout=F.label_dropout, strength_mix=F.strength_mix, **common)
+  segment = TrainConfig(task="segment", max_steps=F.seg_max_steps or F.max_steps, **common)
+  data = DataConfig(source=F.data, preset=F.preset, data_dir=F.data_dir,
+                    n_volumes=F.n_volumes, volume_shape=tuple(int(s) for s in F.volume_shape),
+                    n_test=F.n_test, n_hq=F.n_hq, n_lq=n_lq, max_test=F.max_test,
+                    others=F.others, data_seed=F.data_seed, normalisation=F.normalisation,
+                    hq_perturb=hq_p)
+  return PipelineConfig(data=data, upgrade=upgrade, segment=segment, lq_perturb=lq_p,
+                        scenarios=tuple(F.scenarios), threshold_baseline=F.threshold_baseline,
+                        reps=F.reps, seed=F.seed, lq_source=F.lq_source,
+                        predictor_hq=F.predictor_hq)
+
+
+def setup_runtime() -> None:
+  """Process-wide settings from flags: log level, compilation cache, hosts."""
+  if not F["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  import jax
+  if F.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", F.compilation_cache)
+  from upgrade_jax import parallel
+  parallel.maybe_initialize_distributed(F.distributed)
+
+
+def run_from_flags(out_dir: Path) -> dict | None:
+  """One run with the current flags; returns the results.json dict (None in
+  user mode, whose results.json holds the upgraded file list)."""
+  from upgrade_jax import pipeline, report
+
+  try:
+    cfg = build_config()
+  except ValueError as e:  # a config that the flag validators cannot see
+    raise app.UsageError(str(e)) from e
+  felz = {"scale": F.felzenszwalb_scale, "min_size": F.felzenszwalb_min_size}
+  t0 = time.perf_counter()
+  if F.hq_images:
+    pipeline.run_user(cfg, pipeline.UserData(F.hq_images, F.hq_labels, F.lq_images,
+                                             F.lq_labels, F.others_labels),
+                      out_dir, log=_log, felz=felz)
+    _log(f"done in {time.perf_counter() - t0:.0f}s; upgraded labels in {out_dir / 'upgraded'}")
+    return None
+  results = pipeline.run(cfg, out_dir, log=_log, felz=felz)
+  paper = _paper(F.paper)
+  d = report.write_results(out_dir, results, extra={"paper": paper,
+                                                    "command": " ".join(sys.argv)})
+  figures = report.write_figures(out_dir, d, paper or None)
+  print()
+  print(report.format_table(d, paper or None))
+  print()
+  _log(f"done in {time.perf_counter() - t0:.0f}s; results in {out_dir / 'results.json'}, "
+       f"figures {', '.join(p.name for p in figures)}")
+  return d
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  setup_runtime()
+  run_from_flags(Path(F.out_dir))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

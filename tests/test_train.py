@@ -1,0 +1,264 @@
+"""The training engine: crops, task pairs, learning, early stopping, resume."""
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import toy_discs
+from upgrade_jax import parallel
+from upgrade_jax import train as T
+from upgrade_jax.metrics import pooled_dice_np
+from upgrade_jax.perturb import PerturbConfig, perturb
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = (4, 8, 8, 8, 8)
+
+
+def _coded_data(n=3, h=20, w=24, extents=((20, 24), (11, 24), (20, 13))):
+  """Every pixel's value encodes (sample, row, col): crops can be traced."""
+  i, y, x = np.meshgrid(np.arange(n), np.arange(h), np.arange(w), indexing="ij")
+  code = (i * 10000 + y * 100 + x).astype(np.int32)
+  return parallel.DeviceData(jnp.asarray(code[..., None].astype(np.float32)),
+                             jnp.asarray(code), jnp.asarray(code + 1),
+                             jnp.asarray(np.array(extents, np.int32)))
+
+
+@pytest.mark.parametrize("flips", [False, True])
+def test_sample_crops_stay_inside_extents(flips):
+  data = _coded_data()
+  batch = jax.jit(T.sample_crops, static_argnums=(2, 3, 4))(
+      jax.random.PRNGKey(0), data, 64, 8, flips)
+  assert batch.images.shape == (64, 8, 8, 1) and batch.valid.shape == (64, 8, 8)
+  ext = np.asarray(data.extents)
+  seen_flip = False
+  for img, tgt, oth, valid in zip(*map(np.asarray, batch)):
+    np.testing.assert_array_equal(img[..., 0], tgt)
+    np.testing.assert_array_equal(oth, tgt + 1)
+    # Undo flips by sorting the codes back into raster order.
+    if tgt[0, 0] > tgt[-1, -1] or tgt[0, 0] > tgt[0, -1]:
+      seen_flip = True
+    rows = np.sort(tgt[:, 0] // 100 % 100)
+    cols = np.sort(tgt[0, :] % 100)
+    i = tgt[0, 0] // 10000
+    # A contiguous window of one sample ...
+    assert np.all(tgt // 10000 == i)
+    np.testing.assert_array_equal(np.diff(rows), 1)
+    np.testing.assert_array_equal(np.diff(cols), 1)
+    # ... inside its extent (the crop fits in every extent dimension >= 8),
+    # so every pixel is valid.
+    assert rows[-1] < ext[i, 0] and cols[-1] < ext[i, 1]
+    assert valid.all()
+  assert seen_flip == flips
+
+
+def test_sample_crops_larger_than_extent_mark_padding_invalid():
+  data = _coded_data()
+  batch = T.sample_crops(jax.random.PRNGKey(1), data, 32, 16, False)
+  ext = np.asarray(data.extents)
+  for tgt, valid in zip(np.asarray(batch.targets), np.asarray(batch.valid)):
+    i = tgt[0, 0] // 10000
+    rows, cols = tgt // 100 % 100, tgt % 100
+    np.testing.assert_array_equal(valid, (rows < ext[i, 0]) & (cols < ext[i, 1]))
+    if ext[i, 0] < 16:
+      assert rows[0, 0] == 0  # a sample smaller than the crop starts at 0
+
+
+def test_upgrade_pair_is_image_plus_perturbed_label():
+  ds = toy_discs(4, size=(32, 32))
+  pc = PerturbConfig(omission_rate=0.5, salt_pepper_prob=0.2)
+  cfg = T.TrainConfig(task="upgrade", perturb=pc)
+  valid = np.ones((4, 32, 32), bool)
+  valid[:, 20:] = False
+  key = jax.random.PRNGKey(3)
+  args = (jnp.asarray(ds.images), jnp.asarray(ds.targets), jnp.asarray(ds.others))
+  inputs, target = T.upgrade_pair(key, *args, cfg, max_label=ds.max_label,
+                                  valid=jnp.asarray(valid), train=False)
+  assert inputs.shape == (4, 32, 32, 2)
+  np.testing.assert_array_equal(inputs[..., 0], ds.images[..., 0])
+  np.testing.assert_array_equal(target, ds.targets > 0)
+  # Oracle: perturb called directly with the same per-sample keys.
+  keys = jax.random.split(jax.random.split(key, 3)[0], 4)
+  lq = np.stack([np.asarray(perturb(k, t, o, pc, max_label=ds.max_label))
+                 for k, t, o in zip(keys, ds.targets, ds.others)])
+  np.testing.assert_array_equal(inputs[..., 1], lq & valid)
+  assert not np.any(np.asarray(inputs[:, 20:, :, 1]))  # no salt on padding
+  # label_dropout = 1 zeroes the label channel in training only.
+  drop = T.TrainConfig(task="upgrade", perturb=pc, label_dropout=1.0)
+  x_train, _ = T.upgrade_pair(key, *args, drop, max_label=ds.max_label,
+                              valid=jnp.asarray(valid), train=True)
+  assert not np.any(np.asarray(x_train[..., 1]))
+  x_val, _ = T.upgrade_pair(key, *args, drop, max_label=ds.max_label,
+                            valid=jnp.asarray(valid), train=False)
+  np.testing.assert_array_equal(x_val, inputs)
+
+
+def test_strength_mix_draws_weaker_perturbations():
+  ds = toy_discs(64, size=(16, 16), discs=(2, 3), radius=(2, 3))
+  pc = PerturbConfig(salt_pepper_prob=0.8)
+  args = (jnp.asarray(ds.images), jnp.asarray(ds.targets), jnp.asarray(ds.others))
+  valid = jnp.ones(ds.targets.shape, bool)
+  flips = {}
+  for mix in (False, True):
+    cfg = T.TrainConfig(task="upgrade", perturb=pc, strength_mix=mix)
+    x, t = T.upgrade_pair(jax.random.PRNGKey(0), *args, cfg,
+                          max_label=ds.max_label, valid=valid, train=True)
+    flips[mix] = np.mean(np.asarray(x[..., 1]) != np.asarray(t), axis=(1, 2))
+  # Fixed rate: each sample flips ~0.8 / 2 of its pixels; mixed: U[0, 0.4].
+  assert np.all(np.abs(flips[False] - 0.4) < 0.15)
+  assert abs(flips[True].mean() - 0.2) < 0.06 and flips[True].min() < 0.1
+
+
+def test_segment_pair():
+  ds = toy_discs(2, size=(16, 16))
+  cfg = T.TrainConfig(task="segment")
+  x, t = T.TASKS["segment"].pair_fn(
+      jax.random.PRNGKey(0), jnp.asarray(ds.images), jnp.asarray(ds.targets),
+      jnp.asarray(ds.others), cfg, max_label=ds.max_label, valid=None, train=True)
+  np.testing.assert_array_equal(x, ds.images)
+  np.testing.assert_array_equal(t, ds.targets > 0)
+  assert T.input_channels("segment", 3) == 3 and T.input_channels("upgrade", 3) == 4
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="task"):
+    T.TrainConfig(task="denoise")
+  with pytest.raises(ValueError, match="label_dropout"):
+    T.TrainConfig(label_dropout=1.5)
+  with pytest.raises(ValueError, match="widths"):
+    T.TrainConfig(widths=(4, 8))
+  mesh = parallel.make_mesh()
+  with pytest.raises(ValueError, match="batch_size"):
+    parallel.check_batch(0, mesh)
+
+
+@pytest.mark.slow
+def test_toy_upgrade_learns(tmp_path):
+  """Discs on a noisy background, half of them omitted from the label input:
+  the network must restore them from the image. Dice > 0.9 within 200 steps."""
+  train, val, test = (toy_discs(n, seed=s) for n, s in ((16, 0), (4, 1), (6, 2)))
+  pc = PerturbConfig(omission_rate=0.5)
+  cfg = T.TrainConfig(task="upgrade", widths=(8, 16, 16, 16, 16), crop=48,
+                      batch_size=8, max_steps=200, steps_per_epoch=50,
+                      perturb=pc, log_every=50, checkpoint_every=1000)
+  lines = []
+  result = T.fit(cfg, train, val, tmp_path, log=lines.append)
+  assert result.best_val_dice > 0.9
+  assert [h["step"] for h in result.history] == [50, 100, 150, 200]
+  assert any("img/s" in s and "ETA" in s for s in lines)
+  # Upgrade held-out LQ labels (omission with another key).
+  keys = jax.random.split(jax.random.PRNGKey(42), len(test))
+  lq = np.stack([np.asarray(perturb(k, t, o, pc, max_label=test.max_label))
+                 for k, t, o in zip(keys, test.targets, test.others)])
+  upgraded = T.predict(result.state_best, test.images, lq, batch_size=4)
+  lq_dice = pooled_dice_np(lq, test.targets)
+  up_dice = pooled_dice_np(upgraded, test.targets)
+  assert lq_dice < 0.8 and up_dice > 0.9, (lq_dice, up_dice)
+
+
+def test_early_stopping_keeps_best_and_finished_run_returns(tmp_path):
+  train, val = toy_discs(8, size=(32, 32), seed=0), toy_discs(4, size=(32, 32), seed=1)
+  # lr ~ 0: validation Dice stops improving at once.
+  cfg = T.TrainConfig(task="segment", widths=TINY, crop=32, batch_size=4,
+                      lr=1e-9, max_steps=400, steps_per_epoch=4, patience=3,
+                      log_every=1000, checkpoint_every=1000)
+  result = T.fit(cfg, train, val, tmp_path, log=lambda s: None)
+  vals = [h["val_dice"] for h in result.history]
+  assert len(vals) == 4 and result.history[-1]["step"] == 16  # 1 + patience
+  assert result.best_step == 4 * (int(np.argmax(vals)) + 1)
+  assert result.best_val_dice == max(vals)
+  # The kept parameters reproduce the best validation Dice.
+  valset = T.make_val_set(cfg, val, max(train.max_label, val.max_label))
+  assert T.evaluate(result.state_best, valset) == pytest.approx(result.best_val_dice)
+  assert int(result.state_last.step) == 16
+  # Same workdir again: the finished run is returned without training.
+  lines = []
+  again = T.fit(cfg, train, val, tmp_path, log=lines.append)
+  assert again.resumed_from == 16 and again.history == result.history
+  assert not any(s.startswith("step ") for s in lines)
+  for a, b in zip(jax.tree.leaves(again.state_best.params),
+                  jax.tree.leaves(result.state_best.params)):
+    np.testing.assert_array_equal(a, b)
+  # Another config in the same workdir is refused.
+  with pytest.raises(ValueError, match="different config"):
+    T.fit(T.TrainConfig(task="segment", widths=TINY, crop=32, batch_size=4,
+                        seed=1), train, val, tmp_path, log=lambda s: None)
+
+
+_RESUME_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import numpy as np, jax
+from conftest import toy_discs
+from upgrade_jax import train as T
+from upgrade_jax.perturb import PerturbConfig
+
+workdir, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+cfg = T.TrainConfig(task="upgrade", widths=(4, 8, 8, 8, 8), crop=32,
+                    batch_size=4, max_steps=30, steps_per_epoch=10,
+                    perturb=PerturbConfig(omission_rate=0.5, salt_pepper_prob=0.01),
+                    log_every=1, checkpoint_every=5, seed=7)
+train = toy_discs(8, size=(32, 32), seed=0)
+val = toy_discs(4, size=(32, 32), seed=1)
+r = T.fit(cfg, train, val, workdir, log=lambda s: time.sleep(delay))
+leaves = jax.tree.leaves((r.state_last.params, r.state_last.batch_stats,
+                          r.state_last.opt_state, r.state_best.params))
+np.savez(out, *[np.asarray(x) for x in leaves],
+         history=np.array([[h["step"], h["loss"], h["val_dice"]] for h in r.history]),
+         resumed=np.array(-1 if r.resumed_from is None else r.resumed_from))
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_same_parameters(tmp_path):
+  script = tmp_path / "run.py"
+  script.write_text(_RESUME_SCRIPT.format(tests=str(REPO / "tests")))
+  env = dict(os.environ, PYTHONPATH=str(REPO),
+             # One compile for the three runs; executables are the same.
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"))
+
+  def run(workdir, out, delay, **kw):
+    return subprocess.Popen([sys.executable, str(script), str(workdir),
+                             str(out), str(delay)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+
+  full = run(tmp_path / "full", tmp_path / "full.npz", 0.0)
+  _, err = full.communicate(timeout=300)
+  assert full.returncode == 0, err.decode()[-3000:]
+
+  # Slow progress (0.1 s per step) so the kill lands mid-run.
+  ckpt_dir = tmp_path / "killed" / "checkpoints"
+  proc = run(tmp_path / "killed", tmp_path / "unused.npz", 0.1)
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    steps = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()] \
+        if ckpt_dir.exists() else []
+    if steps or proc.poll() is not None:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "unused.npz").exists()
+
+  resumed = run(tmp_path / "killed", tmp_path / "resumed.npz", 0.0)
+  _, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err.decode()[-3000:]
+
+  a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "resumed.npz")
+  assert int(a["resumed"]) == -1 and 5 <= int(b["resumed"]) < 30
+  assert a["history"].shape == (3, 3)
+  np.testing.assert_allclose(a["history"], b["history"], rtol=1e-6)
+  leaf_keys = [k for k in a.files if k.startswith("arr_")]
+  assert len(leaf_keys) > 50
+  for k in leaf_keys:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)

@@ -1,0 +1,500 @@
+"""Algorithm 1 of the paper, end to end, and the comparison scenarios.
+
+    1. train the upgrade network u_θ on the HQ set, with P drawn fresh each step;
+    2. upgrade the LQ labels (and the test set's LQ labels, to score them);
+    3. train one segmentation network per scenario:
+         hq           HQ only
+         lq           LQ only
+         hq_lq        HQ + LQ
+         hq_upgraded  HQ + upgraded LQ
+       plus the global-threshold baseline;
+    4. score everything on the test set with pooled Dice, over `reps` seeds.
+
+`run` returns a `Results` and leaves per-repetition files in `out_dir`; a
+rerun with the same `out_dir` skips finished repetitions and resumes training
+runs from their checkpoints. `run_user` is the same method on a user's
+folders of real HQ and LQ annotations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from upgrade_jax import metrics
+from upgrade_jax import train as train_lib
+from upgrade_jax.baselines import threshold as threshold_lib
+from upgrade_jax.data import io, sampling
+from upgrade_jax.data.types import Dataset, concat
+from upgrade_jax.perturb import PerturbConfig, felzenszwalb_objects
+
+SCENARIOS = ("hq", "lq", "hq_lq", "hq_upgraded")
+OTHERS_MODES = ("labels", "felzenszwalb", "none")
+LQ_SOURCES = ("perturb", "predictions")
+
+
+# --------------------------------------------------------------------------
+# Configuration.
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the data come from and how they are split.
+
+  Attributes:
+    source: "synthetic", "epfl_mito", "folder" or "stack".
+    preset: synthetic preset (see upgrade_jax.data.synthetic.PRESETS).
+    data_dir: root of the real data. epfl_mito and stack: a folder with
+      train/{images,labels}.tif and test/{images,labels}.tif; folder: a folder
+      with images/ and labels/ (and optionally others/).
+    n_volumes: synthetic volumes to simulate.
+    volume_shape: synthetic (Z, H, W).
+    n_test: volumes (synthetic) or images (folder) held out as the test set;
+      epfl_mito and stack use their test stacks.
+    n_hq: HQ slices, chosen by the paper's rule (sampling.select_slices).
+    n_lq: LQ slices drawn from the remaining training slices (None: all).
+    max_test: cap on the number of test slices (evenly spaced), None for all.
+    others: what inclusion draws from: "labels" (the other cell type of the
+      synthetic presets, or others/ of a folder), "felzenszwalb" segments,
+      or "none".
+    data_seed: seed of the simulator and of the test hold-out.
+    normalisation: per-image "max" or "percentile".
+    hq_perturb: imperfect HQ (the paper's Figure 3.5): the HQ labels the
+      networks train on are themselves perturbed once with this config
+      (identity by default). The test set keeps its ground truth.
+  """
+
+  source: str = "synthetic"
+  preset: str = "hl60"
+  data_dir: str = ""
+  n_volumes: int = 10
+  volume_shape: tuple[int, int, int] = (32, 256, 256)
+  n_test: int = 2
+  n_hq: int = 10
+  n_lq: int | None = None
+  max_test: int | None = None
+  others: str = "labels"
+  data_seed: int = 0
+  normalisation: str = "max"
+  hq_perturb: PerturbConfig = PerturbConfig()
+
+  def __post_init__(self):
+    if self.source not in io.SOURCES:
+      raise ValueError(f"DataConfig.source {self.source!r} unknown; choose one of "
+                       f"{sorted(io.SOURCES)}")
+    if self.others not in OTHERS_MODES:
+      raise ValueError(f"DataConfig.others {self.others!r} unknown; choose one of "
+                       f"{list(OTHERS_MODES)}")
+    if self.source != "synthetic" and not self.data_dir:
+      raise ValueError(f"DataConfig.data_dir is required for source {self.source!r}")
+    if self.n_hq < 2:
+      raise ValueError(f"DataConfig.n_hq must be >= 2 (train + validation), got {self.n_hq}")
+    object.__setattr__(self, "volume_shape", tuple(int(s) for s in self.volume_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """One run of Algorithm 1 and its scenarios.
+
+  Attributes:
+    data: the DataConfig.
+    upgrade: TrainConfig of u_θ (task "upgrade"); its `perturb` is the P the
+      network trains with.
+    segment: TrainConfig of the segmentation networks (task "segment").
+    lq_perturb: the perturbation that makes the fixed LQ set (may differ from
+      upgrade.perturb: the paper's mismatch study).
+    scenarios: segmentation scenarios to train, a subset of SCENARIOS; empty
+      means upgrade only.
+    threshold_baseline: also score the global-threshold baseline.
+    reps: repetitions; repetition r uses seed + r everywhere.
+    seed: base seed.
+    predict_batch: images per jitted prediction call.
+    lq_source: "perturb" (LQ = lq_perturb(GT)) or "predictions" (the
+      paper's case study, §3.3.4: LQ = the predictions of a segmentation
+      network trained on `predictor_hq` HQ slices).
+    predictor_hq: HQ training slices of that predictor.
+  """
+
+  data: DataConfig = DataConfig()
+  upgrade: train_lib.TrainConfig = train_lib.TrainConfig(task="upgrade")
+  segment: train_lib.TrainConfig = train_lib.TrainConfig(task="segment")
+  lq_perturb: PerturbConfig = PerturbConfig(omission_rate=0.7)
+  scenarios: tuple[str, ...] = SCENARIOS
+  threshold_baseline: bool = True
+  reps: int = 1
+  seed: int = 0
+  predict_batch: int = 8
+  lq_source: str = "perturb"
+  predictor_hq: int = 10
+
+  def __post_init__(self):
+    if self.lq_source not in LQ_SOURCES:
+      raise ValueError(f"PipelineConfig.lq_source {self.lq_source!r} unknown; choose one of "
+                       f"{list(LQ_SOURCES)}")
+    object.__setattr__(self, "scenarios", tuple(self.scenarios))
+    unknown = [s for s in self.scenarios if s not in SCENARIOS]
+    if unknown:
+      raise ValueError(f"unknown scenarios {unknown}; choose from {list(SCENARIOS)}")
+    if self.upgrade.task != "upgrade" or self.segment.task != "segment":
+      raise ValueError("PipelineConfig: upgrade.task must be 'upgrade' and segment.task 'segment'")
+    if self.reps < 1:
+      raise ValueError(f"PipelineConfig.reps must be >= 1, got {self.reps}")
+
+
+# --------------------------------------------------------------------------
+# Data.
+
+def load_volumes(cfg: DataConfig):
+  """(train_volumes, test_volumes) for the configured source."""
+  if cfg.source == "synthetic":
+    vols = io.load_source("synthetic", preset=cfg.preset, seed=cfg.data_seed,
+                          n_volumes=cfg.n_volumes, shape=cfg.volume_shape)
+    return sampling.hold_out(vols, cfg.n_test, seed=cfg.data_seed)
+  root = Path(cfg.data_dir)
+  if not root.is_dir():
+    raise FileNotFoundError(f"data_dir {root} does not exist (source {cfg.source!r})")
+  if cfg.source == "folder":
+    others = root / "others" if (root / "others").is_dir() else None
+    vols = io.load_source("folder", images_dir=root / "images", labels_dir=root / "labels",
+                          others_dir=others)
+    return sampling.hold_out(vols, cfg.n_test, seed=cfg.data_seed)
+  if cfg.source == "epfl_mito":
+    return io.epfl_mito(root, "train"), io.epfl_mito(root, "test")
+  split = lambda s: io.stack(root / s / "images.tif", root / s / "labels.tif", name=s)  # noqa: E731
+  return split("train"), split("test")
+
+
+def _with_others(ds: Dataset, mode: str, felz: dict) -> Dataset:
+  if mode == "labels" or len(ds) == 0:
+    return ds
+  if mode == "none":
+    return ds.replace(others=np.zeros_like(ds.others))
+  out = np.zeros_like(ds.others)
+  for i in range(len(ds)):
+    h, w = ds.extents[i]
+    out[i, :h, :w] = felzenszwalb_objects(ds.images[i, :h, :w], ds.targets[i, :h, :w], **felz)
+  return ds.replace(others=out)
+
+
+def _cap(ds: Dataset, n: int | None) -> Dataset:
+  if n is None or len(ds) <= n:
+    return ds
+  return ds.subset(np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int)))
+
+
+@dataclasses.dataclass(frozen=True)
+class RepData:
+  """The data of one repetition. `lq` and `test_lq` hold LQ masks as targets
+  (int32 0/1); `lq_gt` is the ground truth of the LQ slices."""
+  hq_train: Dataset
+  hq_val: Dataset
+  lq: Dataset
+  lq_gt: Dataset
+  test: Dataset
+  test_lq: Dataset
+  val_lq: Dataset
+
+
+def prepare_rep(cfg: PipelineConfig, volumes, seed: int, felz: dict | None = None) -> RepData:
+  """Splits, `others`, and the fixed LQ sets (made once per seed)."""
+  felz = felz or {}
+  train_vols, test_vols = volumes
+  splits = sampling.make_splits(train_vols, test_vols, n_hq=cfg.data.n_hq, seed=seed,
+                                n_lq=cfg.data.n_lq, normalisation=cfg.data.normalisation)
+  prep = lambda d: _with_others(d, cfg.data.others, felz)  # noqa: E731
+  hq_train, hq_val = prep(splits.hq_train), prep(splits.hq_val)
+  lq_gt, test = prep(splits.lq), prep(_cap(splits.test, cfg.data.max_test))
+  if not cfg.data.hq_perturb.is_identity:
+    hq_train = _imperfect(hq_train, cfg.data.hq_perturb, seed * 5 + 4)
+    hq_val = _imperfect(hq_val, cfg.data.hq_perturb, seed * 5 + 5)
+  # Independent streams for the LQ training set, the test set's LQ and the
+  # LQ validation set of the "lq" scenario.
+  lq = sampling.make_lq(lq_gt, cfg.lq_perturb, seed=seed * 5 + 1)
+  test_lq = sampling.make_lq(test, cfg.lq_perturb, seed=seed * 5 + 2)
+  val_lq = sampling.make_lq(hq_val, cfg.lq_perturb, seed=seed * 5 + 3)
+  return RepData(hq_train, hq_val, lq, lq_gt, test, test_lq, val_lq)
+
+
+def _imperfect(ds: Dataset, config: PerturbConfig, seed: int) -> Dataset:
+  """HQ labels with errors: perturbed once, then split back into instances."""
+  from skimage.measure import label as connected_components
+
+  masks = sampling.make_lq(ds, config, seed=seed).targets
+  targets = np.stack([connected_components(m, connectivity=1) for m in masks])
+  return ds.replace(targets=targets.astype(np.int32))
+
+
+def _predicted_lq(cfg: PipelineConfig, data: RepData, seed: int, workdir: Path,
+                  log) -> RepData:
+  """The case study's LQ labels: predictions of a segmentation network
+  trained on the first `predictor_hq` HQ training slices (validated on the
+  HQ validation slices), for the LQ training slices and the test slices."""
+  n = min(cfg.predictor_hq, len(data.hq_train))
+  log(f"making LQ labels from a segmentation network trained on {n} HQ slices")
+  fit = train_lib.fit(dataclasses.replace(cfg.segment, seed=seed),
+                      data.hq_train.subset(np.arange(n)), data.hq_val, workdir, log=log)
+
+  def predicted(ds: Dataset) -> Dataset:
+    if len(ds) == 0:
+      return ds
+    pred = train_lib.predict(fit.state_best, ds.images, batch_size=cfg.predict_batch,
+                             extents=ds.extents)
+    return ds.replace(targets=pred.astype(np.int32))
+
+  return dataclasses.replace(data, lq=predicted(data.lq_gt), test_lq=predicted(data.test),
+                             val_lq=predicted(data.hq_val))
+
+
+# --------------------------------------------------------------------------
+# Scenarios: how each one's (train, validation) Datasets are made. Every
+# scenario validates on the HQ validation slices, except "lq", whose user has
+# only LQ labels and so validates on LQ versions of them.
+
+def _hq(d: RepData, upgraded: Dataset):
+  return d.hq_train, d.hq_val
+
+
+def _lq(d: RepData, upgraded: Dataset):
+  return d.lq, d.val_lq
+
+
+def _hq_lq(d: RepData, upgraded: Dataset):
+  return concat([d.hq_train, d.lq]), d.hq_val
+
+
+def _hq_upgraded(d: RepData, upgraded: Dataset):
+  return concat([d.hq_train, upgraded]), d.hq_val
+
+
+SCENARIO_DATA: dict[str, Callable] = {
+    "hq": _hq, "lq": _lq, "hq_lq": _hq_lq, "hq_upgraded": _hq_upgraded}
+
+
+# --------------------------------------------------------------------------
+# One repetition.
+
+def _write_json(path: Path, obj) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, default=train_lib.json_safe))
+  os.replace(tmp, path)
+
+
+def upgrade_labels(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
+  """(N, H, W) bool: u_θ(image, LQ mask) for every sample of `ds` (LQ targets)."""
+  return train_lib.predict(state, ds.images, ds.targets > 0, batch_size=batch_size,
+                           extents=ds.extents)
+
+
+def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray, inputs=()) -> list[Path]:
+  """One uint16 instance-label TIFF per sample (connected components of the
+  upgraded mask), cropped to the sample's valid extent, named after it."""
+  from skimage.measure import label as connected_components
+
+  directory.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for name, mask, (h, w) in zip(ds.names, masks, ds.extents):
+    lab = connected_components(mask[:h, :w], connectivity=1).astype(np.uint16)
+    paths.append(io.write_labels(directory / f"{Path(name).stem}.tif", lab, inputs=inputs))
+  return paths
+
+
+def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
+            log: Callable[[str], None] = print, felz: dict | None = None) -> dict:
+  """Runs repetition `rep`; returns (and saves) its numbers.
+
+  A finished repetition (rep_dir/rep.json) is loaded, not rerun.
+  """
+  rep_dir = out_dir / f"rep{rep}"
+  done = rep_dir / "rep.json"
+  if done.exists():
+    log(f"[rep {rep}] already finished: {done}")
+    return json.loads(done.read_text())
+  seed = cfg.seed + rep
+  timings = {}
+  t0 = time.perf_counter()
+  data = prepare_rep(cfg, volumes, seed, felz)
+  if cfg.lq_source == "predictions":
+    data = _predicted_lq(cfg, data, seed, rep_dir / "lq_predictor", log)
+  timings["data_s"] = time.perf_counter() - t0
+  log(f"[rep {rep}] HQ train {len(data.hq_train)}, HQ val {len(data.hq_val)}, "
+      f"LQ {len(data.lq)}, test {len(data.test)} slices of {data.test.images.shape[1:3]}")
+
+  t0 = time.perf_counter()
+  up_cfg = dataclasses.replace(cfg.upgrade, seed=seed)
+  log(f"[rep {rep}] training the upgrade network")
+  fit = train_lib.fit(up_cfg, data.hq_train, data.hq_val, rep_dir / "upgrade", log=log)
+  timings["upgrade_train_s"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  upgraded_test = upgrade_labels(fit.state_best, data.test_lq, cfg.predict_batch)
+  valid = data.test.valid_mask()
+  result = {
+      "rep": rep, "seed": seed,
+      "annotation_dice": {
+          "lq": metrics.pooled_dice_np(data.test_lq.targets, data.test.targets, valid),
+          "upgraded": metrics.pooled_dice_np(upgraded_test, data.test.targets, valid)},
+      "upgrade_best_val_dice": fit.best_val_dice, "upgrade_best_step": fit.best_step,
+      "segmentation_dice": {}, "sizes": {
+          "hq_train": len(data.hq_train), "hq_val": len(data.hq_val),
+          "lq": len(data.lq), "test": len(data.test)},
+  }
+  upgraded = data.lq
+  if len(data.lq):
+    masks = upgrade_labels(fit.state_best, data.lq, cfg.predict_batch)
+    upgraded = data.lq.replace(targets=masks.astype(np.int32))
+    result["annotation_dice"]["lq_train_set"] = {
+        "lq": metrics.pooled_dice_np(data.lq.targets, data.lq_gt.targets, data.lq.valid_mask()),
+        "upgraded": metrics.pooled_dice_np(masks, data.lq_gt.targets, data.lq.valid_mask())}
+    target_dir = out_dir / "upgraded" if rep == 0 else rep_dir / "upgraded"
+    write_upgraded(target_dir, data.lq, masks)
+  timings["upgrade_predict_s"] = time.perf_counter() - t0
+  log(f"[rep {rep}] annotation Dice on the test set: LQ "
+      f"{result['annotation_dice']['lq']:.4f} -> upgraded "
+      f"{result['annotation_dice']['upgraded']:.4f}")
+  np.savez_compressed(rep_dir / "samples.npz", **_figure_samples(data, upgraded_test))
+
+  for scenario in cfg.scenarios:
+    t0 = time.perf_counter()
+    train_ds, val_ds = SCENARIO_DATA[scenario](data, upgraded)
+    seg_cfg = dataclasses.replace(cfg.segment, seed=seed)
+    log(f"[rep {rep}] training the segmentation network: {scenario} "
+        f"({len(train_ds)} training slices)")
+    seg = train_lib.fit(seg_cfg, train_ds, val_ds, rep_dir / f"seg_{scenario}", log=log)
+    pred = train_lib.predict(seg.state_best, data.test.images, batch_size=cfg.predict_batch,
+                             extents=data.test.extents)
+    dice = metrics.pooled_dice_np(pred, data.test.targets, valid)
+    result["segmentation_dice"][scenario] = dice
+    timings[f"seg_{scenario}_s"] = time.perf_counter() - t0
+    log(f"[rep {rep}] segmentation Dice ({scenario}): {dice:.4f}")
+  if cfg.threshold_baseline and cfg.scenarios:
+    hq_all = concat([data.hq_train, data.hq_val])
+    thr = threshold_lib.fit_and_evaluate(hq_all, data.test)
+    result["segmentation_dice"]["threshold"] = thr.test_dice
+    result["threshold"] = dataclasses.asdict(thr)
+    log(f"[rep {rep}] segmentation Dice (threshold at {thr.fraction:.0%} of max): "
+        f"{thr.test_dice:.4f}")
+  result["timings"] = timings
+  _write_json(done, result)
+  return result
+
+
+def _figure_samples(data: RepData, upgraded: np.ndarray, k: int = 3) -> dict:
+  """A few test slices (image, GT, LQ, upgraded) for the overlay figure, the
+  ones with the most target pixels, cropped to their valid extent's bounds."""
+  n = len(data.test)
+  order = np.argsort(-(data.test.targets > 0).reshape(n, -1).sum(1))[:k]
+  h = int(data.test.extents[order, 0].min())
+  w = int(data.test.extents[order, 1].min())
+  return {"image": data.test.images[order, :h, :w].mean(-1),
+          "gt": data.test.targets[order, :h, :w] > 0,
+          "lq": data.test_lq.targets[order, :h, :w] > 0,
+          "upgraded": upgraded[order, :h, :w],
+          "names": np.array([data.test.names[i] for i in order])}
+
+
+# --------------------------------------------------------------------------
+# All repetitions.
+
+@dataclasses.dataclass
+class Results:
+  """Per-repetition numbers and their summaries (see `summary`)."""
+  config: PipelineConfig
+  reps: list
+  timings: dict
+
+  def summary(self) -> dict:
+    ann = {k: metrics.summarize([r["annotation_dice"][k] for r in self.reps])
+           for k in ("lq", "upgraded")}
+    names = [s for s in (*SCENARIOS, "threshold") if all(
+        s in r["segmentation_dice"] for r in self.reps)]
+    seg = {s: metrics.summarize([r["segmentation_dice"][s] for r in self.reps]) for s in names}
+    wil = {}
+    if "hq_upgraded" in seg:
+      for s in names:
+        if s != "hq_upgraded":
+          wil[f"hq_upgraded_vs_{s}"] = metrics.wilcoxon(
+              seg["hq_upgraded"]["per_rep"], seg[s]["per_rep"])
+    wil["upgraded_vs_lq_annotations"] = metrics.wilcoxon(
+        ann["upgraded"]["per_rep"], ann["lq"]["per_rep"])
+    return {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil}
+
+
+def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
+        felz: dict | None = None) -> Results:
+  """Algorithm 1 and the scenarios, `cfg.reps` times; resumable in `out_dir`."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  volumes = load_volumes(cfg.data)
+  load_s = time.perf_counter() - t0
+  log(f"data: {cfg.data.source} ({len(volumes[0])} training / {len(volumes[1])} test "
+      f"volumes), loaded in {load_s:.1f}s")
+  reps = [run_rep(cfg, volumes, r, out_dir, log=log, felz=felz) for r in range(cfg.reps)]
+  return Results(cfg, reps, {"load_s": load_s, "total_s": time.perf_counter() - t0})
+
+
+# --------------------------------------------------------------------------
+# User mode: real HQ and LQ annotations in folders.
+
+@dataclasses.dataclass(frozen=True)
+class UserData:
+  """Folders of a user's data (StarDist/Cellpose layout: same file names)."""
+  hq_images: str
+  hq_labels: str
+  lq_images: str
+  lq_labels: str
+  others_labels: str = ""   # non-target objects of the HQ images (inclusion)
+
+
+def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
+             log: Callable[[str], None] = print, felz: dict | None = None) -> dict:
+  """Trains u_θ on the HQ pairs and writes out_dir/upgraded/<LQ file name>.tif.
+
+  With "hq_upgraded" in cfg.scenarios it also trains the segmentation network
+  on HQ ∪ upgraded and keeps its checkpoints in out_dir/seg_hq_upgraded.
+  Input folders are only read.
+  """
+  out_dir = Path(out_dir)
+  inputs = [Path(p) for p in (user.hq_images, user.hq_labels, user.lq_images,
+                              user.lq_labels, user.others_labels) if p]
+  for p in inputs:
+    if not p.is_dir():
+      raise FileNotFoundError(f"input folder {p} does not exist")
+  if any(out_dir.resolve() == p.resolve() or p.resolve() in out_dir.resolve().parents
+         for p in inputs):
+    raise ValueError(f"out_dir {out_dir} must not be inside an input folder")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  hq_vols = io.folder(user.hq_images, user.hq_labels, user.others_labels or None)
+  lq_vols = io.folder(user.lq_images, user.lq_labels)
+  kw = dict(normalisation=cfg.data.normalisation)
+  hq = _with_others(io.volumes_to_dataset(hq_vols, **kw), cfg.data.others, felz or {})
+  lq = io.volumes_to_dataset(lq_vols, **kw)
+  if hq.channels != lq.channels:
+    raise ValueError(f"HQ images have {hq.channels} channels but LQ images {lq.channels}")
+  lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
+  train_idx, val_idx = sampling.train_val_split(len(hq), seed=cfg.seed)
+  if len(val_idx) == 0:
+    raise ValueError(f"need at least 2 HQ images in {user.hq_images}, found {len(hq)}")
+  log(f"user data: {len(hq)} HQ images ({len(train_idx)} train / {len(val_idx)} val), "
+      f"{len(lq)} LQ images")
+  fit = train_lib.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq.subset(train_idx),
+                      hq.subset(val_idx), out_dir / "upgrade", log=log)
+  masks = upgrade_labels(fit.state_best, lq, cfg.predict_batch)
+  paths = write_upgraded(out_dir / "upgraded", lq, masks, inputs=inputs)
+  log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
+  result = {"upgrade_best_val_dice": fit.best_val_dice, "n_hq": len(hq), "n_lq": len(lq),
+            "upgraded": [str(p) for p in paths]}
+  if "hq_upgraded" in cfg.scenarios:
+    upgraded = lq.replace(targets=masks.astype(np.int32))
+    seg = train_lib.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
+                        concat([hq.subset(train_idx), upgraded]), hq.subset(val_idx),
+                        out_dir / "seg_hq_upgraded", log=log)
+    result["segmentation_best_val_dice"] = seg.best_val_dice
+  _write_json(out_dir / "results.json", result)
+  return result

@@ -1,0 +1,241 @@
+"""results.json, results.csv, the printed Table 3.1 and the figures.
+
+Everything here reads a `pipeline.Results` (or its saved JSON) and writes
+files atomically; nothing reaches back into training.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _io
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from upgrade_jax.train import json_safe
+
+PACKAGES = ("upgrade_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+            "scipy", "scikit-image", "tifffile", "absl-py", "matplotlib")
+
+LABELS = {"lq": "LQ", "upgraded": "Upgraded", "hq": "HQ only", "hq_lq": "HQ + LQ",
+          "hq_upgraded": "HQ + upgraded", "threshold": "Threshold"}
+
+
+def versions() -> dict:
+  out = {"python": platform.python_version(), "machine": platform.machine()}
+  for name in PACKAGES:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      out[name] = None
+  try:
+    import jax
+    out["backend"] = jax.default_backend()
+    out["devices"] = jax.device_count()
+  except Exception:  # pragma: no cover - report what we can
+    pass
+  return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def results_dict(results, extra: dict | None = None) -> dict:
+  """The content of results.json: summaries, per-rep numbers, config, versions."""
+  summary = results.summary()
+  timings = dict(results.timings)
+  timings["per_rep"] = [r.get("timings", {}) for r in results.reps]
+  return {**summary, "reps": results.reps, "config": dataclasses.asdict(results.config),
+          "versions": versions(), "timings": timings, **(extra or {})}
+
+
+def write_results(out_dir, results, extra: dict | None = None) -> dict:
+  """Writes results.json and results.csv; returns the JSON dict."""
+  out_dir = Path(out_dir)
+  d = results_dict(results, extra)
+  _atomic_write(out_dir / "results.json", json.dumps(d, indent=2, default=json_safe))
+  buf = _io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(["kind", "name", "rep", "dice"])
+  for r in results.reps:
+    for k in ("lq", "upgraded"):
+      w.writerow(["annotation", k, r["rep"], f"{r['annotation_dice'][k]:.6f}"])
+    for k, v in r["segmentation_dice"].items():
+      w.writerow(["segmentation", k, r["rep"], f"{v:.6f}"])
+  for kind in ("annotation_dice", "segmentation_dice"):
+    for k, s in d[kind].items():
+      w.writerow([kind.split("_")[0], k, "mean", f"{s['mean']:.6f}"])
+      w.writerow([kind.split("_")[0], k, "std", f"{s['std']:.6f}"])
+  _atomic_write(out_dir / "results.csv", buf.getvalue())
+  return d
+
+
+def format_table(d: dict, paper: dict | None = None) -> str:
+  """A Table 3.1-style text table: pooled test Dice, mean ± std over reps."""
+  n = len(d["reps"])
+  lines = [f"Pooled test Dice, mean ± std over {n} repetition(s)", ""]
+  head = f"{'':14}{'':16}{'Dice':>16}"
+  if paper:
+    head += f"{'paper':>10}"
+  lines.append(head)
+
+  def row(group, key, s):
+    text = f"{group:14}{LABELS.get(key, key):16}{s['mean']:>9.4f} ± {s['std']:.4f}"
+    if paper and key in paper:
+      text += f"{paper[key]:>10.2f}"
+    return text
+
+  for i, (k, s) in enumerate(d["annotation_dice"].items()):
+    lines.append(row("Annotations" if i == 0 else "", k, s))
+  for i, (k, s) in enumerate(d["segmentation_dice"].items()):
+    lines.append(row("Segmentation" if i == 0 else "", k, s))
+  wil = {k: v for k, v in d["wilcoxon"].items() if v is not None}
+  if wil:
+    lines.append("")
+    lines.append("Wilcoxon signed-rank p (two-sided, paired over repetitions):")
+    for k, v in wil.items():
+      lines.append(f"  {k:32} p = {v:.4g}")
+  elif n < 2:
+    lines.append("")
+    lines.append("(Wilcoxon tests need at least 2 repetitions: use --reps)")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Figures.
+
+def _savefig(fig, path: Path) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.stem + ".tmp.png")
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  os.replace(tmp, path)
+
+
+def plot_overlays(samples: dict, path) -> None:
+  """Figure 3.7-style: image / GT / LQ / upgraded for a few test slices.
+
+  Masks are drawn as contours over the image; the LQ and upgraded panels show
+  their pooled Dice against GT for that slice.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from upgrade_jax.metrics import pooled_dice_np
+
+  k = len(samples["image"])
+  cols = [("Image", None, None), ("Ground truth", "gt", "lime"),
+          ("Low quality", "lq", "red"), ("Upgraded", "upgraded", "cyan")]
+  fig, axes = plt.subplots(k, 4, figsize=(12, 3.1 * k), squeeze=False)
+  for i in range(k):
+    img = samples["image"][i]
+    lo, hi = np.percentile(img, [1, 99.8])
+    for j, (title, key, color) in enumerate(cols):
+      ax = axes[i, j]
+      ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+      if key is not None:
+        ax.contour(samples[key][i].astype(float), levels=[0.5], colors=color, linewidths=0.8)
+        if key != "gt":
+          title = f"{title} (Dice {pooled_dice_np(samples[key][i], samples['gt'][i]):.2f})"
+      ax.set_title(title if i == 0 or key in ("lq", "upgraded") else "", fontsize=9)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    axes[i, 0].set_ylabel(str(samples["names"][i]), fontsize=8)
+  fig.tight_layout()
+  _savefig(fig, Path(path))
+  plt.close(fig)
+
+
+def plot_scenarios(d: dict, path, paper: dict | None = None) -> None:
+  """Bar chart: annotation Dice (LQ, upgraded) and segmentation Dice per
+  scenario, mean ± std over repetitions, each repetition as a dot."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  groups = [("annotation_dice", "Annotations (test set)"),
+            ("segmentation_dice", "Segmentation (test set)")]
+  widths = [max(1, len(d[g])) for g, _ in groups]
+  fig, axes = plt.subplots(1, 2, figsize=(3 + 1.3 * sum(widths), 4),
+                           gridspec_kw={"width_ratios": widths}, squeeze=False)
+  for ax, (g, title) in zip(axes[0], groups):
+    keys = list(d[g])
+    means = [d[g][k]["mean"] for k in keys]
+    stds = [d[g][k]["std"] for k in keys]
+    colors = ["#c44e52" if k in ("lq",) else "#4c72b0" if "upgraded" in k else "#8c8c8c"
+              for k in keys]
+    x = np.arange(len(keys))
+    ax.bar(x, means, yerr=stds, color=colors, capsize=4, alpha=0.85)
+    for xi, k in zip(x, keys):
+      pts = d[g][k]["per_rep"]
+      ax.scatter(np.full(len(pts), xi), pts, color="k", s=10, zorder=3)
+      ax.text(xi, d[g][k]["mean"] + 0.02, f"{d[g][k]['mean']:.3f}", ha="center", fontsize=8)
+      if paper and k in paper:
+        ax.plot([xi - 0.4, xi + 0.4], [paper[k]] * 2, "k--", lw=1)
+    ax.set_xticks(x)
+    ax.set_xticklabels([LABELS.get(k, k) for k in keys], rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("pooled Dice")
+    ax.set_title(title)
+  if paper:
+    axes[0, -1].plot([], [], "k--", lw=1, label="paper")
+    axes[0, -1].legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  _savefig(fig, Path(path))
+  plt.close(fig)
+
+
+def plot_sweep(points: list, path, *, xlabel: str) -> None:
+  """Figure 3.4-style: Dice against a swept value, one line per quantity.
+
+  Args:
+    points: [(x, results_json_dict), ...] sorted by x.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  xs = [p[0] for p in points]
+  series = [("annotation_dice", "lq", "LQ annotations", "#c44e52", "--"),
+            ("annotation_dice", "upgraded", "Upgraded annotations", "#4c72b0", "--")]
+  series += [("segmentation_dice", k, f"Seg.: {LABELS.get(k, k)}", c, "-")
+             for k, c in (("hq", "#8c8c8c"), ("lq", "#dd8452"), ("hq_lq", "#937860"),
+                          ("hq_upgraded", "#55a868"))]
+  for group, key, label, color, style in series:
+    vals = [p[1].get(group, {}).get(key) for p in points]
+    if any(v is None for v in vals):
+      continue
+    m = np.array([v["mean"] for v in vals])
+    s = np.array([v["std"] for v in vals])
+    ax.plot(xs, m, style, marker="o", color=color, label=label)
+    ax.fill_between(xs, m - s, m + s, color=color, alpha=0.15)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("pooled test Dice")
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  _savefig(fig, Path(path))
+  plt.close(fig)
+
+
+def write_figures(out_dir, d: dict, paper: dict | None = None) -> list[Path]:
+  """scenarios.png, and overlays.png from rep0's saved samples."""
+  out_dir = Path(out_dir)
+  paths = [out_dir / "scenarios.png"]
+  plot_scenarios(d, paths[0], paper)
+  samples = out_dir / "rep0" / "samples.npz"
+  if samples.exists():
+    with np.load(samples) as z:
+      plot_overlays({k: z[k] for k in z.files}, out_dir / "overlays.png")
+    paths.append(out_dir / "overlays.png")
+  return paths
