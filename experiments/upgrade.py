@@ -77,9 +77,11 @@ flags.DEFINE_integer("predictor_hq", 10, "HQ slices of the LQ predictor (--lq_so
 flags.DEFINE_integer("cost_budget", None, "Annotation budget in LQ-label units (Figure 3.6): "
                      "sets --n_lq = budget - hq_cost * n_hq.", lower_bound=1)
 flags.DEFINE_float("hq_cost", 5.0, "Cost of one HQ label in LQ-label units.", lower_bound=0.0)
-flags.DEFINE_float("felzenszwalb_scale", 100.0, "Felzenszwalb scale (--others=felzenszwalb).",
-                   lower_bound=0.0)
-flags.DEFINE_integer("felzenszwalb_min_size", 20, "Felzenszwalb min_size.", lower_bound=1)
+flags.DEFINE_float("felzenszwalb_scale", 300.0, "Felzenszwalb scale (--others=felzenszwalb); "
+                   "segments are kept if sized like the targets.", lower_bound=0.0)
+flags.DEFINE_float("felzenszwalb_sigma", 1.0, "Felzenszwalb Gaussian sigma.", lower_bound=0.0)
+flags.DEFINE_integer("felzenszwalb_min_size", 100, "Felzenszwalb min_size (pixels).",
+                     lower_bound=1)
 
 # Training.
 flags.DEFINE_integer("width", 16, "UNet base width: widths w,2w,4w,8w,8w (paper: 64).",
@@ -225,7 +227,8 @@ def run_from_flags(out_dir: Path) -> dict | None:
     cfg = build_config()
   except ValueError as e:  # a config that the flag validators cannot see
     raise app.UsageError(str(e)) from e
-  felz = {"scale": F.felzenszwalb_scale, "min_size": F.felzenszwalb_min_size}
+  felz = {"scale": F.felzenszwalb_scale, "sigma": F.felzenszwalb_sigma,
+          "min_size": F.felzenszwalb_min_size}
   t0 = time.perf_counter()
   if F.hq_images:
     pipeline.run_user(cfg, pipeline.UserData(F.hq_images, F.hq_labels, F.lq_images,

@@ -84,11 +84,18 @@ def result(tmp_path_factory):
 def test_eight_devices_follow_one_device_trajectory(result):
   one, eight = result["one_losses"], result["eight_losses"]
   assert len(one) == 6 and one[-1] < one[0]  # it is training
-  np.testing.assert_allclose(eight, one, rtol=2e-4)
+  # Same global batch, same keys: only the order of float reductions differs
+  # (measured: 9e-7 relative on 2026-11-24).
+  np.testing.assert_allclose(eight, one, rtol=5e-5)
   a, b = result["one_vars"], result["eight_vars"]
   assert len(a.files) > 40
-  for k in a.files:  # params, then BatchNorm running statistics
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=2e-4, err_msg=k)
+  # Parameters, then BatchNorm running statistics. Adam divides by sqrt(v),
+  # so an element with a near-zero gradient can move by up to ~lr = 1e-3 on
+  # reduction-order noise alone (measured max 2.3e-4).
+  for k in a.files:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-3, err_msg=k)
+  mean_diff = np.mean([np.mean(np.abs(a[k] - b[k])) for k in a.files])
+  assert mean_diff < 2e-5
 
 
 @pytest.mark.slow

@@ -486,7 +486,8 @@ def relabel_sequential(labels) -> np.ndarray:
 
 def felzenszwalb_objects(image, labels, *, scale: float = 100.0, sigma: float = 0.8,
                          min_size: int = 20, max_overlap: float = 0.0,
-                         max_area_fraction: float = 0.05) -> np.ndarray:
+                         max_area_fraction: float = 0.05,
+                         area_range: tuple[float, float] | None = None) -> np.ndarray:
   """Host: Felzenszwalb segments that do not overlap the targets, as `others`.
 
   The paper's case study (§3.3.4) draws its inclusions from these: plausible
@@ -500,6 +501,8 @@ def felzenszwalb_objects(image, labels, *, scale: float = 100.0, sigma: float = 
       the targets (0 keeps only segments entirely on background).
     max_area_fraction: segments larger than this fraction of the image are
       background regions, not objects, and are dropped.
+    area_range: optional (min, max) area in pixels of a kept segment, e.g.
+      the range of the target cells' areas, so inclusions look like cells.
 
   Returns:
     (H, W) int32 instance map with ids 1..m, zero on every target pixel.
@@ -521,5 +524,7 @@ def felzenszwalb_objects(image, labels, *, scale: float = 100.0, sigma: float = 
   area = np.bincount(segments.ravel(), minlength=n_seg)
   on_target = np.bincount(segments.ravel(), weights=(lab > 0).ravel(), minlength=n_seg)
   keep = (on_target <= max_overlap * area) & (area <= max_area_fraction * lab.size)
+  if area_range is not None:
+    keep &= (area >= area_range[0]) & (area <= area_range[1])
   out = np.where(keep[segments] & (lab == 0), segments + 1, 0)
   return relabel_sequential(out)

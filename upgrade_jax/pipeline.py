@@ -169,15 +169,52 @@ def load_volumes(cfg: DataConfig):
   return split("train"), split("test")
 
 
+def target_area_range(targets, percentiles=(5, 95)) -> tuple[float, float]:
+  """Area range (pixels) of the target instances of a stack of (.., H, W) maps."""
+  areas = []
+  for t in np.asarray(targets).reshape(-1, *np.shape(targets)[-2:]):
+    a = np.bincount(t.ravel())[1:]
+    areas.append(a[a > 0])
+  areas = np.concatenate(areas) if areas else np.zeros(0)
+  if areas.size == 0:
+    return (0.0, np.inf)
+  lo, hi = np.percentile(areas, percentiles)
+  return float(lo), float(hi)
+
+
+def felzenszwalb_volumes(volumes, felz: dict, log=print):
+  """`others` of every slice = Felzenszwalb segments off the targets, sized
+  like the training targets (5th–95th percentile of their areas). Done once
+  per run, at the volume level, so repetitions do not recompute it."""
+  train, test = volumes
+  area_range = target_area_range(np.concatenate([v.target for v in train]))
+  log(f"Felzenszwalb inclusion candidates: segments of {area_range[0]:.0f}-"
+      f"{area_range[1]:.0f} px ({felz})")
+
+  def one(v):
+    img = v.image.astype(np.float32)
+    if img.ndim == 4:
+      img = img.mean(-1)
+    others = np.stack([felzenszwalb_objects(z / max(float(z.max()), 1e-12), t,
+                                            area_range=area_range, **felz)
+                       for z, t in zip(img, v.target)])
+    return dataclasses.replace(v, others=others)
+
+  return [one(v) for v in train], [one(v) for v in test]
+
+
 def _with_others(ds: Dataset, mode: str, felz: dict) -> Dataset:
+  """Dataset-level `others` (user mode): Felzenszwalb segments or nothing."""
   if mode == "labels" or len(ds) == 0:
     return ds
   if mode == "none":
     return ds.replace(others=np.zeros_like(ds.others))
+  area_range = target_area_range(ds.targets)
   out = np.zeros_like(ds.others)
   for i in range(len(ds)):
     h, w = ds.extents[i]
-    out[i, :h, :w] = felzenszwalb_objects(ds.images[i, :h, :w], ds.targets[i, :h, :w], **felz)
+    out[i, :h, :w] = felzenszwalb_objects(ds.images[i, :h, :w], ds.targets[i, :h, :w],
+                                          area_range=area_range, **felz)
   return ds.replace(others=out)
 
 
@@ -206,7 +243,9 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int, felz: dict | None = Non
   train_vols, test_vols = volumes
   splits = sampling.make_splits(train_vols, test_vols, n_hq=cfg.data.n_hq, seed=seed,
                                 n_lq=cfg.data.n_lq, normalisation=cfg.data.normalisation)
-  prep = lambda d: _with_others(d, cfg.data.others, felz)  # noqa: E731
+  # Felzenszwalb others are made per volume in `run`; here only "none" acts.
+  mode = "labels" if cfg.data.others == "felzenszwalb" else cfg.data.others
+  prep = lambda d: _with_others(d, mode, felz)  # noqa: E731
   hq_train, hq_val = prep(splits.hq_train), prep(splits.hq_val)
   lq_gt, test = prep(splits.lq), prep(_cap(splits.test, cfg.data.max_test))
   if not cfg.data.hq_perturb.is_identity:
@@ -432,6 +471,8 @@ def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
   out_dir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   volumes = load_volumes(cfg.data)
+  if cfg.data.others == "felzenszwalb":
+    volumes = felzenszwalb_volumes(volumes, felz or {}, log)
   load_s = time.perf_counter() - t0
   log(f"data: {cfg.data.source} ({len(volumes[0])} training / {len(volumes[1])} test "
       f"volumes), loaded in {load_s:.1f}s")

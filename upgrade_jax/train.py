@@ -216,10 +216,11 @@ def _init_jit(key, shapes: _Hashable):
 
 
 @functools.lru_cache(maxsize=None)
-def _optimizer(lr: float) -> optax.GradientTransformation:
-  # Cached: `tx` is a static field of TrainState, so one object per lr lets
-  # jit reuse compiled steps across fits of the same config in a process.
-  return optax.adam(lr)
+def _optimizer() -> optax.GradientTransformation:
+  # Adam with the learning rate as state (inject_hyperparams), not a
+  # constant: `tx` is a static field of TrainState, so a single object for
+  # every lr lets jit reuse one compiled step across fits and lrs.
+  return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 
 
 def create_train_state(config: TrainConfig, input_channels: int, key,
@@ -238,11 +239,13 @@ def create_train_state(config: TrainConfig, input_channels: int, key,
   model = UNet(widths=config.widths, num_classes=2, conv_impl=config.conv_impl)
   k_init, k_run = jax.random.split(_raw_key(key))
   variables = init_variables(model, input_channels, k_init)
-  tx = _optimizer(float(config.lr))
+  tx = _optimizer()
   params = variables["params"]
+  opt_state = tx.init(params)
+  opt_state.hyperparams["learning_rate"] = jnp.asarray(config.lr, jnp.float32)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables["batch_stats"],
-                     opt_state=tx.init(params), rng=k_run, model=model, tx=tx)
+                     opt_state=opt_state, rng=k_run, model=model, tx=tx)
   if mesh is not None:
     state = parallel.replicate_tree(state, mesh)
   return state
@@ -327,6 +330,49 @@ def _flip(x, flag, axis):
   return jnp.where(f, jnp.flip(x, axis), x)
 
 
+def valid_from_extents(extents, h: int, w: int):
+  """(B, h, w) bool: True inside each sample's valid (height, width)."""
+  rows = jnp.arange(h)[None, :] < extents[:, 0, None]
+  cols = jnp.arange(w)[None, :] < extents[:, 1, None]
+  return rows[:, :, None] & cols[:, None, :]
+
+
+def crop_and_flip(key, arrays, extents, crop: int, flips: bool = True):
+  """The same random crop (inside each sample's extent) and flips of a tuple
+  of per-sample arrays (B, H, W, ...).
+
+  A sample smaller than the crop is taken whole from its origin. Returns the
+  cropped arrays, each (B, min(crop, H), min(crop, W), ...).
+  """
+  b, h, w = arrays[0].shape[:3]
+  ch, cw = min(crop, h), min(crop, w)
+  k_y, k_x, k_fy, k_fx = jax.random.split(key, 4)
+  y0 = jax.random.randint(k_y, (b,), 0, jnp.maximum(extents[:, 0] - ch, 0) + 1)
+  x0 = jax.random.randint(k_x, (b,), 0, jnp.maximum(extents[:, 1] - cw, 0) + 1)
+
+  def take(x, y, xo):
+    start = (y, xo) + (jnp.zeros((), jnp.int32),) * (x.ndim - 2)
+    return jax.lax.dynamic_slice(x, start, (ch, cw) + x.shape[2:])
+
+  out = tuple(jax.vmap(take)(a, y0, x0) for a in arrays)
+  if flips:
+    fy = jax.random.bernoulli(k_fy, 0.5, (b,))
+    fx = jax.random.bernoulli(k_fx, 0.5, (b,))
+    out = tuple(_flip(_flip(a, fy, 1), fx, 2) for a in out)
+  return out
+
+
+def gather_samples(key, data: parallel.DeviceData, batch_size: int) -> Batch:
+  """Random whole samples (B, H, W, ...) with their valid masks, and their
+  (B, 2) extents."""
+  n, h, w = data.targets.shape
+  idx = jax.random.randint(key, (batch_size,), 0, n)
+  ext = data.extents[idx]
+  batch = Batch(data.images[idx], data.targets[idx], data.others[idx],
+                valid_from_extents(ext, h, w))
+  return batch, ext
+
+
 def sample_crops(key, data: parallel.DeviceData, batch_size: int, crop: int,
                  flips: bool = True) -> Batch:
   """Random samples, crops inside each sample's valid extent, random flips.
@@ -342,38 +388,16 @@ def sample_crops(key, data: parallel.DeviceData, batch_size: int, crop: int,
     Batch of (B, min(crop, H), min(crop, W)) crops. A sample smaller than
     the crop is taken whole from its origin; its padding is marked invalid.
   """
-  n, h, w = data.targets.shape
-  ch, cw = min(crop, h), min(crop, w)
-  k_idx, k_y, k_x, k_fy, k_fx = jax.random.split(key, 5)
-  idx = jax.random.randint(k_idx, (batch_size,), 0, n)
-  ext = data.extents[idx]
-  y0 = jax.random.randint(k_y, (batch_size,), 0, jnp.maximum(ext[:, 0] - ch, 0) + 1)
-  x0 = jax.random.randint(k_x, (batch_size,), 0, jnp.maximum(ext[:, 1] - cw, 0) + 1)
-
-  def take(i, y, x):
-    zero = jnp.zeros((), jnp.int32)
-    img = jax.lax.dynamic_slice(data.images, (i, y, x, zero),
-                                (1, ch, cw, data.images.shape[-1]))[0]
-    tgt = jax.lax.dynamic_slice(data.targets, (i, y, x), (1, ch, cw))[0]
-    oth = jax.lax.dynamic_slice(data.others, (i, y, x), (1, ch, cw))[0]
-    return img, tgt, oth
-
-  images, targets, others = jax.vmap(take)(idx, y0, x0)
-  rows = (y0[:, None] + jnp.arange(ch)[None]) < ext[:, 0, None]
-  cols = (x0[:, None] + jnp.arange(cw)[None]) < ext[:, 1, None]
-  valid = rows[:, :, None] & cols[:, None, :]
-  batch = Batch(images, targets, others, valid)
-  if flips:
-    fy = jax.random.bernoulli(k_fy, 0.5, (batch_size,))
-    fx = jax.random.bernoulli(k_fx, 0.5, (batch_size,))
-    batch = Batch(*(_flip(_flip(a, fy, 1), fx, 2) for a in batch))
-  return batch
+  k_idx, k_geo = jax.random.split(key)
+  full, ext = gather_samples(k_idx, data, batch_size)
+  return Batch(*crop_and_flip(k_geo, tuple(full), ext, crop, flips))
 
 
 # Config fields the train step does not read: normalised away so fits that
 # differ only in them share one compiled step.
+# (The learning rate lives in the optimizer state, the seed in state.rng.)
 _NOT_IN_STEP = dict(max_steps=1, steps_per_epoch=1, patience=1, log_every=1,
-                    checkpoint_every=1, eval_batch_size=1, seed=0)
+                    checkpoint_every=1, eval_batch_size=1, seed=0, lr=1.0)
 
 
 def make_train_step(config: TrainConfig, mesh, max_label: int):
@@ -399,27 +423,31 @@ def _build_train_step(config: TrainConfig, mesh, max_label: int):
 
   def train_step(state: TrainState, data: parallel.DeviceData):
     key = jax.random.fold_in(state.rng, state.step)
-    k_crop, k_pair = jax.random.split(key)
-    batch = parallel.shard_batch(
-        sample_crops(k_crop, data, config.batch_size, config.crop, config.flips),
-        mesh)
-    inputs, target = task.pair_fn(k_pair, batch.images, batch.targets,
-                                  batch.others, config, max_label=max_label,
-                                  valid=batch.valid, train=True)
-    inputs, target = parallel.shard_batch((inputs, target), mesh)
+    k_idx, k_pair, k_geo = jax.random.split(key, 3)
+    # The pair (e.g. the perturbation P) is made on whole samples and cropped
+    # afterwards, as the paper perturbs whole slices: omitting floor(r·n) of
+    # the n cells of a crop would omit nothing from a crop holding one cell.
+    full, ext = gather_samples(k_idx, data, config.batch_size)
+    full = parallel.shard_batch(full, mesh)
+    inputs, target = task.pair_fn(k_pair, full.images, full.targets,
+                                  full.others, config, max_label=max_label,
+                                  valid=full.valid, train=True)
+    inputs, target, valid = crop_and_flip(k_geo, (inputs, target, full.valid), ext,
+                                          config.crop, config.flips)
+    inputs, target, valid = parallel.shard_batch((inputs, target, valid), mesh)
 
     def loss_fn(params):
       logits, updates = state.model.apply(
           {"params": params, "batch_stats": state.batch_stats}, inputs,
           train=True, mutable=["batch_stats"])
-      loss = dice_loss_from_logits(logits, target, batch.valid)
+      loss = dice_loss_from_logits(logits, target, valid)
       return loss, (updates["batch_stats"], logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    counts = dice_counts(logits[..., 1] > logits[..., 0], target, batch.valid)
+    counts = dice_counts(logits[..., 1] > logits[..., 0], target, valid)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, {"loss": loss, "dice_counts": counts}
@@ -505,6 +533,16 @@ def _forward_probs(model, variables, x):
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
 
 
+def _data_mesh_of(variables):
+  """The mesh of variables replicated over a multi-device `data` mesh, else None."""
+  sharding = getattr(jax.tree.leaves(variables)[0], "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if (isinstance(sharding, jax.sharding.NamedSharding)
+      and mesh.shape.get(parallel.DATA_AXIS, 1) > 1):
+    return mesh
+  return None
+
+
 def predict_proba(state, images, lq_masks=None, *, batch_size: int = 8,
                   extents=None) -> np.ndarray:
   """Foreground probabilities of full-size images.
@@ -514,7 +552,10 @@ def predict_proba(state, images, lq_masks=None, *, batch_size: int = 8,
     images: (N, H, W, C) float32.
     lq_masks: (N, H, W) bool label input for the upgrade network; None for
       the segmentation network.
-    batch_size: images per jitted call (N is padded to a multiple).
+    batch_size: images per jitted call (N is padded to a multiple). When the
+      variables are replicated over a multi-device mesh (as fit leaves
+      them), each batch is split over its `data` axis (batch_size is
+      rounded up to a multiple of the device count).
     extents: optional (N, 2) valid (height, width) per image; outside it the
       label input is zeroed and the output is 0.
 
@@ -544,10 +585,16 @@ def predict_proba(state, images, lq_masks=None, *, batch_size: int = 8,
     x = np.concatenate([images, lq[..., None].astype(np.float32)], -1)
   if batch_size < 1:
     raise ValueError(f"predict: batch_size must be >= 1, got {batch_size}")
+  mesh = _data_mesh_of(variables)
+  put = lambda a: a
+  if mesh is not None:  # variables on several devices: split each batch
+    ndev = mesh.shape[parallel.DATA_AXIS]
+    batch_size = -(-batch_size // ndev) * ndev
+    put = lambda a: parallel.put(a, parallel.batch_sharding(mesh))
   hb, wb = bucket_size(h), bucket_size(w)
   nb = -(-n // batch_size)
   x = np.pad(x, ((0, nb * batch_size - n), (0, hb - h), (0, wb - w), (0, 0)))
-  outs = [_forward_probs(model, variables, x[i * batch_size:(i + 1) * batch_size])
+  outs = [_forward_probs(model, variables, put(x[i * batch_size:(i + 1) * batch_size]))
           for i in range(nb)]  # dispatched asynchronously, fetched once
   probs = np.concatenate(jax.device_get(outs))[:n, :h, :w]
   if valid is not None:
@@ -711,9 +758,9 @@ class _Throughput:
       self._steps += n
     self.start = (now, step)
 
-  def epoch_rate(self) -> float:
-    """Mean img/s since the last call."""
-    rate = self._steps * self.batch_size / self._time if self._time else float("nan")
+  def epoch_rate(self) -> float | None:
+    """Mean img/s since the last call (None if nothing was timed: JSON-safe)."""
+    rate = self._steps * self.batch_size / self._time if self._time else None
     self._time, self._steps = 0.0, 0
     return rate
 
