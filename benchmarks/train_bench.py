@@ -26,6 +26,9 @@ freed memory (no per-allocation mmap, no trimming, one arena). XLA:CPU
 allocates its large temporary buffers afresh every step; with glibc's
 defaults every step page-faults them in again (~30-60k faults per step here,
 a fifth of the step). `--no_malloc_tuning` measures the defaults.
+PyTorch's OpenMP threads spin-wait by default, which collapses (3-10x) when
+other processes share the cores; with `--omp_wait_policy auto` they wait
+passively when the load average exceeds 1 (recorded in the JSON).
 
 Prints one JSON line. PyTorch is optional (`pip install .[bench]`); without
 it the torch fields are null.
@@ -38,29 +41,13 @@ it the torch fields are null.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
 import sys
 import time
 
-
-def tune_malloc() -> bool:
-  """glibc: serve large blocks from the heap and keep freed memory.
-
-  Must run before the allocating threads start (before importing jax/torch).
-  Returns False where it does not apply (not glibc).
-  """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-  ok = libc.mallopt(m_mmap_max, 0) == 1
-  ok &= libc.mallopt(m_trim_threshold, 2 ** 31 - 1) == 1
-  ok &= libc.mallopt(m_arena_max, 1) == 1
-  return bool(ok)
+from upgrade_jax.runtime import tune_malloc  # no jax import: safe before jax
 
 
 def parse_args(argv=None):
@@ -115,7 +102,7 @@ PERTURB = PerturbConfig(omission_rate=0.7, bias_max=6)
 # --------------------------------------------------------------------------
 # Data: random discs, ~10-40 cells per crop.
 
-def make_dataset(rng, n: int, size: int, channels_extra: int = 0) -> Dataset:
+def make_dataset(rng, n: int, size: int) -> Dataset:
   """n images (size, size, 1) with disc-shaped cells; targets are instance ids."""
   yy, xx = np.mgrid[:size, :size]
   images = np.zeros((n, size, size, 1), np.float32)

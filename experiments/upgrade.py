@@ -23,6 +23,10 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from upgrade_jax.runtime import tune_malloc
+
+tune_malloc()  # before jax is imported: see upgrade_jax/runtime.py
+
 F = flags.FLAGS
 
 # Data.

@@ -122,7 +122,7 @@ def _user_mode(tmp_path, hq, lq, extra=()):
 @pytest.mark.slow
 def test_user_mode_writes_one_label_file_per_lq_image(tmp_path):
   from upgrade_jax.data import synthetic
-  vols = synthetic.generate("hl60", seed=1, n_volumes=2, shape=(4, 64, 80))
+  vols = synthetic.generate("hl60", seed=1, n_volumes=2, shape=(6, 64, 80), keep_empty=True)
   imgs = [v.image[z] for v in vols for z in range(v.num_slices)]
   labs = [v.target[z].astype(np.uint16) for v in vols for z in range(v.num_slices)]
   hq, lq = tmp_path / "hq", tmp_path / "lq"

@@ -424,10 +424,13 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
 
 
 def _figure_samples(data: RepData, upgraded: np.ndarray, k: int = 3) -> dict:
-  """A few test slices (image, GT, LQ, upgraded) for the overlay figure, the
-  ones with the most target pixels, cropped to their valid extent's bounds."""
+  """A few test slices (image, GT, LQ, upgraded) for the overlay figure:
+  evenly spread over the test slices that hold targets (so they come from
+  different places, not three neighbouring slices), cropped to common bounds."""
   n = len(data.test)
-  order = np.argsort(-(data.test.targets > 0).reshape(n, -1).sum(1))[:k]
+  with_cells = np.flatnonzero((data.test.targets > 0).reshape(n, -1).any(1))
+  pool = with_cells if len(with_cells) else np.arange(n)
+  order = pool[np.unique(np.linspace(0, len(pool) - 1, min(k, len(pool))).round().astype(int))]
   h = int(data.test.extents[order, 0].min())
   w = int(data.test.extents[order, 1].min())
   return {"image": data.test.images[order, :h, :w].mean(-1),

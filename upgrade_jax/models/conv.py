@@ -12,9 +12,15 @@ on the implementation:
             transposed kernel (what XLA emits too); dW is one dot_general of
             the im2col patches of x with dy. 1x1 kernels are a plain matmul.
 
-`max_pool_2x2` is the 2x2 stride-2 max-pool of `nn.max_pool` with a cheap
-gradient (an elementwise mask instead of XLA's argmax reduce-window and
-scatter). See notes/perf.md for what each option measured.
+"xla" is the faster of the two on XLA:CPU (jax 0.10): building the patches
+costs more than YNNPACK's own weight gradient (notes/perf.md).
+
+Two more hot ops of the UNet train step, written for XLA:CPU:
+  max_pool_2x2    nn.max_pool(x, (2, 2), strides=(2, 2)) with an elementwise
+                  mask gradient instead of XLA's argmax reduce-window + scatter.
+  BatchNormReLU   relu(nn.BatchNorm(x)) with the same variables and a fused,
+                  hand-written gradient.
+Each saves a few percent of the step; notes/perf.md has the numbers.
 """
 
 from __future__ import annotations
