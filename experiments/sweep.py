@@ -20,7 +20,6 @@ from experiments import upgrade  # defines the run's flags
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "FLAG=V1,V2,...: the flag to sweep and its values.")
-flags.mark_flag_as_required("sweep")
 
 
 def parse_sweep(spec: str) -> tuple[str, list[str]]:
@@ -31,7 +30,7 @@ def parse_sweep(spec: str) -> tuple[str, list[str]]:
   if name not in F or name in ("sweep", "out_dir", "flagfile"):
     raise app.UsageError(f"--sweep: {name!r} is not a flag of experiments.upgrade")
   # A list flag (e.g. volume_shape) takes its values separated by ';'.
-  sep = ";" if isinstance(F[name], flags.ListFlag) or ";" in values else ","
+  sep = ";" if isinstance(F[name].parser, flags.ListParser) or ";" in values else ","
   return name, [v.strip() for v in values.split(sep) if v.strip()]
 
 
@@ -45,6 +44,8 @@ def _numeric(v: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not F.sweep:
+    raise app.UsageError("--sweep=FLAG=V1,V2,... is required")
   upgrade.setup_runtime()
   name, values = parse_sweep(F.sweep)
   out_dir = Path(F.out_dir)

@@ -37,6 +37,8 @@ flags.DEFINE_string("preset", "hl60", "Synthetic preset: hl60, granulocytes, com
 flags.DEFINE_string("data_dir", "", "Root folder of real data (epfl_mito, folder, stack).")
 flags.DEFINE_integer("n_volumes", 10, "Synthetic volumes to simulate.", lower_bound=2)
 flags.DEFINE_list("volume_shape", ["32", "256", "256"], "Synthetic volume shape Z,H,W.")
+flags.DEFINE_enum("sim_size", "default", ["default", "paper"], "Synthetic pixel scale "
+                  "('paper': the paper's pixel size, cells 1.5x larger in pixels).")
 flags.DEFINE_integer("n_test", 2, "Volumes (synthetic) or images (folder) held out for test.",
                      lower_bound=1)
 flags.DEFINE_integer("n_hq", 10, "High-quality slices (the paper's selection rule).",
@@ -202,6 +204,7 @@ def build_config():
   segment = TrainConfig(task="segment", max_steps=F.seg_max_steps or F.max_steps, **common)
   data = DataConfig(source=F.data, preset=F.preset, data_dir=F.data_dir,
                     n_volumes=F.n_volumes, volume_shape=tuple(int(s) for s in F.volume_shape),
+                    sim_size=F.sim_size,
                     n_test=F.n_test, n_hq=F.n_hq, n_lq=n_lq, max_test=F.max_test,
                     others=F.others, data_seed=F.data_seed, normalisation=F.normalisation,
                     hq_perturb=hq_p)

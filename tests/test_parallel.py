@@ -90,12 +90,18 @@ def test_eight_devices_follow_one_device_trajectory(result):
   a, b = result["one_vars"], result["eight_vars"]
   assert len(a.files) > 40
   # Parameters, then BatchNorm running statistics. Adam divides by sqrt(v),
-  # so an element with a near-zero gradient can move by up to ~lr = 1e-3 on
-  # reduction-order noise alone (measured max 2.3e-4).
+  # so an element with a near-zero gradient can move by up to ~lr = 1e-3 per
+  # step on reduction-order noise alone: over 6 steps the bound is 6e-3
+  # (measured max 2.3e-4 with flax's BatchNorm, 1.1e-3 with the fused
+  # BatchNorm+ReLU, whose one-pass statistics round differently). The mean
+  # difference below is the tight check.
   for k in a.files:
-    np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-3, err_msg=k)
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=6e-3, err_msg=k)
+  # Mean |difference| against the size of one Adam step (lr = 1e-3): measured
+  # 6.8e-6 with flax's BatchNorm and 4.6e-5 with the fused BatchNorm+ReLU and
+  # mask-gradient max-pool (2026-11-24); a real divergence would be >= 1e-3.
   mean_diff = np.mean([np.mean(np.abs(a[k] - b[k])) for k in a.files])
-  assert mean_diff < 2e-5
+  assert mean_diff < 1e-4
 
 
 @pytest.mark.slow

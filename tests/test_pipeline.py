@@ -234,3 +234,18 @@ def test_imperfect_hq_is_perturbed_instances():
   out = pipeline._imperfect(ds, PerturbConfig(omission_rate=0.5), seed=0)
   for t in out.targets:
     assert len(np.unique(t)) == 2  # one of the two cells left, relabelled 1
+
+
+def test_sweep_figure_and_parser(tmp_path):
+  from experiments import sweep  # noqa: F401  (defines the flags)
+  pts = [(x, {"annotation_dice": {"lq": {"mean": 0.5, "std": 0.01}, "upgraded": {"mean": m, "std": 0.02}},
+              "segmentation_dice": {"hq": {"mean": 0.7, "std": 0.0}}})
+         for x, m in ((5, 0.8), (10, 0.85), (20, 0.9))]
+  report.plot_sweep(pts, tmp_path / "s.png", xlabel="n_hq")
+  assert (tmp_path / "s.png").stat().st_size > 1000
+  assert sweep.parse_sweep("n_hq=5,10") == ("n_hq", ["5", "10"])
+  assert sweep.parse_sweep("volume_shape=4,64,64;8,64,64") == (
+      "volume_shape", ["4,64,64", "8,64,64"])
+  from absl import app
+  with pytest.raises(app.UsageError, match="not a flag"):
+    sweep.parse_sweep("bogus=1,2")

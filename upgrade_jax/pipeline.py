@@ -54,6 +54,8 @@ class DataConfig:
       with images/ and labels/ (and optionally others/).
     n_volumes: synthetic volumes to simulate.
     volume_shape: synthetic (Z, H, W).
+    sim_size: synthetic pixel scale: "default", or "paper" (the paper's
+      pixel size: cells 1.5x larger in pixels; use with a paper-size shape).
     n_test: volumes (synthetic) or images (folder) held out as the test set;
       epfl_mito and stack use their test stacks.
     n_hq: HQ slices, chosen by the paper's rule (sampling.select_slices).
@@ -74,6 +76,7 @@ class DataConfig:
   data_dir: str = ""
   n_volumes: int = 10
   volume_shape: tuple[int, int, int] = (32, 256, 256)
+  sim_size: str = "default"
   n_test: int = 2
   n_hq: int = 10
   n_lq: int | None = None
@@ -153,7 +156,8 @@ def load_volumes(cfg: DataConfig):
   """(train_volumes, test_volumes) for the configured source."""
   if cfg.source == "synthetic":
     vols = io.load_source("synthetic", preset=cfg.preset, seed=cfg.data_seed,
-                          n_volumes=cfg.n_volumes, shape=cfg.volume_shape)
+                          n_volumes=cfg.n_volumes, shape=cfg.volume_shape,
+                          size=cfg.sim_size)
     return sampling.hold_out(vols, cfg.n_test, seed=cfg.data_seed)
   root = Path(cfg.data_dir)
   if not root.is_dir():
