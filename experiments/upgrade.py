@@ -238,6 +238,8 @@ def run_from_flags(out_dir: Path) -> dict | None:
           "min_size": F.felzenszwalb_min_size}
   t0 = time.perf_counter()
   if F.hq_images:
+    if not F["scenarios"].present:  # user mode: upgrade only unless asked
+      cfg = dataclasses.replace(cfg, scenarios=())
     pipeline.run_user(cfg, pipeline.UserData(F.hq_images, F.hq_labels, F.lq_images,
                                              F.lq_labels, F.others_labels),
                       out_dir, log=_log, felz=felz)
