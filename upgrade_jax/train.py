@@ -256,17 +256,20 @@ def create_train_state(config: TrainConfig, input_channels: int, key,
 
 class Task(NamedTuple):
   """pair_fn(key, images, targets, others, config, *, max_label, valid, train)
-  -> (inputs (B,h,w,C') f32, target (B,h,w) bool); extra_channels = C' - C."""
+  -> (inputs (B,h,w,C') f32, target (B,h,w) bool); extra_channels = C' - C.
+  whole_samples: the pair must be made on whole samples before cropping
+  (True when it depends on the instances present, like P's omission)."""
   pair_fn: Callable
   extra_channels: int
+  whole_samples: bool = False
 
 
 TASKS: dict[str, Task] = {}
 
 
-def register_task(name: str, extra_channels: int):
+def register_task(name: str, extra_channels: int, whole_samples: bool = False):
   def wrap(fn):
-    TASKS[name] = Task(fn, extra_channels)
+    TASKS[name] = Task(fn, extra_channels, whole_samples)
     return fn
   return wrap
 
@@ -276,7 +279,7 @@ def input_channels(task: str, image_channels: int) -> int:
   return image_channels + TASKS[task].extra_channels
 
 
-@register_task("upgrade", extra_channels=1)
+@register_task("upgrade", extra_channels=1, whole_samples=True)
 def upgrade_pair(key, images, targets, others, config: TrainConfig, *,
                  max_label: int, valid, train: bool):
   """(image, P(HQ label)) -> HQ label.
@@ -427,13 +430,20 @@ def _build_train_step(config: TrainConfig, mesh, max_label: int):
     # The pair (e.g. the perturbation P) is made on whole samples and cropped
     # afterwards, as the paper perturbs whole slices: omitting floor(r·n) of
     # the n cells of a crop would omit nothing from a crop holding one cell.
+    # A task that does not need whole samples (segmentation) crops first, so
+    # the step never moves whole large images.
     full, ext = gather_samples(k_idx, data, config.batch_size)
     full = parallel.shard_batch(full, mesh)
-    inputs, target = task.pair_fn(k_pair, full.images, full.targets,
-                                  full.others, config, max_label=max_label,
-                                  valid=full.valid, train=True)
-    inputs, target, valid = crop_and_flip(k_geo, (inputs, target, full.valid), ext,
-                                          config.crop, config.flips)
+    pair = functools.partial(task.pair_fn, config=config, max_label=max_label, train=True)
+    if task.whole_samples:
+      inputs, target = pair(k_pair, full.images, full.targets, full.others, valid=full.valid)
+      inputs, target, valid = crop_and_flip(k_geo, (inputs, target, full.valid), ext,
+                                            config.crop, config.flips)
+    else:
+      crops = Batch(*crop_and_flip(k_geo, tuple(full), ext, config.crop, config.flips))
+      inputs, target = pair(k_pair, crops.images, crops.targets, crops.others,
+                            valid=crops.valid)
+      valid = crops.valid
     inputs, target, valid = parallel.shard_batch((inputs, target, valid), mesh)
 
     def loss_fn(params):
