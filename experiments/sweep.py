@@ -11,12 +11,12 @@ out_dir/sweep.json are written. Every flag of experiments.upgrade is accepted.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from absl import app, flags
 
 from experiments import upgrade  # defines the run's flags
+from upgrade_jax.data.io import write_text
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "FLAG=V1,V2,...: the flag to sweep and its values.")
@@ -72,9 +72,7 @@ def main(argv):
   summary = {"flag": name, "points": [
       {"value": x, "annotation_dice": d["annotation_dice"],
        "segmentation_dice": d["segmentation_dice"]} for x, d in points]}
-  tmp = out_dir / "sweep.json.tmp"
-  tmp.write_text(json.dumps(summary, indent=2))
-  os.replace(tmp, out_dir / "sweep.json")
+  write_text(out_dir / "sweep.json", json.dumps(summary, indent=2))
   upgrade._log(f"sweep done: {figure}, {out_dir / 'sweep.json'}")
   return 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -322,10 +321,7 @@ SCENARIO_DATA: dict[str, Callable] = {
 # One repetition.
 
 def _write_json(path: Path, obj) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=train_lib.json_safe))
-  os.replace(tmp, path)
+  io.write_text(path, json.dumps(obj, indent=2, default=train_lib.json_safe))
 
 
 def upgrade_labels(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:

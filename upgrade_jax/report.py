@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from upgrade_jax.data.io import write_text
 from upgrade_jax.train import json_safe
 
 PACKAGES = ("upgrade_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
@@ -42,13 +43,6 @@ def versions() -> dict:
   return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def results_dict(results, extra: dict | None = None) -> dict:
   """The content of results.json: summaries, per-rep numbers, config, versions."""
   summary = results.summary()
@@ -62,7 +56,7 @@ def write_results(out_dir, results, extra: dict | None = None) -> dict:
   """Writes results.json and results.csv; returns the JSON dict."""
   out_dir = Path(out_dir)
   d = results_dict(results, extra)
-  _atomic_write(out_dir / "results.json", json.dumps(d, indent=2, default=json_safe))
+  write_text(out_dir / "results.json", json.dumps(d, indent=2, default=json_safe))
   buf = _io.StringIO()
   w = csv.writer(buf)
   w.writerow(["kind", "name", "rep", "dice"])
@@ -75,7 +69,7 @@ def write_results(out_dir, results, extra: dict | None = None) -> dict:
     for k, s in d[kind].items():
       w.writerow([kind.split("_")[0], k, "mean", f"{s['mean']:.6f}"])
       w.writerow([kind.split("_")[0], k, "std", f"{s['std']:.6f}"])
-  _atomic_write(out_dir / "results.csv", buf.getvalue())
+  write_text(out_dir / "results.csv", buf.getvalue())
   return d
 
 

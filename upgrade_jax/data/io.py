@@ -251,6 +251,17 @@ def volumes_to_dataset(volumes: Sequence[Volume], picks=None, **kwargs) -> Datas
 # --------------------------------------------------------------------------
 # Writing.
 
+def write_text(path, text: str) -> Path:
+  """Writes a text file atomically (temp file in the same folder, then rename),
+  creating the folder. For results.json / .csv and other run records."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+  return path
+
+
 def write_labels(path, labels: np.ndarray, *, inputs: Sequence = ()) -> Path:
   """Writes an instance/binary label map as a zlib TIFF, atomically.
 
