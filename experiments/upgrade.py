@@ -187,7 +187,7 @@ def build_config():
   """The flags as frozen configs (the library never sees a flag)."""
   from upgrade_jax.perturb import PerturbConfig
   from upgrade_jax.pipeline import DataConfig, PipelineConfig
-  from upgrade_jax.train import TrainConfig
+  from upgrade_jax.engine import Segment, TrainConfig, Upgrade
 
   train_p = PerturbConfig(omission_rate=F.omission_rate, inclusion_rate=F.inclusion_rate,
                           bias_max=F.bias_max, per_instance_bias=F.per_instance_bias,
@@ -211,9 +211,10 @@ def build_config():
   common = dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), conv_impl=F.conv_impl, crop=F.crop,
                 batch_size=F.batch_size, lr=F.lr, steps_per_epoch=F.steps_per_epoch,
                 patience=F.patience, log_every=F.log_every)
-  upgrade = TrainConfig(task="upgrade", max_steps=F.max_steps, perturb=train_p,
-                        label_dropout=F.label_dropout, strength_mix=F.strength_mix, **common)
-  segment = TrainConfig(task="segment", max_steps=F.seg_max_steps or F.max_steps, **common)
+  upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=F.label_dropout,
+                                     strength_mix=F.strength_mix),
+                        max_steps=F.max_steps, **common)
+  segment = TrainConfig(task=Segment(), max_steps=F.seg_max_steps or F.max_steps, **common)
   data = DataConfig(source=F.data, preset=F.preset, data_dir=F.data_dir,
                     n_volumes=F.n_volumes, volume_shape=tuple(int(s) for s in F.volume_shape),
                     sim_size=F.sim_size,

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from upgrade_jax import metrics, rundir
-from upgrade_jax import train as train_lib
+from upgrade_jax import engine
 from upgrade_jax.baselines import threshold as threshold_lib
 from upgrade_jax.data import io, sampling
 from upgrade_jax.data.types import Dataset, concat
@@ -109,11 +109,11 @@ class PipelineConfig:
 
   Attributes:
     data: the DataConfig.
-    upgrade: TrainConfig of u_θ (task "upgrade"); its `perturb` is the P the
-      network trains with.
-    segment: TrainConfig of the segmentation networks (task "segment").
+    upgrade: TrainConfig of u_θ (task engine.Upgrade); its task's `perturb`
+      is the P the network trains with.
+    segment: TrainConfig of the segmentation networks (task engine.Segment).
     lq_perturb: the perturbation that makes the fixed LQ set (may differ from
-      upgrade.perturb: the paper's mismatch study).
+      upgrade.task.perturb: the paper's mismatch study).
     scenarios: segmentation scenarios to train, a subset of SCENARIOS; empty
       means upgrade only.
     threshold_baseline: also score the global-threshold baseline.
@@ -127,8 +127,8 @@ class PipelineConfig:
   """
 
   data: DataConfig = DataConfig()
-  upgrade: train_lib.TrainConfig = train_lib.TrainConfig(task="upgrade")
-  segment: train_lib.TrainConfig = train_lib.TrainConfig(task="segment")
+  upgrade: engine.TrainConfig = engine.TrainConfig(task=engine.Upgrade())
+  segment: engine.TrainConfig = engine.TrainConfig(task=engine.Segment())
   lq_perturb: PerturbConfig = PerturbConfig(omission_rate=0.7)
   scenarios: tuple[str, ...] = SCENARIOS
   threshold_baseline: bool = True
@@ -146,8 +146,10 @@ class PipelineConfig:
     unknown = [s for s in self.scenarios if s not in SCENARIOS]
     if unknown:
       raise ValueError(f"unknown scenarios {unknown}; choose from {list(SCENARIOS)}")
-    if self.upgrade.task != "upgrade" or self.segment.task != "segment":
-      raise ValueError("PipelineConfig: upgrade.task must be 'upgrade' and segment.task 'segment'")
+    if (not isinstance(self.upgrade.task, engine.Upgrade)
+        or not isinstance(self.segment.task, engine.Segment)):
+      raise ValueError("PipelineConfig: upgrade.task must be an engine.Upgrade and "
+                       "segment.task an engine.Segment")
     if self.reps < 1:
       raise ValueError(f"PipelineConfig.reps must be >= 1, got {self.reps}")
 
@@ -282,13 +284,13 @@ def _predicted_lq(cfg: PipelineConfig, data: RepData, seed: int, workdir: Path,
   HQ validation slices), for the LQ training slices and the test slices."""
   n = min(cfg.predictor_hq, len(data.hq_train))
   log(f"making LQ labels from a segmentation network trained on {n} HQ slices")
-  fit = train_lib.fit(dataclasses.replace(cfg.segment, seed=seed),
+  fit = engine.fit(dataclasses.replace(cfg.segment, seed=seed),
                       data.hq_train.subset(np.arange(n)), data.hq_val, workdir, log=log)
 
   def predicted(ds: Dataset) -> Dataset:
     if len(ds) == 0:
       return ds
-    pred = train_lib.predict(fit.state_best, ds.images, batch_size=cfg.predict_batch,
+    pred = engine.predict(fit.state_best, ds.images, batch_size=cfg.predict_batch,
                              extents=ds.extents)
     return ds.replace(targets=pred.astype(np.int32))
 
@@ -325,12 +327,12 @@ SCENARIO_DATA: dict[str, Callable] = {
 # One repetition.
 
 def _write_json(path: Path, obj, guard: rundir.InputGuard | None = None) -> None:
-  io.write_text(path, json.dumps(obj, indent=2, default=train_lib.json_safe), guard=guard)
+  io.write_json(path, obj, guard=guard)
 
 
 def upgrade_labels(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
   """(N, H, W) bool: u_θ(image, LQ mask) for every sample of `ds` (LQ targets)."""
-  return train_lib.predict(state, ds.images, ds.targets > 0, batch_size=batch_size,
+  return engine.predict(state, ds.images, ds.targets > 0, batch_size=batch_size,
                            extents=ds.extents)
 
 
@@ -373,7 +375,7 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
   t0 = time.perf_counter()
   up_cfg = dataclasses.replace(cfg.upgrade, seed=seed)
   log(f"[rep {rep}] training the upgrade network")
-  fit = train_lib.fit(up_cfg, data.hq_train, data.hq_val, rep_dir / "upgrade", log=log)
+  fit = engine.fit(up_cfg, data.hq_train, data.hq_val, rep_dir / "upgrade", log=log)
   timings["upgrade_train_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -410,8 +412,8 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
     seg_cfg = dataclasses.replace(cfg.segment, seed=seed)
     log(f"[rep {rep}] training the segmentation network: {scenario} "
         f"({len(train_ds)} training slices)")
-    seg = train_lib.fit(seg_cfg, train_ds, val_ds, rep_dir / f"seg_{scenario}", log=log)
-    pred = train_lib.predict(seg.state_best, data.test.images, batch_size=cfg.predict_batch,
+    seg = engine.fit(seg_cfg, train_ds, val_ds, rep_dir / f"seg_{scenario}", log=log)
+    pred = engine.predict(seg.state_best, data.test.images, batch_size=cfg.predict_batch,
                              extents=data.test.extents)
     dice = metrics.pooled_dice_np(pred, data.test.targets, valid)
     result["segmentation_dice"][scenario] = dice
@@ -624,7 +626,7 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
       f"{len(d.lq)} LQ images")
   with rundir.RunLock(out_dir):
     rundir.remove_stale_temps(out_dir)
-    fit = train_lib.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq_train, hq_val,
+    fit = engine.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq_train, hq_val,
                         out_dir / "upgrade", log=log)
     masks = upgrade_labels(fit.state_best, d.lq, cfg.predict_batch)
     paths = write_upgraded(out_dir / "upgraded", d.lq, masks, guard=d.guard)
@@ -633,7 +635,7 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
               "n_lq": len(d.lq), "upgraded": [str(p) for p in paths]}
     if "hq_upgraded" in cfg.scenarios:
       upgraded = d.lq.replace(targets=masks.astype(np.int32))
-      seg = train_lib.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
+      seg = engine.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
                           concat([hq_train, upgraded]), hq_val,
                           out_dir / "seg_hq_upgraded", log=log)
       result["segmentation_best_val_dice"] = seg.best_val_dice

@@ -28,6 +28,8 @@ integers; floats are accepted only when every value is integral.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,7 +43,7 @@ from upgrade_jax.perturb import relabel_sequential
 
 __all__ = ["IMAGE_SUFFIXES", "read_array", "read_image", "read_labels", "check_labels",
            "normalise", "to_channels", "stack_samples", "volumes_to_dataset",
-           "write_labels", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
+           "write_labels", "write_json", "json_safe", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
            "load_source"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -257,6 +259,28 @@ def volumes_to_dataset(volumes: Sequence[Volume], picks=None, **kwargs) -> Datas
 
 # --------------------------------------------------------------------------
 # Writing.
+
+def json_safe(x):
+  """`x` with numpy scalars as Python numbers, tuples as lists and frozen
+  configs (dataclasses) as dicts; a dataclass with a `to_json` method (a
+  training task, a TrainConfig) is written as that method says."""
+  if hasattr(x, "to_json") and dataclasses.is_dataclass(x):
+    return json_safe(x.to_json())
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    return {f.name: json_safe(getattr(x, f.name)) for f in dataclasses.fields(x)}
+  if isinstance(x, dict):
+    return {k: json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, (np.integer, np.floating, np.bool_)):
+    return x.item()
+  return x
+
+
+def write_json(path, obj, *, guard: rundir.InputGuard | None = None) -> Path:
+  """Writes `obj` (see json_safe) as indented JSON, atomically."""
+  return write_text(path, json.dumps(json_safe(obj), indent=2), guard=guard)
+
 
 def _atomic_write(path: Path, write) -> Path:
   """Calls write(tmp_name) on a temporary file beside `path`, then renames it
