@@ -70,10 +70,13 @@ def pooled_dice_np(pred, target, valid=None) -> float:
   t = np.asarray(target) > 0
   if valid is not None:
     p, t = p & valid, t & valid
-  tp = int(np.count_nonzero(p & t))
-  fp = int(np.count_nonzero(p & ~t))
-  fn = int(np.count_nonzero(~p & t))
-  return pooled_dice([tp, fp, fn])
+  return pooled_dice(dice_counts_np(p, t))
+
+
+def dice_counts_np(pred, target) -> list[int]:
+  """Host twin of `dice_counts` for bool numpy arrays: [TP, FP, FN]."""
+  return [int(np.count_nonzero(pred & target)), int(np.count_nonzero(pred & ~target)),
+          int(np.count_nonzero(~pred & target))]
 
 
 def summarize(values) -> dict:
