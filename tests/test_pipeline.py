@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def test_cli_end_to_end_and_resume(tmp_path):
   # mean/std really are the statistics of the per-rep values.
   per = d["segmentation_dice"]["hq_upgraded"]["per_rep"]
   assert d["segmentation_dice"]["hq_upgraded"]["mean"] == pytest.approx(np.mean(per))
-  assert d["segmentation_dice"]["hq_upgraded"]["std"] == pytest.approx(np.std(per))
+  assert d["segmentation_dice"]["hq_upgraded"]["std"] == pytest.approx(np.std(per, ddof=1))
   csv_text = (out / "results.csv").read_text()
   assert csv_text.startswith("kind,name,rep,dice")
   for fig in ("scenarios.png", "overlays.png"):
@@ -209,12 +210,20 @@ def test_summary_statistics_and_wilcoxon():
   res = pipeline.Results(pipeline.PipelineConfig(), reps, {"total_s": 1.0})
   s = res.summary()
   assert s["annotation_dice"]["lq"]["mean"] == pytest.approx(0.525)
-  assert s["segmentation_dice"]["hq"]["std"] == pytest.approx(np.std([0.7 + 0.02 * i
-                                                                      for i in range(6)]))
+  # Sample std (ddof=1) by hand: deviations 0.02·(i - 2.5), squares sum 0.0004·17.5.
+  assert s["segmentation_dice"]["hq"]["std"] == pytest.approx(math.sqrt(0.0004 * 17.5 / 5))
   # All six differences positive: the exact two-sided p is 2/2**6.
   assert s["wilcoxon"]["hq_upgraded_vs_hq"] == pytest.approx(2 / 64)
   table = report.format_table({**s, "reps": reps}, paper={"upgraded": 0.91})
   assert "HQ + upgraded" in table and "0.91" in table and "p = 0.03125" in table
+  # Beside p: the paired difference, its t interval and the sign count.
+  pd = s["paired"]["hq_upgraded_vs_hq"]
+  assert pd["mean_diff"] == pytest.approx(0.1 - 0.01 * 2.5)  # mean of 0.1 - 0.01·i
+  assert (pd["wins"], pd["losses"], pd["ties"]) == (6, 0, 0)
+  assert "6/0/0" in table and "cannot be < 0.05" not in table  # n = 6 can reach 0.03125
+  three = pipeline.Results(pipeline.PipelineConfig(), reps[:3], {}).summary()
+  t3 = report.format_table({**three, "reps": reps[:3]})
+  assert "smallest possible Wilcoxon p is 0.25" in t3 and "cannot be < 0.05" in t3
 
 
 def test_pipeline_config_validation():

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -630,6 +632,39 @@ _RESUME_FIELDS = ("task", "widths", "crop", "batch_size", "lr", "perturb",
                   "steps_per_epoch")
 
 
+class ConfigMismatch(ValueError):
+  """A directory holds results of another configuration; resuming would mix
+  them with this one. The message is one line naming the differing fields."""
+
+
+def config_diff(stored, wanted, prefix: str = "") -> list[str]:
+  """Dotted names of the fields where two JSON-like configs differ.
+
+  Example: config_diff({"a": {"b": 1}}, {"a": {"b": 2}}) == ["a.b"].
+  """
+  if isinstance(stored, dict) and isinstance(wanted, dict):
+    out = []
+    for k in sorted(set(stored) | set(wanted)):
+      name = f"{prefix}.{k}" if prefix else str(k)
+      if k not in stored or k not in wanted:
+        out.append(name)
+      else:
+        out += config_diff(stored[k], wanted[k], name)
+    return out
+  return [] if stored == wanted else [prefix or "<config>"]
+
+
+def data_digest(ds: Dataset) -> str:
+  """sha256 of a Dataset's images, targets, others and extents (what a run
+  trained on), so a resume on other data is refused."""
+  h = hashlib.sha256()
+  for a in (ds.images, ds.targets, ds.others, ds.extents):
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.data)
+  return h.hexdigest()[:16]
+
+
 def _config_json(config: TrainConfig) -> dict:
   return json_safe(dataclasses.asdict(config))
 
@@ -707,25 +742,37 @@ class FitResult:
   resumed_from: int | None
 
 
-def _fresh_record(config: TrainConfig, train: Dataset, val: Dataset) -> dict:
+def _data_record(train: Dataset, val: Dataset) -> dict:
+  return {"train": list(train.images.shape), "val": list(val.images.shape),
+          "train_digest": data_digest(train), "val_digest": data_digest(val)}
+
+
+def _fresh_record(config: TrainConfig, train: Dataset, val: Dataset,
+                  context: dict | None) -> dict:
   return {"step": 0, "best_val_dice": -1.0, "best_step": 0, "bad_epochs": 0,
           "finished": False, "stop_reason": "", "history": [],
           "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_counts": [0, 0, 0],
-          "config": _config_json(config),
-          "data": {"train": list(train.images.shape), "val": list(val.images.shape)}}
+          "config": _config_json(config), "context": json_safe(context or {}),
+          "data": _data_record(train, val)}
 
 
-def _check_resumable(record: dict, config: TrainConfig, train, val, workdir):
+def _check_resumable(record: dict, config: TrainConfig, train, val, workdir,
+                     context: dict | None = None):
+  """Raises ConfigMismatch unless `workdir`'s run has this config, context
+  (e.g. the pipeline's data and LQ perturbation) and training data."""
   want = _config_json(config)
   diff = [k for k in _RESUME_FIELDS if record["config"].get(k) != want[k]]
+  diff += [f"context.{k}" for k in config_diff(record.get("context", {}),
+                                                json.loads(json.dumps(json_safe(context or {}))))]
   if diff:
-    raise ValueError(
+    raise ConfigMismatch(
         f"workdir {workdir} holds a run with a different config ({', '.join(diff)}"
-        f"); use another workdir or the same config")
-  shapes = {"train": list(train.images.shape), "val": list(val.images.shape)}
-  if record["data"] != shapes:
-    raise ValueError(f"workdir {workdir} holds a run on data of shapes "
-                     f"{record['data']}, not {shapes}")
+        f"); use another workdir, the same config, or start fresh")
+  data = _data_record(train, val)
+  if record["data"] != data:
+    fields = config_diff(record["data"], data)
+    raise ConfigMismatch(f"workdir {workdir} holds a run on other data ({', '.join(fields)}); "
+                         "use another workdir or start fresh")
 
 
 def _copy(tree):
@@ -776,7 +823,8 @@ class _Throughput:
 
 
 def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
-        log: Callable[[str], None] = print, mesh=None) -> FitResult:
+        log: Callable[[str], None] = print, mesh=None,
+        context: dict | None = None) -> FitResult:
   """Trains with early stopping on validation Dice; resumes from `workdir`.
 
   Args:
@@ -789,6 +837,10 @@ def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
       had finished, its result is returned without training.
     log: called with one progress line at a time.
     mesh: device mesh (default: all devices on the `data` axis).
+    context: JSON-able settings outside `config` that the run depends on
+      (the pipeline passes its whole run config: data, LQ perturbation,
+      seeds). Stored with the checkpoint; a resume with another context is
+      refused (ConfigMismatch), as is one on other training data.
 
   Returns:
     FitResult.
@@ -805,11 +857,11 @@ def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
   resumed_from = None
   if ckpt.latest_step() is not None:
     state, best, record = ckpt.restore(state)
-    _check_resumable(record, config, train, val, workdir)
+    _check_resumable(record, config, train, val, workdir, context)
     resumed_from = int(record["step"])
     log(f"resuming from step {resumed_from} in {ckpt.directory}")
   else:
-    best, record = _copy(state.variables), _fresh_record(config, train, val)
+    best, record = _copy(state.variables), _fresh_record(config, train, val, context)
 
   def result():
     ckpt.close()
