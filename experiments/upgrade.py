@@ -93,6 +93,8 @@ flags.DEFINE_integer("felzenszwalb_min_size", 100, "Felzenszwalb min_size (pixel
 flags.DEFINE_enum("count_rounding", "stochastic", ["stochastic", "floor", "authors"],
                   "Cells omitted/objects included for rate r of n: floor(r·n)+Bernoulli("
                   "frac), floor(r·n), or max(1, int(r·n)) (authors' code).")
+flags.DEFINE_float("lq_per_hq", None, "Sets --n_lq = lq_per_hq * n_hq (Figure 3.6: 9 keeps "
+                   "10% of the slices HQ).", lower_bound=0.0)
 
 # Training.
 flags.DEFINE_integer("width", 16, "UNet base width: widths w,2w,4w,8w,8w (paper: 64).",
@@ -199,6 +201,8 @@ def build_config():
   hq_p = PerturbConfig(omission_rate=F.hq_omission_rate, bias_max=F.hq_bias_max,
                        count_rounding=F.count_rounding)
   n_lq = F.n_lq
+  if F.lq_per_hq is not None:
+    n_lq = int(round(F.lq_per_hq * F.n_hq))
   if F.cost_budget is not None:
     n_lq = int(F.cost_budget - F.hq_cost * F.n_hq)
     if n_lq < 0:
