@@ -11,6 +11,7 @@ out_dir/sweep.json are written. Every flag of experiments.upgrade is accepted.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -57,7 +58,13 @@ def main(argv):
       raise app.UsageError(f"--sweep: bad value {v!r} for --{name}: {e}") from e
     point_dir = out_dir / f"{name}={v}"
     upgrade._log(f"sweep {name}={v} -> {point_dir}")
-    d = upgrade.run_from_flags(point_dir)
+    try:
+      d = upgrade.run_from_flags(point_dir)
+    except ValueError as e:   # pipeline.ConfigMismatch: one line, no traceback
+      if type(e).__name__ != "ConfigMismatch":
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      return 2
     if d is not None:
       points.append((_numeric(v), d))
   if not points:
@@ -71,7 +78,8 @@ def main(argv):
   report.plot_sweep(points, figure, xlabel=name)
   summary = {"flag": name, "points": [
       {"value": x, "annotation_dice": d["annotation_dice"],
-       "segmentation_dice": d["segmentation_dice"]} for x, d in points]}
+       "segmentation_dice": d["segmentation_dice"],
+       "effective_rates": d.get("effective_rates")} for x, d in points]}
   write_text(out_dir / "sweep.json", json.dumps(summary, indent=2))
   upgrade._log(f"sweep done: {figure}, {out_dir / 'sweep.json'}")
   return 0
