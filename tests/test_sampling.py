@@ -132,9 +132,10 @@ def test_test_volumes_do_not_depend_on_n_volumes():
   # the same volumes, pixel for pixel. `hold_out` (a permutation of all
   # volumes) changed it with n_volumes.
   from upgrade_jax.data import synthetic
-  small = synthetic.generate("hl60", seed=3, n_volumes=3, shape=(4, 32, 32))
-  large = synthetic.generate("hl60", seed=3, n_volumes=5, shape=(4, 32, 32))
+  small = synthetic.generate("hl60", seed=3, n_volumes=3, shape=(6, 96, 96))
+  large = synthetic.generate("hl60", seed=3, n_volumes=5, shape=(6, 96, 96))
   for a, b in zip(small, large):  # volume i is the same whatever n_volumes
+    assert a.num_slices > 0
     np.testing.assert_array_equal(a.image, b.image)
   (tr_s, te_s), (tr_l, te_l) = (sampling.hold_out_first(v, 2) for v in (small, large))
   assert len(te_s) == len(te_l) == 2 and len(tr_s) == 1 and len(tr_l) == 3
