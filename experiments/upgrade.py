@@ -202,6 +202,8 @@ def build_config():
                        count_rounding=F.count_rounding)
   n_lq = F.n_lq
   if F.lq_per_hq is not None:
+    if F.cost_budget is not None:
+      raise ValueError("--lq_per_hq and --cost_budget both set n_lq: give one")
     n_lq = int(round(F.lq_per_hq * F.n_hq))
   if F.cost_budget is not None:
     n_lq = int(F.cost_budget - F.hq_cost * F.n_hq)
@@ -254,14 +256,9 @@ def run_from_flags(out_dir: Path) -> dict | None:
   if F.hq_images:
     if not F["scenarios"].present:  # user mode: upgrade only unless asked
       cfg = dataclasses.replace(cfg, scenarios=())
-    try:
-      pipeline.run_user(cfg, pipeline.UserData(F.hq_images, F.hq_labels, F.lq_images,
-                                               F.lq_labels, F.others_labels),
-                        out_dir, log=_log, felz=felz)
-    except pipeline.ConfigMismatch:
-      raise
-    except ValueError as e:  # e.g. LQ images that are the HQ images
-      raise app.UsageError(str(e)) from e
+    pipeline.run_user(cfg, pipeline.UserData(F.hq_images, F.hq_labels, F.lq_images,
+                                             F.lq_labels, F.others_labels),
+                      out_dir, log=_log, felz=felz)
     _log(f"done in {time.perf_counter() - t0:.0f}s; upgraded labels in {out_dir / 'upgraded'}")
     return None
   results = pipeline.run(cfg, out_dir, log=_log, felz=felz, fresh=F.fresh)
