@@ -45,15 +45,16 @@ def _numeric(v: str):
 
 def plan_points(out_dir: Path):
   """Every point's checked plan, before any point runs (one bad value fails
-  the sweep before anything is written)."""
+  the sweep before anything is written). Each point reads its own view of the
+  flags; the global FLAGS are never changed."""
   name, values = parse_sweep(F.sweep)
   plans = []
   for v in values:
     try:
-      setattr(F, name, F[name].parser.parse(v))  # runs the flag's validators
-    except (ValueError, flags.IllegalFlagValueError) as e:
+      view = upgrade.FlagView().with_value(name, v)
+    except (ValueError, flags.Error) as e:
       raise InputError(f"--sweep: bad value {v!r} for --{name}: {e}") from e
-    plans.append((v, upgrade.plan_from_flags(out_dir / f"{name}={v}")))
+    plans.append((v, upgrade.plan_from_flags(out_dir / f"{name}={v}", view)))
   return name, plans
 
 
@@ -69,7 +70,7 @@ def main(argv):
   name, plans = upgrade.one_line_errors(plan_points, out_dir, checking=True)
   points = []
   for v, plan in plans:
-    upgrade._log(f"sweep {name}={v} -> {plan.out_dir}")
+    upgrade.log_line(f"sweep {name}={v} -> {plan.out_dir}")
     d = upgrade.one_line_errors(upgrade.execute, plan)
     if d is not None:
       points.append((_numeric(v), d))
@@ -87,7 +88,7 @@ def main(argv):
        "segmentation_dice": d["segmentation_dice"],
        "effective_rates": d.get("effective_rates")} for x, d in points]}
   write_text(out_dir / "sweep.json", json.dumps(summary, indent=2))
-  upgrade._log(f"sweep done: {figure}, {out_dir / 'sweep.json'}")
+  upgrade.log_line(f"sweep done: {figure}, {out_dir / 'sweep.json'}")
   return 0
 
 

@@ -27,42 +27,62 @@ from upgrade_jax.runtime import tune_malloc
 
 tune_malloc()  # before jax is imported: see upgrade_jax/runtime.py
 
+from upgrade_jax.data.io import SOURCES  # noqa: E402  (after tune_malloc)
+from upgrade_jax.data.synthetic import PRESETS  # noqa: E402
+from upgrade_jax.engine import TrainConfig  # noqa: E402
+from upgrade_jax.perturb import COUNT_ROUNDINGS, FelzenszwalbConfig, PerturbConfig  # noqa: E402
+from upgrade_jax.pipeline import (LQ_SOURCES, OTHERS_MODES, SCENARIOS,  # noqa: E402
+                                  DataConfig, PipelineConfig)
+
 F = flags.FLAGS
 
+# Every default comes from the library's frozen configs (one place), except
+# these, which the CLI sets on purpose: a run from the command line is sized
+# for a laptop CPU (the library's TrainConfig defaults are paper-scale).
+CLI_DEFAULTS = {"max_steps": 400, "steps_per_epoch": 50}
+_DATA, _PIPE, _TRAIN = DataConfig(), PipelineConfig(), TrainConfig()
+_LQ, _FELZ = _PIPE.lq_perturb, FelzenszwalbConfig()
+
 # Data.
-flags.DEFINE_enum("data", "synthetic", ["synthetic", "epfl_mito", "folder", "stack"],
-                  "Data source.")
-flags.DEFINE_string("preset", "hl60", "Synthetic preset: hl60, granulocytes, combined_hl60, "
-                    "combined_granulocytes.")
-flags.DEFINE_string("data_dir", "", "Root folder of real data (epfl_mito, folder, stack).")
-flags.DEFINE_integer("n_volumes", 10, "Synthetic volumes to simulate.", lower_bound=2)
-flags.DEFINE_list("volume_shape", ["32", "256", "256"], "Synthetic volume shape Z,H,W.")
-flags.DEFINE_enum("sim_size", "default", ["default", "paper"], "Synthetic pixel scale "
-                  "('paper': the paper's pixel size, cells 1.5x larger in pixels).")
-flags.DEFINE_integer("n_test", 2, "Volumes (synthetic) or images (folder) held out for test.",
-                     lower_bound=1)
-flags.DEFINE_integer("n_hq", 10, "High-quality slices (the paper's selection rule).",
+flags.DEFINE_enum("data", _DATA.source, sorted(SOURCES), "Data source.")
+flags.DEFINE_enum("preset", _DATA.preset, sorted(PRESETS), "Synthetic preset.")
+flags.DEFINE_string("data_dir", _DATA.data_dir, "Root folder of real data (epfl_mito, folder, "
+                    "stack).")
+flags.DEFINE_integer("n_volumes", _DATA.n_volumes, "Synthetic volumes to simulate.",
                      lower_bound=2)
-flags.DEFINE_integer("hq_volumes", None, "Training volumes the HQ slices come from (Figure "
-                     "3.4; default: all).", lower_bound=1)
-flags.DEFINE_integer("n_lq", None, "LQ slices drawn from the rest (default: all).",
+flags.DEFINE_list("volume_shape", [str(v) for v in _DATA.volume_shape],
+                  "Synthetic volume shape Z,H,W.")
+flags.DEFINE_enum("sim_size", _DATA.sim_size, ["default", "paper"], "Synthetic pixel scale "
+                  "('paper': the paper's pixel size, cells 1.5x larger in pixels).")
+flags.DEFINE_integer("n_test", _DATA.n_test, "Volumes (synthetic) or images (folder) held out "
+                     "for test.", lower_bound=1)
+flags.DEFINE_integer("n_hq", _DATA.n_hq, "High-quality slices (the paper's selection rule).",
+                     lower_bound=2)
+flags.DEFINE_integer("hq_volumes", _DATA.hq_volumes, "Training volumes the HQ slices come "
+                     "from (Figure 3.4; default: all).", lower_bound=1)
+flags.DEFINE_integer("n_lq", _DATA.n_lq, "LQ slices drawn from the rest (default: all).",
                      lower_bound=0)
-flags.DEFINE_integer("max_test", None, "Cap on test slices (evenly spaced).", lower_bound=1)
-flags.DEFINE_enum("others", "labels", ["labels", "felzenszwalb", "none"],
+flags.DEFINE_integer("max_test", _DATA.max_test, "Cap on test slices (evenly spaced).",
+                     lower_bound=1)
+flags.DEFINE_enum("others", _DATA.others, list(OTHERS_MODES),
                   "What inclusion draws from: the other cell type's labels, "
                   "Felzenszwalb segments, or nothing.")
-flags.DEFINE_integer("data_seed", 0, "Seed of the simulator and of the test hold-out.")
-flags.DEFINE_enum("normalisation", "max", ["max", "percentile"], "Per-image normalisation.")
+flags.DEFINE_integer("data_seed", _DATA.data_seed, "Seed of the simulator and of the test "
+                     "hold-out.")
+flags.DEFINE_enum("normalisation", _DATA.normalisation, ["max", "percentile"],
+                  "Per-image normalisation.")
 
-# The perturbation u_θ trains with, and the one that makes the LQ set.
-flags.DEFINE_float("omission_rate", 0.7, "Fraction of target cells omitted.",
+# The perturbation u_θ trains with, and the one that makes the LQ set; both
+# default to the pipeline's LQ perturbation (PipelineConfig.lq_perturb).
+flags.DEFINE_float("omission_rate", _LQ.omission_rate, "Fraction of target cells omitted.",
                    lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_float("inclusion_rate", 0.0, "Fraction of non-target objects included.",
-                   lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("bias_max", 0, "q_max of the dilate/erode bias (0 = off).", lower_bound=0)
-flags.DEFINE_float("salt_pepper_prob", 0.0, "Salt-and-pepper probability.",
-                   lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_bool("per_instance_bias", False, "Bias each cell on its own.")
+flags.DEFINE_float("inclusion_rate", _LQ.inclusion_rate, "Fraction of non-target objects "
+                   "included.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("bias_max", _LQ.bias_max, "q_max of the dilate/erode bias (0 = off).",
+                     lower_bound=0)
+flags.DEFINE_float("salt_pepper_prob", _LQ.salt_pepper_prob, "Salt-and-pepper: fraction of "
+                   "pixels flipped.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_bool("per_instance_bias", _LQ.per_instance_bias, "Bias each cell on its own.")
 flags.DEFINE_float("lq_omission_rate", None, "LQ set: omission (default --omission_rate).",
                    lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_float("lq_inclusion_rate", None, "LQ set: inclusion (default --inclusion_rate).",
@@ -73,53 +93,63 @@ flags.DEFINE_float("lq_salt_pepper_prob", None, "LQ set: salt-and-pepper (defaul
                    "--salt_pepper_prob).", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_bool("lq_per_instance_bias", None, "LQ set: per-instance bias "
                   "(default --per_instance_bias).")
-flags.DEFINE_float("hq_omission_rate", 0.0, "Imperfect HQ (Figure 3.5): omission in the "
-                   "HQ labels themselves.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("hq_bias_max", 0, "Imperfect HQ: bias q_max in the HQ labels.",
-                     lower_bound=0)
-flags.DEFINE_enum("lq_source", "perturb", ["perturb", "predictions"],
+flags.DEFINE_float("hq_omission_rate", _DATA.hq_perturb.omission_rate, "Imperfect HQ (Figure "
+                   "3.5): omission in the HQ labels themselves.", lower_bound=0.0,
+                   upper_bound=1.0)
+flags.DEFINE_integer("hq_bias_max", _DATA.hq_perturb.bias_max, "Imperfect HQ: bias q_max in "
+                     "the HQ labels.", lower_bound=0)
+flags.DEFINE_enum("lq_source", _PIPE.lq_source, list(LQ_SOURCES),
                   "LQ labels: perturbed ground truth, or the predictions of a segmentation "
                   "network trained on --predictor_hq HQ slices (the case study, §3.3.4).")
-flags.DEFINE_integer("predictor_hq", 10, "HQ slices of the LQ predictor (--lq_source="
+flags.DEFINE_integer("predictor_hq", _PIPE.predictor_hq, "HQ slices of the LQ predictor (--lq_source="
                      "predictions).", lower_bound=1)
 flags.DEFINE_integer("cost_budget", None, "Annotation budget in LQ-label units (Figure 3.6): "
                      "sets --n_lq = budget - hq_cost * n_hq.", lower_bound=1)
 flags.DEFINE_float("hq_cost", 5.0, "Cost of one HQ label in LQ-label units.", lower_bound=0.0)
-flags.DEFINE_float("felzenszwalb_scale", 300.0, "Felzenszwalb scale (--others=felzenszwalb); "
-                   "segments are kept if sized like the targets.", lower_bound=0.0)
-flags.DEFINE_float("felzenszwalb_sigma", 1.0, "Felzenszwalb Gaussian sigma.", lower_bound=0.0)
-flags.DEFINE_integer("felzenszwalb_min_size", 100, "Felzenszwalb min_size (pixels).",
+flags.DEFINE_float("felzenszwalb_scale", _FELZ.scale, "Felzenszwalb scale (--others="
+                   "felzenszwalb); segments are kept if sized like the targets.",
+                   lower_bound=0.0)
+flags.DEFINE_float("felzenszwalb_sigma", _FELZ.sigma, "Felzenszwalb Gaussian sigma.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("felzenszwalb_min_size", _FELZ.min_size, "Felzenszwalb min_size (pixels).",
                      lower_bound=1)
-flags.DEFINE_enum("count_rounding", "stochastic", ["stochastic", "floor", "authors"],
+flags.DEFINE_enum("count_rounding", _LQ.count_rounding, list(COUNT_ROUNDINGS),
                   "Cells omitted/objects included for rate r of n: floor(r·n)+Bernoulli("
                   "frac), floor(r·n), or max(1, int(r·n)) (authors' code).")
 flags.DEFINE_float("lq_per_hq", None, "Sets --n_lq = lq_per_hq * n_hq (Figure 3.6: 9 keeps "
                    "10% of the slices HQ).", lower_bound=0.0)
 
 # Training.
-flags.DEFINE_integer("width", 16, "UNet base width: widths w,2w,4w,8w,8w (paper: 64).",
-                     lower_bound=1)
-flags.DEFINE_string("conv_impl", "xla", "Convolution implementation (models/conv.py).")
-flags.DEFINE_integer("crop", 128, "Square training crop side.", lower_bound=16)
-flags.DEFINE_integer("batch_size", 8, "Global batch size.", lower_bound=1)
-flags.DEFINE_float("lr", 1e-3, "Adam learning rate.", lower_bound=0.0)
-flags.DEFINE_integer("max_steps", 400, "Max train steps of the upgrade network.", lower_bound=1)
+flags.DEFINE_integer("width", _TRAIN.widths[0], "UNet base width: widths w,2w,4w,8w,8w "
+                     "(paper: 64).", lower_bound=1)
+flags.DEFINE_string("conv_impl", _TRAIN.conv_impl, "Convolution implementation "
+                    "(models/conv.py).")
+flags.DEFINE_integer("crop", _TRAIN.crop, "Square training crop side.", lower_bound=16)
+flags.DEFINE_integer("batch_size", _TRAIN.batch_size, "Global batch size.", lower_bound=1)
+flags.DEFINE_float("lr", _TRAIN.lr, "Adam learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("max_steps", CLI_DEFAULTS["max_steps"], "Max train steps of the upgrade "
+                     "network.", lower_bound=1)
 flags.DEFINE_integer("seg_max_steps", None, "Max train steps of each segmentation network "
                      "(default --max_steps).", lower_bound=1)
-flags.DEFINE_integer("steps_per_epoch", 50, "Steps between validations.", lower_bound=1)
-flags.DEFINE_integer("patience", 10, "Early-stopping patience in epochs.", lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", CLI_DEFAULTS["steps_per_epoch"], "Steps between "
+                     "validations.", lower_bound=1)
+flags.DEFINE_integer("patience", _TRAIN.patience, "Early-stopping patience in epochs.",
+                     lower_bound=1)
 flags.DEFINE_float("label_dropout", 0.0, "Probability of zeroing the label input of a "
                    "training sample (anti-shortcut).", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_bool("strength_mix", False, "Draw each sample's perturbation rates uniformly "
                   "in [0, rate] (anti-shortcut).")
-flags.DEFINE_integer("log_every", 50, "Steps between progress lines.", lower_bound=1)
+flags.DEFINE_integer("log_every", _TRAIN.log_every, "Steps between progress lines.",
+                     lower_bound=1)
 
 # The run.
-flags.DEFINE_list("scenarios", ["hq", "lq", "hq_lq", "hq_upgraded"],
-                  "Segmentation scenarios; empty = upgrade only.")
-flags.DEFINE_bool("threshold_baseline", True, "Score the global-threshold baseline.")
-flags.DEFINE_integer("reps", 1, "Repetitions (seeds seed..seed+reps-1).", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Base seed.")
+flags.DEFINE_list("scenarios", list(_PIPE.scenarios), "Segmentation scenarios, a comma list "
+                  f"of {', '.join(SCENARIOS)}; empty = upgrade only.")
+flags.DEFINE_bool("threshold_baseline", _PIPE.threshold_baseline, "Score the global-threshold "
+                  "baseline.")
+flags.DEFINE_integer("reps", _PIPE.reps, "Repetitions (seeds seed..seed+reps-1).",
+                     lower_bound=1)
+flags.DEFINE_integer("seed", _PIPE.seed, "Base seed.")
 flags.DEFINE_string("out_dir", None, "Output directory (resumes if it holds a run of the "
                     "same config; a different config is refused).")
 flags.DEFINE_bool("fresh", False, "Discard out_dir's own rep*/ folders and upgraded TIFFs "
@@ -142,7 +172,6 @@ flags.DEFINE_string("others_labels", "", "User mode: non-target objects of the H
 flags.mark_flag_as_required("out_dir")
 
 USER_FLAGS = ("hq_images", "hq_labels", "lq_images", "lq_labels")
-SCENARIO_NAMES = ("hq", "lq", "hq_lq", "hq_upgraded")
 # Flags that describe simulated LQ labels, splits of one data source or the
 # report of repetitions: user mode has real LQ labels and uses every HQ pair,
 # so giving one of them there is an error, not a silent no-op.
@@ -162,9 +191,9 @@ def _user_flags_together(d):
   return all(given) or not any(given)
 
 
-@flags.validator("scenarios", message=f"--scenarios must be a comma list of {SCENARIO_NAMES}")
+@flags.validator("scenarios", message=f"--scenarios must be a comma list of {SCENARIOS}")
 def _valid_scenarios(v):
-  return all(s in SCENARIO_NAMES for s in v)
+  return all(s in SCENARIOS for s in v)
 
 
 @flags.validator("volume_shape", message="--volume_shape must be three positive ints Z,H,W")
@@ -181,6 +210,11 @@ def _valid_paper(v):
     return False
 
 
+# The single-flag validators, for values a sweep sets without parsing a command line.
+VALUE_CHECKS = {"scenarios": _valid_scenarios, "volume_shape": _valid_shape,
+                "paper": _valid_paper}
+
+
 def _paper(items) -> dict:
   out = {}
   for item in items:
@@ -189,19 +223,50 @@ def _paper(items) -> dict:
   return out
 
 
-def _log(msg: str) -> None:
+class FlagView:
+  """The flag values, some overridden: one sweep point's flags, read without
+  changing the global FLAGS (every reader below takes a view).
+
+  Args:
+    overrides: {flag name: parsed value}.
+  """
+
+  def __init__(self, overrides: dict | None = None):
+    self._overrides = dict(overrides or {})
+
+  def __getattr__(self, name):
+    if name.startswith("_"):
+      raise AttributeError(name)
+    return self._overrides[name] if name in self._overrides else getattr(F, name)
+
+  def present(self, name: str) -> bool:
+    """Whether the flag was given (command line, flagfile or override)."""
+    return name in self._overrides or F[name].present
+
+  def with_value(self, name: str, text: str) -> "FlagView":
+    """A view with --name=text parsed and checked as the command line would."""
+    value = F[name].parser.parse(text)  # type and bounds
+    check = VALUE_CHECKS.get(name)
+    if check is not None and not check(value):
+      raise ValueError(f"{value!r} is not valid for --{name}")
+    return FlagView({**self._overrides, name: value})
+
+
+def log_line(msg: str) -> None:
+  """A timestamped progress line on stdout (the CLI's `log`)."""
   print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
-def build_config():
-  """The flags as frozen configs (the library never sees a flag)."""
-  from upgrade_jax.perturb import PerturbConfig
-  from upgrade_jax.pipeline import DataConfig, PipelineConfig
-  from upgrade_jax.engine import Segment, TrainConfig, Upgrade
+def build_config(v: "FlagView | None" = None) -> PipelineConfig:
+  """The flags (or a sweep point's view of them) as frozen configs; the
+  library never sees a flag."""
+  from upgrade_jax.engine import Segment, Upgrade
 
-  train_p = PerturbConfig(omission_rate=F.omission_rate, inclusion_rate=F.inclusion_rate,
-                          bias_max=F.bias_max, per_instance_bias=F.per_instance_bias,
-                          salt_pepper_prob=F.salt_pepper_prob, count_rounding=F.count_rounding)
+  v = v or FlagView()
+
+  train_p = PerturbConfig(omission_rate=v.omission_rate, inclusion_rate=v.inclusion_rate,
+                          bias_max=v.bias_max, per_instance_bias=v.per_instance_bias,
+                          salt_pepper_prob=v.salt_pepper_prob, count_rounding=v.count_rounding)
 
   def lq(name):
     v = getattr(F, f"lq_{name}")
@@ -209,38 +274,41 @@ def build_config():
 
   lq_p = PerturbConfig(omission_rate=lq("omission_rate"), inclusion_rate=lq("inclusion_rate"),
                        bias_max=lq("bias_max"), per_instance_bias=lq("per_instance_bias"),
-                       salt_pepper_prob=lq("salt_pepper_prob"), count_rounding=F.count_rounding)
-  hq_p = PerturbConfig(omission_rate=F.hq_omission_rate, bias_max=F.hq_bias_max,
-                       count_rounding=F.count_rounding)
-  n_lq = F.n_lq
-  if F.lq_per_hq is not None:
-    if F.cost_budget is not None:
+                       salt_pepper_prob=lq("salt_pepper_prob"), count_rounding=v.count_rounding)
+  hq_p = PerturbConfig(omission_rate=v.hq_omission_rate, bias_max=v.hq_bias_max,
+                       count_rounding=v.count_rounding)
+  n_lq = v.n_lq
+  if v.lq_per_hq is not None:
+    if v.cost_budget is not None:
       raise ValueError("--lq_per_hq and --cost_budget both set n_lq: give one")
-    n_lq = int(round(F.lq_per_hq * F.n_hq))
-  if F.cost_budget is not None:
-    n_lq = int(F.cost_budget - F.hq_cost * F.n_hq)
+    n_lq = int(round(v.lq_per_hq * v.n_hq))
+  if v.cost_budget is not None:
+    n_lq = int(v.cost_budget - v.hq_cost * v.n_hq)
     if n_lq < 0:
-      raise ValueError(f"--cost_budget={F.cost_budget} is below the cost of --n_hq={F.n_hq} "
-                       f"HQ labels at --hq_cost={F.hq_cost}")
-  w = F.width
-  common = dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), conv_impl=F.conv_impl, crop=F.crop,
-                batch_size=F.batch_size, lr=F.lr, steps_per_epoch=F.steps_per_epoch,
-                patience=F.patience, log_every=F.log_every)
-  upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=F.label_dropout,
-                                     strength_mix=F.strength_mix),
-                        max_steps=F.max_steps, **common)
-  segment = TrainConfig(task=Segment(), max_steps=F.seg_max_steps or F.max_steps, **common)
-  data = DataConfig(source=F.data, preset=F.preset, data_dir=F.data_dir,
-                    n_volumes=F.n_volumes, volume_shape=tuple(int(s) for s in F.volume_shape),
-                    sim_size=F.sim_size,
-                    n_test=F.n_test, n_hq=F.n_hq, hq_volumes=F.hq_volumes, n_lq=n_lq,
-                    max_test=F.max_test,
-                    others=F.others, data_seed=F.data_seed, normalisation=F.normalisation,
-                    hq_perturb=hq_p)
+      raise ValueError(f"--cost_budget={v.cost_budget} is below the cost of --n_hq={v.n_hq} "
+                       f"HQ labels at --hq_cost={v.hq_cost}")
+  w = v.width
+  common = dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), conv_impl=v.conv_impl, crop=v.crop,
+                batch_size=v.batch_size, lr=v.lr, steps_per_epoch=v.steps_per_epoch,
+                patience=v.patience, log_every=v.log_every)
+  upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=v.label_dropout,
+                                     strength_mix=v.strength_mix),
+                        max_steps=v.max_steps, **common)
+  segment = TrainConfig(task=Segment(), max_steps=v.seg_max_steps or v.max_steps, **common)
+  data = DataConfig(source=v.data, preset=v.preset, data_dir=v.data_dir,
+                    n_volumes=v.n_volumes, volume_shape=tuple(int(s) for s in v.volume_shape),
+                    sim_size=v.sim_size,
+                    n_test=v.n_test, n_hq=v.n_hq, hq_volumes=v.hq_volumes, n_lq=n_lq,
+                    max_test=v.max_test,
+                    others=v.others, data_seed=v.data_seed, normalisation=v.normalisation,
+                    hq_perturb=hq_p,
+                    felzenszwalb=FelzenszwalbConfig(scale=v.felzenszwalb_scale,
+                                                    sigma=v.felzenszwalb_sigma,
+                                                    min_size=v.felzenszwalb_min_size))
   return PipelineConfig(data=data, upgrade=upgrade, segment=segment, lq_perturb=lq_p,
-                        scenarios=tuple(F.scenarios), threshold_baseline=F.threshold_baseline,
-                        reps=F.reps, seed=F.seed, lq_source=F.lq_source,
-                        predictor_hq=F.predictor_hq)
+                        scenarios=tuple(v.scenarios), threshold_baseline=v.threshold_baseline,
+                        reps=v.reps, seed=v.seed, lq_source=v.lq_source,
+                        predictor_hq=v.predictor_hq)
 
 
 def setup_runtime() -> None:
@@ -258,67 +326,66 @@ def setup_runtime() -> None:
   parallel.maybe_initialize_distributed(F.distributed)
 
 
-def check_flag_combination() -> None:
+def check_flag_combination(v: FlagView) -> None:
   """Refuses flags that would be silently ignored in this mode (one line)."""
   from upgrade_jax.rundir import InputError
 
-  given = lambda name: F[name].present  # noqa: E731  (set on the command line or a flagfile)
-  if F.hq_images:
+  given = v.present  # set on the command line, in a flagfile or by a sweep
+  if v.hq_images:
     ignored = [f"--{n}" for n in NOT_IN_USER_MODE if given(n)]
     if ignored:
       raise InputError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply "
                        "in user mode (--hq_images ...): "
                        "every HQ pair is used and the LQ labels are yours; remove them")
-    other = [s for s in F.scenarios if s != "hq_upgraded"] if given("scenarios") else []
+    other = [s for s in v.scenarios if s != "hq_upgraded"] if given("scenarios") else []
     if other:
-      raise InputError(f"--scenarios={','.join(F.scenarios)}: user mode trains only "
+      raise InputError(f"--scenarios={','.join(v.scenarios)}: user mode trains only "
                        "hq_upgraded (it has no test set); use --scenarios=hq_upgraded or none")
     return
   if given("others_labels"):
     raise InputError("--others_labels applies only in user mode (with --hq_images ...); "
                      "for --data=folder put the files in DATA_DIR/others/")
-  if F.data == "synthetic" and given("data_dir"):
+  if v.data == "synthetic" and given("data_dir"):
     raise InputError("--data_dir does not apply to --data=synthetic; remove it or set --data")
-  if F.data != "synthetic":
+  if v.data != "synthetic":
     ignored = [f"--{n}" for n in SYNTHETIC_ONLY if given(n)]
     if ignored:
       raise InputError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} "
                        "only to --data=synthetic, not "
-                       f"--data={F.data}; remove them")
-  if given("predictor_hq") and F.lq_source != "predictions":
+                       f"--data={v.data}; remove them")
+  if given("predictor_hq") and v.lq_source != "predictions":
     raise InputError("--predictor_hq applies only with --lq_source=predictions")
-  if given("hq_cost") and F.cost_budget is None:
+  if given("hq_cost") and v.cost_budget is None:
     raise InputError("--hq_cost applies only with --cost_budget")
 
 
 @dataclasses.dataclass
 class Plan:
   """A run checked from the flags, before anything is written."""
-  cfg: object
+  cfg: PipelineConfig
   out_dir: Path
-  felz: dict
   prepared: object
+  flags: FlagView
   user: object = None
 
 
-def plan_from_flags(out_dir: Path) -> Plan:
-  """Builds the configs from the flags and loads and checks every input and
-  the out_dir. Creates nothing; every problem raises InputError/ValueError/
-  OSError with a message naming the culprit."""
+def plan_from_flags(out_dir: Path, v: FlagView | None = None) -> Plan:
+  """Builds the configs from the flags (or view `v`) and loads and checks every
+  input and the out_dir. Creates nothing; every problem raises InputError/
+  ValueError/OSError with a message naming the culprit."""
   from upgrade_jax import pipeline
 
-  check_flag_combination()
-  cfg = build_config()
-  felz = {"scale": F.felzenszwalb_scale, "sigma": F.felzenszwalb_sigma,
-          "min_size": F.felzenszwalb_min_size}
-  if F.hq_images:
-    if not F["scenarios"].present:  # user mode: upgrade only unless asked
+  v = v or FlagView()
+  check_flag_combination(v)
+  cfg = build_config(v)
+  if v.hq_images:
+    if not v.present("scenarios"):  # user mode: upgrade only unless asked
       cfg = dataclasses.replace(cfg, scenarios=())
-    user = pipeline.UserData(F.hq_images, F.hq_labels, F.lq_images, F.lq_labels,
-                             F.others_labels)
-    return Plan(cfg, out_dir, felz, pipeline.prepare_user(cfg, user, out_dir, felz=felz), user)
-  return Plan(cfg, out_dir, felz, pipeline.prepare_run(cfg, out_dir, log=_log, felz=felz,
-                                                       fresh=F.fresh))
+    user = pipeline.UserData(v.hq_images, v.hq_labels, v.lq_images, v.lq_labels,
+                             v.others_labels)
+    return Plan(cfg, out_dir, pipeline.prepare_user(cfg, user, out_dir), v, user)
+  prepared = pipeline.prepare_run(cfg, out_dir, log=log_line, fresh=v.fresh)
+  return Plan(cfg, out_dir, prepared, v)
 
 
 def execute(plan: Plan) -> dict | None:
@@ -329,20 +396,20 @@ def execute(plan: Plan) -> dict | None:
   t0 = time.perf_counter()
   out_dir = plan.out_dir
   if plan.user is not None:
-    pipeline.run_user(plan.cfg, plan.user, out_dir, log=_log, felz=plan.felz,
-                      prepared=plan.prepared)
-    _log(f"done in {time.perf_counter() - t0:.0f}s; upgraded labels in {out_dir / 'upgraded'}")
+    pipeline.run_user(plan.cfg, plan.user, out_dir, log=log_line, prepared=plan.prepared)
+    log_line(f"done in {time.perf_counter() - t0:.0f}s; upgraded labels in "
+             f"{out_dir / 'upgraded'}")
     return None
-  results = pipeline.run(plan.cfg, out_dir, log=_log, felz=plan.felz, prepared=plan.prepared,
-                         fresh=F.fresh)
-  paper = _paper(F.paper)
+  results = pipeline.run(plan.cfg, out_dir, log=log_line, prepared=plan.prepared,
+                         fresh=plan.flags.fresh)
+  paper = _paper(plan.flags.paper)
   d = report.write_results(out_dir, results, extra={"paper": paper,
                                                     "command": " ".join(sys.argv)})
   figures = report.write_figures(out_dir, d, paper or None)
   print()
   print(report.format_table(d, paper or None))
   print()
-  _log(f"done in {time.perf_counter() - t0:.0f}s; results in {out_dir / 'results.json'}, "
+  log_line(f"done in {time.perf_counter() - t0:.0f}s; results in {out_dir / 'results.json'}, "
        f"figures {', '.join(p.name for p in figures)}")
   return d
 

@@ -61,3 +61,40 @@ def test_fig_3_6_keeps_ten_percent_hq():
     assert cfg.data.n_hq / (cfg.data.n_hq + cfg.data.n_lq) == pytest.approx(0.1)
   finally:
     F.unparse_flags()
+
+
+def test_sweep_points_read_views_and_leave_the_flags_alone():
+  F = flags.FLAGS
+  F.unparse_flags()
+  F(["prog", "--out_dir=runs/x", "--n_hq=10", "--others=felzenszwalb",
+     "--felzenszwalb_min_size=500"])
+  view = upgrade.FlagView().with_value("n_hq", "5")
+  assert view.n_hq == 5 and F.n_hq == 10 and view.present("n_hq")
+  cfg = upgrade.build_config(view)
+  assert cfg.data.n_hq == 5 and upgrade.build_config().data.n_hq == 10
+  # The Felzenszwalb settings are part of the data config (and so of results.json).
+  assert cfg.data.felzenszwalb.min_size == 500
+  with pytest.raises(ValueError):
+    upgrade.FlagView().with_value("scenarios", "hq,bogus")
+  with pytest.raises(ValueError):
+    upgrade.FlagView().with_value("n_hq", "1")  # below the flag's lower bound
+
+
+def test_cli_defaults_come_from_the_library_configs():
+  from upgrade_jax.engine import TrainConfig
+  from upgrade_jax.pipeline import DataConfig, PipelineConfig
+  F = flags.FLAGS
+  F.unparse_flags()
+  F(["prog", "--out_dir=runs/x"])
+  cfg = upgrade.build_config()
+  lib = PipelineConfig()
+  for f in ("n_volumes", "volume_shape", "n_test", "n_hq", "others", "data_seed",
+            "normalisation", "felzenszwalb", "hq_perturb", "source", "preset"):
+    assert getattr(cfg.data, f) == getattr(DataConfig(), f), f
+  assert cfg.lq_perturb == lib.lq_perturb and cfg.upgrade.task.perturb == lib.lq_perturb
+  for f in ("widths", "crop", "batch_size", "lr", "patience", "log_every", "conv_impl"):
+    assert getattr(cfg.upgrade, f) == getattr(TrainConfig(), f), f
+  # The CLI's own, on purpose: CPU-sized training.
+  assert cfg.upgrade.max_steps == upgrade.CLI_DEFAULTS["max_steps"]
+  assert cfg.upgrade.steps_per_epoch == upgrade.CLI_DEFAULTS["steps_per_epoch"]
+  assert (cfg.scenarios, cfg.reps, cfg.seed) == (lib.scenarios, lib.reps, lib.seed)

@@ -423,7 +423,8 @@ def test_felzenszwalb_objects_avoid_targets():
   rng = np.random.default_rng(6)
   lab = random_instances(rng, 64, 64, 6, r=(4, 8))
   img = ndi.gaussian_filter(rng.random((64, 64)), 2) + 0.5 * (lab > 0)
-  others = P.felzenszwalb_objects(img, lab, scale=20, min_size=10, max_area_fraction=0.2)
+  others = P.felzenszwalb_objects(
+      img, lab, P.FelzenszwalbConfig(scale=20, sigma=0.8, min_size=10, max_area_fraction=0.2))
   assert others.shape == lab.shape and others.dtype == np.int32
   assert not np.any((others > 0) & (lab > 0))
   ids = np.unique(others[others > 0])

@@ -358,7 +358,8 @@ def test_felzenszwalb_area_range_comes_from_hq_slices_only():
   picks = pipeline.hq_picks(cfg, [vol])
   lines = []
   hq_areas = [a for v, s in picks for a in np.bincount(target[s].ravel())[1:] if a]
-  pipeline.felzenszwalb_volumes(([vol], [vol]), {}, picks, log=lines.append)
+  pipeline.felzenszwalb_volumes(([vol], [vol]), pipeline.FelzenszwalbConfig(), picks,
+                                log=lines.append)
   lo, hi = np.percentile(hq_areas, (5, 95))
   assert f"segments of {lo:.0f}-{hi:.0f} px" in lines[0]
 

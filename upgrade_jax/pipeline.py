@@ -38,7 +38,7 @@ from upgrade_jax import engine
 from upgrade_jax.baselines import threshold as threshold_lib
 from upgrade_jax.data import io, sampling
 from upgrade_jax.data.types import Dataset, concat
-from upgrade_jax.perturb import PerturbConfig, felzenszwalb_objects
+from upgrade_jax.perturb import FelzenszwalbConfig, PerturbConfig, felzenszwalb_objects
 from upgrade_jax.rundir import InputError
 
 SCENARIOS = ("hq", "lq", "hq_lq", "hq_upgraded")
@@ -79,6 +79,8 @@ class DataConfig:
     data_seed: seed of the simulator and of the test hold-out.
     normalisation: per-image "max" or "percentile" (network inputs; the
       threshold baseline always works on raw intensities, as the paper's).
+    felzenszwalb: the segments inclusion draws from with others="felzenszwalb"
+      (the paper's case study, §3.3.4).
     hq_perturb: imperfect HQ (the paper's Figure 3.5): the HQ labels the
       networks train on are themselves perturbed once with this config
       (identity by default). The test set keeps its ground truth.
@@ -99,6 +101,7 @@ class DataConfig:
   data_seed: int = 0
   normalisation: str = "max"
   hq_perturb: PerturbConfig = PerturbConfig()
+  felzenszwalb: FelzenszwalbConfig = FelzenszwalbConfig()
 
   def __post_init__(self):
     if self.source not in io.SOURCES:
@@ -215,7 +218,7 @@ def hq_picks(cfg: DataConfig, train_volumes) -> list[tuple[int, int]]:
   return sampling.select_slices([v.num_slices for v in pool], cfg.n_hq)
 
 
-def felzenszwalb_volumes(volumes, felz: dict, picks, log=print):
+def felzenszwalb_volumes(volumes, felz: FelzenszwalbConfig, picks, log=print):
   """`others` of every slice = Felzenszwalb segments off the targets, sized
   like the HQ targets (5th–95th percentile of their areas over the HQ slices
   `picks` only: the LQ slices' true areas are what an LQ user does not know).
@@ -230,14 +233,14 @@ def felzenszwalb_volumes(volumes, felz: dict, picks, log=print):
     if img.ndim == 4:
       img = img.mean(-1)
     others = np.stack([felzenszwalb_objects(z / max(float(z.max()), 1e-12), t,
-                                            area_range=area_range, **felz)
+                                            felz, area_range=area_range)
                        for z, t in zip(img, v.target)])
     return dataclasses.replace(v, others=others)
 
   return [one(v) for v in train], [one(v) for v in test]
 
 
-def _with_others(ds: Dataset, mode: str, felz: dict) -> Dataset:
+def _with_others(ds: Dataset, mode: str, felz: FelzenszwalbConfig) -> Dataset:
   """Dataset-level `others` (user mode): Felzenszwalb segments or nothing."""
   if mode == "labels" or len(ds) == 0:
     return ds
@@ -248,7 +251,7 @@ def _with_others(ds: Dataset, mode: str, felz: dict) -> Dataset:
   for i in range(len(ds)):
     h, w = ds.extents[i]
     out[i, :h, :w] = felzenszwalb_objects(ds.images[i, :h, :w], ds.targets[i, :h, :w],
-                                          area_range=area_range, **felz)
+                                          felz, area_range=area_range)
   return ds.replace(others=out)
 
 
@@ -276,16 +279,15 @@ class RepData:
   effective_rates: dict | None = None
 
 
-def prepare_rep(cfg: PipelineConfig, volumes, seed: int, felz: dict | None = None) -> RepData:
+def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
   """Splits, `others`, and the fixed LQ sets (made once per seed)."""
-  felz = felz or {}
   train_vols, test_vols = volumes
   splits = sampling.make_splits(train_vols, test_vols, n_hq=cfg.data.n_hq, seed=seed,
                                 n_lq=cfg.data.n_lq, normalisation=cfg.data.normalisation,
                                 hq_volumes=cfg.data.hq_volumes)
   # Felzenszwalb others are made per volume in `run`; here only "none" acts.
   mode = "labels" if cfg.data.others == "felzenszwalb" else cfg.data.others
-  prep = lambda d: _with_others(d, mode, felz)  # noqa: E731
+  prep = lambda d: _with_others(d, mode, cfg.data.felzenszwalb)  # noqa: E731
   hq_train, hq_val = prep(splits.hq_train), prep(splits.hq_val)
   lq_gt, test = prep(splits.lq), prep(_cap(splits.test, cfg.data.max_test))
   if not cfg.data.hq_perturb.is_identity:
@@ -396,7 +398,7 @@ _RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch")
 _RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl")
 
 
-def run_key(cfg: PipelineConfig, felz: dict | None = None) -> dict:
+def run_key(cfg: PipelineConfig) -> dict:
   """The JSON config every number of a repetition depends on: data, LQ and
   training perturbations, training settings, seeds (and the Felzenszwalb
   settings when inclusion draws from them). Stored in rep.json and with every
@@ -407,8 +409,8 @@ def run_key(cfg: PipelineConfig, felz: dict | None = None) -> dict:
   for net in ("upgrade", "segment"):
     for k in _RUNTIME_TRAIN_FIELDS:
       d[net].pop(k)
-  if cfg.data.others == "felzenszwalb":
-    d["felzenszwalb"] = io.json_safe(dict(felz or {}))
+  if cfg.data.others != "felzenszwalb":   # its settings change nothing then
+    d["data"].pop("felzenszwalb")
   # A JSON round trip, so that tuples and lists compare equal to a stored key.
   return json.loads(json.dumps(d))
 
@@ -450,7 +452,7 @@ def threshold_baseline(cfg: PipelineConfig, volumes, data: RepData):
 
 
 def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
-            log: Callable[[str], None] = print, felz: dict | None = None,
+            log: Callable[[str], None] = print,
             guard: rundir.InputGuard | None = None) -> dict:
   """Runs repetition `rep`; returns (and saves) its numbers.
 
@@ -461,7 +463,7 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
   """
   rep_dir = out_dir / f"rep{rep}"
   done = rep_dir / "rep.json"
-  key = run_key(cfg, felz)
+  key = run_key(cfg)
   previous = None
   if done.exists():
     previous = json.loads(done.read_text())
@@ -477,7 +479,7 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
   seed = cfg.seed + rep
   timings = dict(previous.get("timings", {})) if previous else {}
   t0 = time.perf_counter()
-  data = prepare_rep(cfg, volumes, seed, felz)
+  data = prepare_rep(cfg, volumes, seed)
   if cfg.lq_source == "predictions":
     data = _predicted_lq(cfg, data, seed, rep_dir / "lq_predictor", log, context=key)
   timings["data_s"] = time.perf_counter() - t0
@@ -687,10 +689,10 @@ def check_counts(cfg: PipelineConfig, volumes) -> None:
                      f"training slice(s) are left after --n_hq={d.n_hq}: lower --n_lq (or --n_hq)")
 
 
-def check_finished_reps(cfg: PipelineConfig, out_dir, felz: dict | None = None) -> None:
+def check_finished_reps(cfg: PipelineConfig, out_dir) -> None:
   """Raises ConfigMismatch when a finished repetition in `out_dir` was made
   with another `run_key` (checked before anything is written)."""
-  key = run_key(cfg, felz)
+  key = run_key(cfg)
   for r in range(cfg.reps):
     done = Path(out_dir) / f"rep{r}" / "rep.json"
     if done.is_file():
@@ -698,7 +700,7 @@ def check_finished_reps(cfg: PipelineConfig, out_dir, felz: dict | None = None) 
 
 
 def prepare_run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
-                felz: dict | None = None, fresh: bool = False):
+                fresh: bool = False):
   """Loads and checks everything a run needs; creates nothing.
 
   Returns:
@@ -713,16 +715,17 @@ def prepare_run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = pr
   guard = data_inputs(cfg.data)
   rundir.check_out_dir(out_dir, guard)
   if not fresh:
-    check_finished_reps(cfg, out_dir, felz)
+    check_finished_reps(cfg, out_dir)
   volumes = load_volumes(cfg.data)
   check_counts(cfg, volumes)
   if cfg.data.others == "felzenszwalb":
-    volumes = felzenszwalb_volumes(volumes, felz or {}, hq_picks(cfg.data, volumes[0]), log)
+    volumes = felzenszwalb_volumes(volumes, cfg.data.felzenszwalb,
+                                   hq_picks(cfg.data, volumes[0]), log)
   return volumes, guard
 
 
 def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
-        felz: dict | None = None, prepared=None, fresh: bool = False) -> Results:
+        prepared=None, fresh: bool = False) -> Results:
   """Algorithm 1 and the scenarios, `cfg.reps` times; resumable in `out_dir`.
 
   `prepared` is `prepare_run`'s result (made here when None): everything is
@@ -734,7 +737,7 @@ def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
   out_dir = Path(out_dir)
   t0 = time.perf_counter()
   volumes, guard = prepared if prepared is not None else prepare_run(
-      cfg, out_dir, log=log, felz=felz, fresh=fresh)
+      cfg, out_dir, log=log, fresh=fresh)
   load_s = time.perf_counter() - t0
   log(f"data: {cfg.data.source} ({len(volumes[0])} training / {len(volumes[1])} test "
       f"volumes), loaded in {load_s:.1f}s")
@@ -745,7 +748,7 @@ def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
       if gone:
         log(f"fresh start: discarded {len(gone)} old repetition folders / upgraded files "
             f"in {out_dir}")
-    reps = [run_rep(cfg, volumes, r, out_dir, log=log, felz=felz, guard=guard)
+    reps = [run_rep(cfg, volumes, r, out_dir, log=log, guard=guard)
             for r in range(cfg.reps)]
   return Results(cfg, reps, {"load_s": load_s, "total_s": time.perf_counter() - t0})
 
@@ -793,8 +796,7 @@ class UserInputs:
   guard: rundir.InputGuard
 
 
-def prepare_user(cfg: PipelineConfig, user: UserData, out_dir, *,
-                 felz: dict | None = None) -> UserInputs:
+def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
   """Loads and checks a user's folders and the out_dir; creates nothing.
 
   Raises:
@@ -822,13 +824,13 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir, *,
   if len(val_idx) == 0:
     raise InputError(f"--hq_images={user.hq_images} holds {len(hq)} image(s); at least 2 HQ "
                      "pairs are needed (training + validation)")
-  hq = _with_others(hq, cfg.data.others, felz or {})
+  hq = _with_others(hq, cfg.data.others, cfg.data.felzenszwalb)
   lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
   return UserInputs(hq, lq, train_idx, val_idx, guard)
 
 
 def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
-             log: Callable[[str], None] = print, felz: dict | None = None,
+             log: Callable[[str], None] = print,
              prepared: UserInputs | None = None) -> dict:
   """Trains u_θ on the HQ pairs and writes out_dir/upgraded/<LQ file name>.tif.
 
@@ -838,11 +840,11 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
   `prepared`) before out_dir is created.
   """
   out_dir = Path(out_dir)
-  d = prepared if prepared is not None else prepare_user(cfg, user, out_dir, felz=felz)
+  d = prepared if prepared is not None else prepare_user(cfg, user, out_dir)
   hq_train, hq_val = d.hq.subset(d.train_idx), d.hq.subset(d.val_idx)
   log(f"user data: {len(d.hq)} HQ images ({len(hq_train)} train / {len(hq_val)} val), "
       f"{len(d.lq)} LQ images")
-  key = {"user": dataclasses.asdict(user), "run": run_key(cfg, felz)}
+  key = {"user": dataclasses.asdict(user), "run": run_key(cfg)}
   with rundir.RunLock(out_dir):
     rundir.remove_stale_temps(out_dir)
     fit = engine.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq_train, hq_val,
