@@ -163,7 +163,10 @@ def _bitset_lookup(table, ids):
 
 @jax.custom_batching.custom_vmap
 def _present_ids(ids, table):
-  """table.at[ids].set(True) for a flat int32 `ids` and a (T,) bool `table`."""
+  """table.at[ids].set(True) for a flat int32 `ids` in [0, T) and a (T,) bool `table`.
+
+  (Callers clip the ids first; out-of-range ids are not a supported input.)
+  """
   if _uses_bitset(table):
     return table | _bitset_present(ids.reshape(1, -1), table.shape[-1])[0]
   return table.at[ids].set(True, mode="drop")
