@@ -2,7 +2,7 @@
 
 Workload (issue 4): batch 4, 128x128 crops, UNet widths (w, 2w, 4w, 8w, 8w)
 for w = 16 and 32, soft Dice, Adam. The JAX side is the library's own step
-(`train.make_train_step`): crop sampling, flips, the pair function, the
+(`engine.make_train_step`): crop sampling, flips, the pair function, the
 forward/backward pass, Adam and the Dice counts, all in one jitted program.
 The PyTorch side is the same network (3x3 conv without bias + BatchNorm +
 ReLU twice per block, 2x2 max-pool, 2x2 stride-2 transposed conv, skip
@@ -92,7 +92,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from upgrade_jax import parallel, train  # noqa: E402
+from upgrade_jax import engine, parallel  # noqa: E402
 from upgrade_jax.data.types import Dataset  # noqa: E402
 from upgrade_jax.losses import dice_loss_from_logits  # noqa: E402
 from upgrade_jax.perturb import PerturbConfig, perturb  # noqa: E402
@@ -141,13 +141,14 @@ def with_label_channel(ds: Dataset) -> Dataset:
 
 def jax_step(width: int, task: str, ds: Dataset, mesh):
   """(run_one_step, flops, forward_fn) for the library train step."""
-  config = train.TrainConfig(task=task, widths=tuple(width * m for m in (1, 2, 4, 8, 8)),
-                             conv_impl=ARGS.conv_impl, crop=ARGS.size,
-                             batch_size=ARGS.batch, perturb=PERTURB, flips=True)
-  channels = train.input_channels(task, ds.channels)
-  state = train.create_train_state(config, channels, jax.random.PRNGKey(0), mesh)
+  task_obj = engine.Upgrade(perturb=PERTURB) if task == "upgrade" else engine.make_task(task)
+  config = engine.TrainConfig(task=task_obj, widths=tuple(width * m for m in (1, 2, 4, 8, 8)),
+                              conv_impl=ARGS.conv_impl, crop=ARGS.size,
+                              batch_size=ARGS.batch, flips=True)
+  channels = engine.network_channels(config, ds.channels)
+  state = engine.create_train_state(config, channels, jax.random.PRNGKey(0), mesh)
   data = parallel.place_dataset(ds, mesh)
-  step = train.make_train_step(config, mesh, ds.max_label)
+  step = engine.make_train_step(config, mesh, ds.max_label)
   compiled = step.lower(state, data).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -11,12 +11,14 @@ out_dir/sweep.json are written. Every flag of experiments.upgrade is accepted.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from experiments import upgrade  # defines the run's flags
 from upgrade_jax.data.io import write_text
+from upgrade_jax.rundir import InputError
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "FLAG=V1,V2,...: the flag to sweep and its values.")
@@ -26,9 +28,9 @@ def parse_sweep(spec: str) -> tuple[str, list[str]]:
   name, sep, values = spec.partition("=")
   name = name.strip().lstrip("-")
   if not sep or not values.strip():
-    raise app.UsageError(f"--sweep={spec!r}: expected FLAG=V1,V2,...")
+    raise InputError(f"--sweep={spec!r}: expected FLAG=V1,V2,...")
   if name not in F or name in ("sweep", "out_dir", "flagfile"):
-    raise app.UsageError(f"--sweep: {name!r} is not a flag of experiments.upgrade")
+    raise InputError(f"--sweep: {name!r} is not a flag of experiments.upgrade")
   # A list flag (e.g. volume_shape) takes its values separated by ';'.
   sep = ";" if isinstance(F[name].parser, flags.ListParser) or ";" in values else ","
   return name, [v.strip() for v in values.split(sep) if v.strip()]
@@ -41,23 +43,34 @@ def _numeric(v: str):
     return v
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not F.sweep:
-    raise app.UsageError("--sweep=FLAG=V1,V2,... is required")
-  upgrade.setup_runtime()
+def plan_points(out_dir: Path):
+  """Every point's checked plan, before any point runs (one bad value fails
+  the sweep before anything is written)."""
   name, values = parse_sweep(F.sweep)
-  out_dir = Path(F.out_dir)
-  points = []
+  plans = []
   for v in values:
     try:
       setattr(F, name, F[name].parser.parse(v))  # runs the flag's validators
     except (ValueError, flags.IllegalFlagValueError) as e:
-      raise app.UsageError(f"--sweep: bad value {v!r} for --{name}: {e}") from e
-    point_dir = out_dir / f"{name}={v}"
-    upgrade._log(f"sweep {name}={v} -> {point_dir}")
-    d = upgrade.run_from_flags(point_dir)
+      raise InputError(f"--sweep: bad value {v!r} for --{name}: {e}") from e
+    plans.append((v, upgrade.plan_from_flags(out_dir / f"{name}={v}")))
+  return name, plans
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
+    return 2
+  if not F.sweep:
+    sys.stderr.write("error: --sweep=FLAG=V1,V2,... is required\n")
+    return 2
+  upgrade.setup_runtime()
+  out_dir = Path(F.out_dir)
+  name, plans = upgrade.one_line_errors(plan_points, out_dir, checking=True)
+  points = []
+  for v, plan in plans:
+    upgrade._log(f"sweep {name}={v} -> {plan.out_dir}")
+    d = upgrade.one_line_errors(upgrade.execute, plan)
     if d is not None:
       points.append((_numeric(v), d))
   if not points:
@@ -78,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=upgrade.parse_flags_one_line)

@@ -119,6 +119,8 @@ flags.DEFINE_string("compilation_cache", str(Path.home() / ".cache" / "upgrade_j
                     "Persistent XLA compilation cache directory ('' = off): reruns, resumes "
                     "and sweep points skip most compilation.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_bool("debug", False, "Show the Python traceback of input errors too "
+                  "(they are one line on stderr otherwise).")
 
 # User mode.
 flags.DEFINE_string("hq_images", "", "User mode: folder of HQ images.")
@@ -131,6 +133,16 @@ flags.mark_flag_as_required("out_dir")
 
 USER_FLAGS = ("hq_images", "hq_labels", "lq_images", "lq_labels")
 SCENARIO_NAMES = ("hq", "lq", "hq_lq", "hq_upgraded")
+# Flags that describe simulated LQ labels, splits of one data source or the
+# report of repetitions: user mode has real LQ labels and uses every HQ pair,
+# so giving one of them there is an error, not a silent no-op.
+NOT_IN_USER_MODE = (
+    "data", "preset", "data_dir", "n_volumes", "volume_shape", "sim_size", "n_test", "n_hq",
+    "n_lq", "max_test", "data_seed", "lq_omission_rate", "lq_inclusion_rate", "lq_bias_max",
+    "lq_salt_pepper_prob", "lq_per_instance_bias", "hq_omission_rate", "hq_bias_max",
+    "lq_source", "predictor_hq", "cost_budget", "hq_cost", "reps", "paper",
+    "threshold_baseline")
+SYNTHETIC_ONLY = ("preset", "n_volumes", "volume_shape", "sim_size")
 
 
 @flags.multi_flags_validator(list(USER_FLAGS), message="user mode needs all of --hq_images, "
@@ -175,7 +187,7 @@ def build_config():
   """The flags as frozen configs (the library never sees a flag)."""
   from upgrade_jax.perturb import PerturbConfig
   from upgrade_jax.pipeline import DataConfig, PipelineConfig
-  from upgrade_jax.train import TrainConfig
+  from upgrade_jax.engine import Segment, TrainConfig, Upgrade
 
   train_p = PerturbConfig(omission_rate=F.omission_rate, inclusion_rate=F.inclusion_rate,
                           bias_max=F.bias_max, per_instance_bias=F.per_instance_bias,
@@ -199,9 +211,10 @@ def build_config():
   common = dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), conv_impl=F.conv_impl, crop=F.crop,
                 batch_size=F.batch_size, lr=F.lr, steps_per_epoch=F.steps_per_epoch,
                 patience=F.patience, log_every=F.log_every)
-  upgrade = TrainConfig(task="upgrade", max_steps=F.max_steps, perturb=train_p,
-                        label_dropout=F.label_dropout, strength_mix=F.strength_mix, **common)
-  segment = TrainConfig(task="segment", max_steps=F.seg_max_steps or F.max_steps, **common)
+  upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=F.label_dropout,
+                                     strength_mix=F.strength_mix),
+                        max_steps=F.max_steps, **common)
+  segment = TrainConfig(task=Segment(), max_steps=F.seg_max_steps or F.max_steps, **common)
   data = DataConfig(source=F.data, preset=F.preset, data_dir=F.data_dir,
                     n_volumes=F.n_volumes, volume_shape=tuple(int(s) for s in F.volume_shape),
                     sim_size=F.sim_size,
@@ -218,6 +231,10 @@ def setup_runtime() -> None:
   """Process-wide settings from flags: log level, compilation cache, hosts."""
   if not F["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # tifffile warns about a corrupt file before raising; the one-line error
+    # that follows names the file, so the warning would only be a second line.
+    import logging as py_logging
+    py_logging.getLogger("tifffile").setLevel(py_logging.ERROR)
   import jax
   if F.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", F.compilation_cache)
@@ -225,27 +242,81 @@ def setup_runtime() -> None:
   parallel.maybe_initialize_distributed(F.distributed)
 
 
-def run_from_flags(out_dir: Path) -> dict | None:
-  """One run with the current flags; returns the results.json dict (None in
-  user mode, whose results.json holds the upgraded file list)."""
-  from upgrade_jax import pipeline, report
+def check_flag_combination() -> None:
+  """Refuses flags that would be silently ignored in this mode (one line)."""
+  from upgrade_jax.rundir import InputError
 
-  try:
-    cfg = build_config()
-  except ValueError as e:  # a config that the flag validators cannot see
-    raise app.UsageError(str(e)) from e
+  given = lambda name: F[name].present  # noqa: E731  (set on the command line or a flagfile)
+  if F.hq_images:
+    ignored = [f"--{n}" for n in NOT_IN_USER_MODE if given(n)]
+    if ignored:
+      raise InputError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply "
+                       "in user mode (--hq_images ...): "
+                       "every HQ pair is used and the LQ labels are yours; remove them")
+    other = [s for s in F.scenarios if s != "hq_upgraded"] if given("scenarios") else []
+    if other:
+      raise InputError(f"--scenarios={','.join(F.scenarios)}: user mode trains only "
+                       "hq_upgraded (it has no test set); use --scenarios=hq_upgraded or none")
+    return
+  if given("others_labels"):
+    raise InputError("--others_labels applies only in user mode (with --hq_images ...); "
+                     "for --data=folder put the files in DATA_DIR/others/")
+  if F.data == "synthetic" and given("data_dir"):
+    raise InputError("--data_dir does not apply to --data=synthetic; remove it or set --data")
+  if F.data != "synthetic":
+    ignored = [f"--{n}" for n in SYNTHETIC_ONLY if given(n)]
+    if ignored:
+      raise InputError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} "
+                       "only to --data=synthetic, not "
+                       f"--data={F.data}; remove them")
+  if given("predictor_hq") and F.lq_source != "predictions":
+    raise InputError("--predictor_hq applies only with --lq_source=predictions")
+  if given("hq_cost") and F.cost_budget is None:
+    raise InputError("--hq_cost applies only with --cost_budget")
+
+
+@dataclasses.dataclass
+class Plan:
+  """A run checked from the flags, before anything is written."""
+  cfg: object
+  out_dir: Path
+  felz: dict
+  prepared: object
+  user: object = None
+
+
+def plan_from_flags(out_dir: Path) -> Plan:
+  """Builds the configs from the flags and loads and checks every input and
+  the out_dir. Creates nothing; every problem raises InputError/ValueError/
+  OSError with a message naming the culprit."""
+  from upgrade_jax import pipeline
+
+  check_flag_combination()
+  cfg = build_config()
   felz = {"scale": F.felzenszwalb_scale, "sigma": F.felzenszwalb_sigma,
           "min_size": F.felzenszwalb_min_size}
-  t0 = time.perf_counter()
   if F.hq_images:
     if not F["scenarios"].present:  # user mode: upgrade only unless asked
       cfg = dataclasses.replace(cfg, scenarios=())
-    pipeline.run_user(cfg, pipeline.UserData(F.hq_images, F.hq_labels, F.lq_images,
-                                             F.lq_labels, F.others_labels),
-                      out_dir, log=_log, felz=felz)
+    user = pipeline.UserData(F.hq_images, F.hq_labels, F.lq_images, F.lq_labels,
+                             F.others_labels)
+    return Plan(cfg, out_dir, felz, pipeline.prepare_user(cfg, user, out_dir, felz=felz), user)
+  return Plan(cfg, out_dir, felz, pipeline.prepare_run(cfg, out_dir, log=_log, felz=felz))
+
+
+def execute(plan: Plan) -> dict | None:
+  """Runs a checked plan; returns the results.json dict (None in user mode,
+  whose results.json holds the upgraded file list)."""
+  from upgrade_jax import pipeline, report
+
+  t0 = time.perf_counter()
+  out_dir = plan.out_dir
+  if plan.user is not None:
+    pipeline.run_user(plan.cfg, plan.user, out_dir, log=_log, felz=plan.felz,
+                      prepared=plan.prepared)
     _log(f"done in {time.perf_counter() - t0:.0f}s; upgraded labels in {out_dir / 'upgraded'}")
     return None
-  results = pipeline.run(cfg, out_dir, log=_log, felz=felz)
+  results = pipeline.run(plan.cfg, out_dir, log=_log, felz=plan.felz, prepared=plan.prepared)
   paper = _paper(F.paper)
   d = report.write_results(out_dir, results, extra={"paper": paper,
                                                     "command": " ".join(sys.argv)})
@@ -258,13 +329,53 @@ def run_from_flags(out_dir: Path) -> dict | None:
   return d
 
 
+def run_from_flags(out_dir: Path) -> dict | None:
+  """Checks, then runs, with the current flags (see plan_from_flags, execute)."""
+  return execute(plan_from_flags(out_dir))
+
+
+def one_line_errors(fn, *args, checking: bool = False):
+  """Calls fn(*args); an input error becomes one line on stderr and exit 2.
+
+  Input errors are InputError at any time (e.g. an out_dir in use) and, when
+  `checking` (fn only reads and validates, before anything is written), any
+  ValueError or OSError. Later ones are bugs and keep their traceback, as
+  does everything with --debug.
+  """
+  from upgrade_jax.rundir import InputError
+
+  try:
+    return fn(*args)
+  except (InputError, ValueError, OSError) as e:
+    if F.debug:
+      raise
+    if not isinstance(e, InputError) and not checking:
+      raise  # after the checks, anything else is a bug: keep its traceback
+    msg = " ".join(str(e).split()) or type(e).__name__
+    sys.stderr.write(f"error: {msg}\n")
+    sys.exit(2)
+
+
+def parse_flags_one_line(argv):
+  """absl's flag parsing, with a bad flag reported as one line (exit 2)."""
+  try:
+    return F(argv)
+  except flags.Error as e:
+    msg = " ".join(str(e).split())
+    sys.stderr.write(f"error: {msg}\n")
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
+    return 2
   setup_runtime()
-  run_from_flags(Path(F.out_dir))
+  out_dir = Path(F.out_dir)
+  plan = one_line_errors(plan_from_flags, out_dir, checking=True)
+  one_line_errors(execute, plan)
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags_one_line)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from upgrade_jax import rundir
 from upgrade_jax.data import io
 from upgrade_jax.data.types import Volume
 
@@ -153,13 +154,22 @@ def test_write_labels_atomic_and_refuses_inputs(tmp_path):
   src = tmp_path / "labels.tif"
   tifffile.imwrite(src, lab)
   before = src.read_bytes()
-  with pytest.raises(ValueError, match="refusing to overwrite input"):
-    io.write_labels(src, lab + 1, inputs=[tmp_path / "x.tif", src])
+  guard = rundir.InputGuard([tmp_path / "x.tif", src])
+  with pytest.raises(rundir.InputError, match="refusing to write"):
+    io.write_labels(src, lab + 1, guard=guard)
   link = tmp_path / "alias.tif"
   os.symlink(src, link)
-  with pytest.raises(ValueError, match="refusing to overwrite input"):
-    io.write_labels(link, lab, inputs=[src])
-  assert src.read_bytes() == before
+  with pytest.raises(rundir.InputError, match="same file as an input"):
+    io.write_labels(link, lab, guard=rundir.InputGuard([src]))
+  hard = tmp_path / "hard.tif"  # a hard link is the same inode under another name
+  os.link(src, hard)
+  with pytest.raises(rundir.InputError, match="same file as an input"):
+    io.write_labels(hard, lab, guard=rundir.InputGuard([src]))
+  folder = tmp_path / "in"
+  folder.mkdir()
+  with pytest.raises(rundir.InputError, match="inside"):
+    io.write_labels(folder / "new.tif", lab, guard=rundir.InputGuard([folder]))
+  assert src.read_bytes() == before and not (folder / "new.tif").exists()
   with pytest.raises(ValueError, match="labels must be >= 0"):
     io.write_labels(tmp_path / "neg.tif", lab - 1)
   assert not (tmp_path / "neg.tif").exists()
@@ -223,3 +233,16 @@ def test_reads_shared_dsb2018():
   ds = io.volumes_to_dataset(vols)
   assert ds.channels == 1 and len(ds) == len(picks)
   assert all(ds.targets[i].max() >= 1 for i in range(len(ds)))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+  # mkstemp makes 0600 files; outputs must be as readable as open() would make them.
+  old = os.umask(umask)
+  try:
+    a = io.write_labels(tmp_path / "a.tif", np.ones((4, 4), np.int32))
+    b = io.write_text(tmp_path / "b.json", "{}")
+  finally:
+    os.umask(old)
+  assert a.stat().st_mode & 0o777 == mode
+  assert b.stat().st_mode & 0o777 == mode

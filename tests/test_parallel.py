@@ -23,15 +23,14 @@ sys.path.insert(0, {tests!r})
 import numpy as np, jax
 from conftest import toy_discs
 from upgrade_jax import parallel
-from upgrade_jax import train as T
+from upgrade_jax import engine as T
 from upgrade_jax.perturb import PerturbConfig
 
 assert jax.device_count() == 8, jax.devices()
 out = sys.argv[1]
-cfg = T.TrainConfig(task="upgrade", widths=(4, 8, 8, 8, 8), crop=32,
-                    batch_size=16, eval_batch_size=8,
-                    perturb=PerturbConfig(omission_rate=0.5, bias_max=2,
-                                          salt_pepper_prob=0.02))
+cfg = T.TrainConfig(task=T.Upgrade(perturb=PerturbConfig(omission_rate=0.5, bias_max=2,
+                                                         salt_pepper_prob=0.02)),
+                    widths=(4, 8, 8, 8, 8), crop=32, batch_size=16, eval_batch_size=8)
 train = toy_discs(8, size=(40, 40), seed=0,
                   extents=[(40, 40), (36, 40), (40, 33), (40, 40)] * 2)
 val = toy_discs(5, size=(40, 40), seed=1)

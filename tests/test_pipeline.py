@@ -246,6 +246,6 @@ def test_sweep_figure_and_parser(tmp_path):
   assert sweep.parse_sweep("n_hq=5,10") == ("n_hq", ["5", "10"])
   assert sweep.parse_sweep("volume_shape=4,64,64;8,64,64") == (
       "volume_shape", ["4,64,64", "8,64,64"])
-  from absl import app
-  with pytest.raises(app.UsageError, match="not a flag"):
+  from upgrade_jax.rundir import InputError
+  with pytest.raises(InputError, match="not a flag"):
     sweep.parse_sweep("bogus=1,2")

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import toy_discs
 from upgrade_jax import parallel
-from upgrade_jax import train as T
+from upgrade_jax import engine as T
 from upgrade_jax.metrics import pooled_dice_np
 from upgrade_jax.perturb import PerturbConfig, perturb
 
@@ -74,13 +74,13 @@ def test_sample_crops_larger_than_extent_mark_padding_invalid():
 def test_upgrade_pair_is_image_plus_perturbed_label():
   ds = toy_discs(4, size=(32, 32))
   pc = PerturbConfig(omission_rate=0.5, salt_pepper_prob=0.2)
-  cfg = T.TrainConfig(task="upgrade", perturb=pc)
+  task = T.Upgrade(perturb=pc)
   valid = np.ones((4, 32, 32), bool)
   valid[:, 20:] = False
   key = jax.random.PRNGKey(3)
   args = (jnp.asarray(ds.images), jnp.asarray(ds.targets), jnp.asarray(ds.others))
-  inputs, target = T.upgrade_pair(key, *args, cfg, max_label=ds.max_label,
-                                  valid=jnp.asarray(valid), train=False)
+  inputs, target = task.pair(key, *args, max_label=ds.max_label,
+                             valid=jnp.asarray(valid), train=False)
   assert inputs.shape == (4, 32, 32, 2)
   np.testing.assert_array_equal(inputs[..., 0], ds.images[..., 0])
   np.testing.assert_array_equal(target, ds.targets > 0)
@@ -91,12 +91,12 @@ def test_upgrade_pair_is_image_plus_perturbed_label():
   np.testing.assert_array_equal(inputs[..., 1], lq & valid)
   assert not np.any(np.asarray(inputs[:, 20:, :, 1]))  # no salt on padding
   # label_dropout = 1 zeroes the label channel in training only.
-  drop = T.TrainConfig(task="upgrade", perturb=pc, label_dropout=1.0)
-  x_train, _ = T.upgrade_pair(key, *args, drop, max_label=ds.max_label,
-                              valid=jnp.asarray(valid), train=True)
+  drop = T.Upgrade(perturb=pc, label_dropout=1.0)
+  x_train, _ = drop.pair(key, *args, max_label=ds.max_label,
+                         valid=jnp.asarray(valid), train=True)
   assert not np.any(np.asarray(x_train[..., 1]))
-  x_val, _ = T.upgrade_pair(key, *args, drop, max_label=ds.max_label,
-                            valid=jnp.asarray(valid), train=False)
+  x_val, _ = drop.pair(key, *args, max_label=ds.max_label,
+                       valid=jnp.asarray(valid), train=False)
   np.testing.assert_array_equal(x_val, inputs)
 
 
@@ -107,9 +107,9 @@ def test_strength_mix_draws_weaker_perturbations():
   valid = jnp.ones(ds.targets.shape, bool)
   flips = {}
   for mix in (False, True):
-    cfg = T.TrainConfig(task="upgrade", perturb=pc, strength_mix=mix)
-    x, t = T.upgrade_pair(jax.random.PRNGKey(0), *args, cfg,
-                          max_label=ds.max_label, valid=valid, train=True)
+    task = T.Upgrade(perturb=pc, strength_mix=mix)
+    x, t = task.pair(jax.random.PRNGKey(0), *args,
+                     max_label=ds.max_label, valid=valid, train=True)
     flips[mix] = np.mean(np.asarray(x[..., 1]) != np.asarray(t), axis=(1, 2))
   # Fixed rate: each sample flips ~0.8 / 2 of its pixels; mixed: U[0, 0.4].
   assert np.all(np.abs(flips[False] - 0.4) < 0.15)
@@ -118,20 +118,20 @@ def test_strength_mix_draws_weaker_perturbations():
 
 def test_segment_pair():
   ds = toy_discs(2, size=(16, 16))
-  cfg = T.TrainConfig(task="segment")
-  x, t = T.TASKS["segment"].pair_fn(
+  x, t = T.Segment().pair(
       jax.random.PRNGKey(0), jnp.asarray(ds.images), jnp.asarray(ds.targets),
-      jnp.asarray(ds.others), cfg, max_label=ds.max_label, valid=None, train=True)
+      jnp.asarray(ds.others), max_label=ds.max_label, valid=None, train=True)
   np.testing.assert_array_equal(x, ds.images)
   np.testing.assert_array_equal(t, ds.targets > 0)
-  assert T.input_channels("segment", 3) == 3 and T.input_channels("upgrade", 3) == 4
+  assert T.network_channels(T.TrainConfig(task="segment"), 3) == 3
+  assert T.network_channels(T.TrainConfig(task="upgrade"), 3) == 4
 
 
 def test_config_validation():
   with pytest.raises(ValueError, match="task"):
     T.TrainConfig(task="denoise")
   with pytest.raises(ValueError, match="label_dropout"):
-    T.TrainConfig(label_dropout=1.5)
+    T.Upgrade(label_dropout=1.5)
   with pytest.raises(ValueError, match="widths"):
     T.TrainConfig(widths=(4, 8))
   mesh = parallel.make_mesh()
@@ -141,9 +141,9 @@ def test_config_validation():
 
 def _toy_config(**changes):
   """The toy upgrade run; the tests below share its compiled step."""
-  base = dict(task="upgrade", widths=(8, 16, 16, 16, 16), crop=48, batch_size=8,
-              max_steps=200, steps_per_epoch=50,
-              perturb=PerturbConfig(omission_rate=0.5), log_every=50,
+  base = dict(task=T.Upgrade(perturb=PerturbConfig(omission_rate=0.5)),
+              widths=(8, 16, 16, 16, 16), crop=48, batch_size=8,
+              max_steps=200, steps_per_epoch=50, log_every=50,
               checkpoint_every=1000)
   return T.TrainConfig(**{**base, **changes})
 
@@ -166,7 +166,7 @@ def test_toy_upgrade_learns(tmp_path, toy_sets):
   assert any("img/s" in s and "ETA" in s for s in lines)
   # Upgrade held-out LQ labels (omission with another key).
   keys = jax.random.split(jax.random.PRNGKey(42), len(test))
-  lq = np.stack([np.asarray(perturb(k, t, o, cfg.perturb, max_label=test.max_label))
+  lq = np.stack([np.asarray(perturb(k, t, o, cfg.task.perturb, max_label=test.max_label))
                  for k, t, o in zip(keys, test.targets, test.others)])
   upgraded = T.predict(result.state_best, test.images, lq, batch_size=4)
   lq_dice = pooled_dice_np(lq, test.targets)
@@ -200,7 +200,7 @@ def test_early_stopping_keeps_best_and_finished_run_returns(tmp_path, toy_sets):
                   jax.tree.leaves(result.state_best.params)):
     np.testing.assert_array_equal(a, b)
   # Another config in the same workdir is refused.
-  with pytest.raises(ValueError, match="different config"):
+  with pytest.raises(ValueError, match="another config .*seed: 0 -> 1"):
     T.fit(_toy_config(seed=1), train, val, tmp_path, log=lambda s: None)
 
 
@@ -209,13 +209,14 @@ import sys, time
 sys.path.insert(0, {tests!r})
 import numpy as np, jax
 from conftest import toy_discs
-from upgrade_jax import train as T
+from upgrade_jax import engine as T
 from upgrade_jax.perturb import PerturbConfig
 
 workdir, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
-cfg = T.TrainConfig(task="upgrade", widths=(4, 8, 8, 8, 8), crop=32,
-                    batch_size=4, max_steps=30, steps_per_epoch=10,
-                    perturb=PerturbConfig(omission_rate=0.5, salt_pepper_prob=0.01),
+cfg = T.TrainConfig(task=T.Upgrade(perturb=PerturbConfig(omission_rate=0.5,
+                                                         salt_pepper_prob=0.01)),
+                    widths=(4, 8, 8, 8, 8), crop=32, batch_size=4, max_steps=30,
+                    steps_per_epoch=10,
                     log_every=1, checkpoint_every=5, seed=7)
 train = toy_discs(8, size=(32, 32), seed=0)
 val = toy_discs(4, size=(32, 32), seed=1)
@@ -273,3 +274,34 @@ def test_killed_run_resumes_to_same_parameters(tmp_path):
   assert len(leaf_keys) > 50
   for k in leaf_keys:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_checkpoint_record_of_the_old_layout_is_read_and_compared():
+  # Layout 1 (upgrade_jax/train.py before the engine package) kept the task
+  # options at the top of the config; such a checkpoint still resumes.
+  from upgrade_jax.engine.checkpoints import LoopRecord
+  cfg = _toy_config()
+  new = cfg.to_json()
+  old = {k: v for k, v in new.items() if k != "task"}
+  old.update(task="upgrade", perturb=new["task"]["perturb"], label_dropout=0.0,
+             strength_mix=False)
+  ds = toy_discs(2, size=(16, 16))
+  rec = LoopRecord.from_json({"config": old, "data": {"train": list(ds.images.shape),
+                                                       "val": list(ds.images.shape)},
+                              "step": 7, "history": []}, "here")
+  assert rec.step == 7 and rec.config["task"]["name"] == "upgrade"
+  T.check_resumable(rec, cfg, ds, ds, "here")
+  with pytest.raises(ValueError, match="task"):
+    T.check_resumable(rec, _toy_config(task=T.Upgrade(label_dropout=0.5)), ds, ds, "here")
+  with pytest.raises(ValueError, match="newer"):
+    LoopRecord.from_json({"config": new, "data": {}, "layout": 99}, "here")
+
+
+def test_step_config_is_the_cache_key():
+  # Fits that differ only in loop settings, seed or lr share one compiled step;
+  # any field the step reads makes another.
+  a = _toy_config()
+  assert a.step == _toy_config(max_steps=3, patience=1, seed=5, lr=0.1).step
+  assert hash(a.step) == hash(_toy_config(seed=9).step)
+  assert a.step != _toy_config(crop=32).step
+  assert a.step != _toy_config(task=T.Upgrade(perturb=PerturbConfig(omission_rate=0.4))).step

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from upgrade_jax import train as T
+from upgrade_jax import engine as T
+from upgrade_jax.engine import evaluate as engine_evaluate
+from upgrade_jax.engine import state as engine_state
 from upgrade_jax.models.unet import (ConvBlock, UNet, UpConv2x2, crop_to,
                                      pad_to_multiple)
 
@@ -69,7 +71,7 @@ def test_init_matches_flax_defaults(model_and_vars):
   small = _Small()
   x = jnp.zeros((1, 8, 8, 3))
   ref = jax.jit(small.init)(jax.random.PRNGKey(1), x)
-  mine = T._lecun_like_init(jax.random.PRNGKey(2), jax.eval_shape(
+  mine = engine_state._lecun_like_init(jax.random.PRNGKey(2), jax.eval_shape(
       small.init, jax.random.PRNGKey(1), x))
   assert jax.tree.structure(mine) == jax.tree.structure(ref)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(mine)[0],
@@ -122,16 +124,17 @@ def test_predict_odd_sizes_and_extents(model_and_vars):
   for (n, h, w) in [(3, 17, 23), (5, 70, 20)]:
     images = rng.random((n, h, w, 1), dtype=np.float32)
     lq = rng.random((n, h, w)) > 0.5
-    out = T.predict((model, variables), images, lq, batch_size=2)
+    out = T.predict((model, variables), images, lq, batch_size=2, task=T.Upgrade())
     assert out.shape == (n, h, w) and out.dtype == bool
-    probs = T.predict_proba((model, variables), images, lq, batch_size=2)
+    probs = T.predict_proba((model, variables), images, lq, batch_size=2,
+                              task=T.Upgrade())
     # Batched + bucket-padded prediction = one direct call on each image.
     x = np.concatenate([images, lq[..., None]], -1)
     direct = jax.nn.softmax(_apply(model, variables, x), -1)[..., 1]
     np.testing.assert_allclose(probs, direct, rtol=1e-4, atol=1e-5)
   extents = np.array([[10, 23], [17, 5], [17, 23]])
   probs = T.predict_proba((model, variables), images[:3, :17, :23],
-                          lq[:3, :17, :23], extents=extents)
+                          lq[:3, :17, :23], extents=extents, task=T.Upgrade())
   assert np.all(probs[0, 10:] == 0) and np.all(probs[1, :, 5:] == 0)
   assert np.all(probs[2] > 0)
 
@@ -140,11 +143,11 @@ def test_predict_buckets_limit_compiles(model_and_vars):
   model, variables = model_and_vars
   assert [T.bucket_size(n) for n in (1, 16, 17, 64, 65, 128, 129)] == [
       16, 16, 32, 64, 128, 128, 192]
-  before = T._forward_probs._cache_size()
+  before = engine_evaluate._forward_probs._cache_size()
   for h, w in [(17, 23), (20, 30), (31, 32), (25, 19)]:  # all -> 32 x 32
     T.predict((model, variables), np.zeros((2, h, w, 1), np.float32),
-              np.zeros((2, h, w), bool), batch_size=2)
-  assert T._forward_probs._cache_size() - before <= 1
+              np.zeros((2, h, w), bool), batch_size=2, task=T.Upgrade())
+  assert engine_evaluate._forward_probs._cache_size() - before <= 1
 
 
 def test_batchnorm_train_vs_eval(model_and_vars):

@@ -13,6 +13,19 @@ import numpy as np
 import scipy.stats
 
 
+def extent_mask(extents, h: int, w: int, xp=np):
+  """(N, h, w) bool: True inside each sample's valid (height, width).
+
+  Args:
+    extents: (N, 2) int (height, width) of each sample's real pixels; the
+      rest of the padded (h, w) frame is padding.
+    xp: numpy or jax.numpy (the same code on the host and under jit).
+  """
+  rows = xp.arange(h)[None, :, None] < extents[:, 0, None, None]
+  cols = xp.arange(w)[None, None, :] < extents[:, 1, None, None]
+  return rows & cols
+
+
 def dice_counts(pred, target, valid=None):
   """Pixel counts (TP, FP, FN) of a binary prediction against a binary target.
 
@@ -57,10 +70,13 @@ def pooled_dice_np(pred, target, valid=None) -> float:
   t = np.asarray(target) > 0
   if valid is not None:
     p, t = p & valid, t & valid
-  tp = int(np.count_nonzero(p & t))
-  fp = int(np.count_nonzero(p & ~t))
-  fn = int(np.count_nonzero(~p & t))
-  return pooled_dice([tp, fp, fn])
+  return pooled_dice(dice_counts_np(p, t))
+
+
+def dice_counts_np(pred, target) -> list[int]:
+  """Host twin of `dice_counts` for bool numpy arrays: [TP, FP, FN]."""
+  return [int(np.count_nonzero(pred & target)), int(np.count_nonzero(pred & ~target)),
+          int(np.count_nonzero(~pred & target))]
 
 
 def summarize(values) -> dict:

@@ -26,12 +26,13 @@ from typing import Callable
 
 import numpy as np
 
-from upgrade_jax import metrics
-from upgrade_jax import train as train_lib
+from upgrade_jax import metrics, rundir
+from upgrade_jax import engine
 from upgrade_jax.baselines import threshold as threshold_lib
 from upgrade_jax.data import io, sampling
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.perturb import PerturbConfig, felzenszwalb_objects
+from upgrade_jax.rundir import InputError
 
 SCENARIOS = ("hq", "lq", "hq_lq", "hq_upgraded")
 OTHERS_MODES = ("labels", "felzenszwalb", "none")
@@ -96,6 +97,9 @@ class DataConfig:
       raise ValueError(f"DataConfig.data_dir is required for source {self.source!r}")
     if self.n_hq < 2:
       raise ValueError(f"DataConfig.n_hq must be >= 2 (train + validation), got {self.n_hq}")
+    if self.source == "synthetic" and not 1 <= self.n_test < self.n_volumes:
+      raise ValueError(f"--n_test={self.n_test} must be at least 1 and below "
+                       f"--n_volumes={self.n_volumes}: lower --n_test or raise --n_volumes")
     object.__setattr__(self, "volume_shape", tuple(int(s) for s in self.volume_shape))
 
 
@@ -105,11 +109,11 @@ class PipelineConfig:
 
   Attributes:
     data: the DataConfig.
-    upgrade: TrainConfig of u_θ (task "upgrade"); its `perturb` is the P the
-      network trains with.
-    segment: TrainConfig of the segmentation networks (task "segment").
+    upgrade: TrainConfig of u_θ (task engine.Upgrade); its task's `perturb`
+      is the P the network trains with.
+    segment: TrainConfig of the segmentation networks (task engine.Segment).
     lq_perturb: the perturbation that makes the fixed LQ set (may differ from
-      upgrade.perturb: the paper's mismatch study).
+      upgrade.task.perturb: the paper's mismatch study).
     scenarios: segmentation scenarios to train, a subset of SCENARIOS; empty
       means upgrade only.
     threshold_baseline: also score the global-threshold baseline.
@@ -123,8 +127,8 @@ class PipelineConfig:
   """
 
   data: DataConfig = DataConfig()
-  upgrade: train_lib.TrainConfig = train_lib.TrainConfig(task="upgrade")
-  segment: train_lib.TrainConfig = train_lib.TrainConfig(task="segment")
+  upgrade: engine.TrainConfig = engine.TrainConfig(task=engine.Upgrade())
+  segment: engine.TrainConfig = engine.TrainConfig(task=engine.Segment())
   lq_perturb: PerturbConfig = PerturbConfig(omission_rate=0.7)
   scenarios: tuple[str, ...] = SCENARIOS
   threshold_baseline: bool = True
@@ -142,8 +146,10 @@ class PipelineConfig:
     unknown = [s for s in self.scenarios if s not in SCENARIOS]
     if unknown:
       raise ValueError(f"unknown scenarios {unknown}; choose from {list(SCENARIOS)}")
-    if self.upgrade.task != "upgrade" or self.segment.task != "segment":
-      raise ValueError("PipelineConfig: upgrade.task must be 'upgrade' and segment.task 'segment'")
+    if (not isinstance(self.upgrade.task, engine.Upgrade)
+        or not isinstance(self.segment.task, engine.Segment)):
+      raise ValueError("PipelineConfig: upgrade.task must be an engine.Upgrade and "
+                       "segment.task an engine.Segment")
     if self.reps < 1:
       raise ValueError(f"PipelineConfig.reps must be >= 1, got {self.reps}")
 
@@ -278,13 +284,13 @@ def _predicted_lq(cfg: PipelineConfig, data: RepData, seed: int, workdir: Path,
   HQ validation slices), for the LQ training slices and the test slices."""
   n = min(cfg.predictor_hq, len(data.hq_train))
   log(f"making LQ labels from a segmentation network trained on {n} HQ slices")
-  fit = train_lib.fit(dataclasses.replace(cfg.segment, seed=seed),
+  fit = engine.fit(dataclasses.replace(cfg.segment, seed=seed),
                       data.hq_train.subset(np.arange(n)), data.hq_val, workdir, log=log)
 
   def predicted(ds: Dataset) -> Dataset:
     if len(ds) == 0:
       return ds
-    pred = train_lib.predict(fit.state_best, ds.images, batch_size=cfg.predict_batch,
+    pred = engine.predict(fit.state_best, ds.images, batch_size=cfg.predict_batch,
                              extents=ds.extents)
     return ds.replace(targets=pred.astype(np.int32))
 
@@ -320,17 +326,18 @@ SCENARIO_DATA: dict[str, Callable] = {
 # --------------------------------------------------------------------------
 # One repetition.
 
-def _write_json(path: Path, obj) -> None:
-  io.write_text(path, json.dumps(obj, indent=2, default=train_lib.json_safe))
+def _write_json(path: Path, obj, guard: rundir.InputGuard | None = None) -> None:
+  io.write_json(path, obj, guard=guard)
 
 
 def upgrade_labels(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
   """(N, H, W) bool: u_θ(image, LQ mask) for every sample of `ds` (LQ targets)."""
-  return train_lib.predict(state, ds.images, ds.targets > 0, batch_size=batch_size,
+  return engine.predict(state, ds.images, ds.targets > 0, batch_size=batch_size,
                            extents=ds.extents)
 
 
-def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray, inputs=()) -> list[Path]:
+def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray,
+                   guard: rundir.InputGuard | None = None) -> list[Path]:
   """One uint16 instance-label TIFF per sample (connected components of the
   upgraded mask), cropped to the sample's valid extent, named after it."""
   from skimage.measure import label as connected_components
@@ -339,12 +346,13 @@ def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray, inputs=()) -
   paths = []
   for name, mask, (h, w) in zip(ds.names, masks, ds.extents):
     lab = connected_components(mask[:h, :w], connectivity=1).astype(np.uint16)
-    paths.append(io.write_labels(directory / f"{Path(name).stem}.tif", lab, inputs=inputs))
+    paths.append(io.write_labels(directory / f"{Path(name).stem}.tif", lab, guard=guard))
   return paths
 
 
 def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
-            log: Callable[[str], None] = print, felz: dict | None = None) -> dict:
+            log: Callable[[str], None] = print, felz: dict | None = None,
+            guard: rundir.InputGuard | None = None) -> dict:
   """Runs repetition `rep`; returns (and saves) its numbers.
 
   A finished repetition (rep_dir/rep.json) is loaded, not rerun.
@@ -367,7 +375,7 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
   t0 = time.perf_counter()
   up_cfg = dataclasses.replace(cfg.upgrade, seed=seed)
   log(f"[rep {rep}] training the upgrade network")
-  fit = train_lib.fit(up_cfg, data.hq_train, data.hq_val, rep_dir / "upgrade", log=log)
+  fit = engine.fit(up_cfg, data.hq_train, data.hq_val, rep_dir / "upgrade", log=log)
   timings["upgrade_train_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -391,7 +399,7 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
         "lq": metrics.pooled_dice_np(data.lq.targets, data.lq_gt.targets, data.lq.valid_mask()),
         "upgraded": metrics.pooled_dice_np(masks, data.lq_gt.targets, data.lq.valid_mask())}
     target_dir = out_dir / "upgraded" if rep == 0 else rep_dir / "upgraded"
-    write_upgraded(target_dir, data.lq, masks)
+    write_upgraded(target_dir, data.lq, masks, guard=guard)
   timings["upgrade_predict_s"] = time.perf_counter() - t0
   log(f"[rep {rep}] annotation Dice on the test set: LQ "
       f"{result['annotation_dice']['lq']:.4f} -> upgraded "
@@ -404,8 +412,8 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
     seg_cfg = dataclasses.replace(cfg.segment, seed=seed)
     log(f"[rep {rep}] training the segmentation network: {scenario} "
         f"({len(train_ds)} training slices)")
-    seg = train_lib.fit(seg_cfg, train_ds, val_ds, rep_dir / f"seg_{scenario}", log=log)
-    pred = train_lib.predict(seg.state_best, data.test.images, batch_size=cfg.predict_batch,
+    seg = engine.fit(seg_cfg, train_ds, val_ds, rep_dir / f"seg_{scenario}", log=log)
+    pred = engine.predict(seg.state_best, data.test.images, batch_size=cfg.predict_batch,
                              extents=data.test.extents)
     dice = metrics.pooled_dice_np(pred, data.test.targets, valid)
     result["segmentation_dice"][scenario] = dice
@@ -467,19 +475,73 @@ class Results:
     return {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil}
 
 
-def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
-        felz: dict | None = None) -> Results:
-  """Algorithm 1 and the scenarios, `cfg.reps` times; resumable in `out_dir`."""
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  t0 = time.perf_counter()
+def data_inputs(cfg: DataConfig) -> rundir.InputGuard:
+  """The user's files a run on `cfg` reads (none for synthetic data)."""
+  return rundir.InputGuard([cfg.data_dir] if cfg.source != "synthetic" else [])
+
+
+def check_counts(cfg: PipelineConfig, volumes) -> None:
+  """Raises InputError, naming the setting to change, when the loaded
+  volumes cannot give the slices the config asks for."""
+  train, test = volumes
+  n_train = sum(v.num_slices for v in train)
+  n_test = sum(v.num_slices for v in test)
+  d = cfg.data
+  if d.source == "synthetic":
+    more = (f"raise --n_volumes, or the Z of --volume_shape={','.join(map(str, d.volume_shape))}"
+            " (slices without a cell are dropped)")
+  else:
+    more = f"add data to --data_dir={d.data_dir}"
+  if n_test == 0:
+    raise InputError(f"the test set ({len(test)} volume(s)) holds no slice with a labelled "
+                     f"object: {more}")
+  if n_train < d.n_hq:
+    raise InputError(f"--n_hq={d.n_hq} HQ slices asked for, but the {len(train)} training "
+                     f"volume(s) hold {n_train} slice(s) with a labelled object: lower --n_hq "
+                     f"or {more}")
+  if d.n_lq is not None and d.n_lq > n_train - d.n_hq:
+    raise InputError(f"--n_lq={d.n_lq} LQ slices asked for, but only {n_train - d.n_hq} "
+                     f"training slice(s) are left after --n_hq={d.n_hq}: lower --n_lq (or --n_hq)")
+
+
+def prepare_run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
+                felz: dict | None = None):
+  """Loads and checks everything a run needs; creates nothing.
+
+  Returns:
+    (volumes, guard): the (train, test) volumes (with Felzenszwalb `others`
+    when configured) and the InputGuard of the run's inputs.
+
+  Raises:
+    InputError / ValueError / OSError naming the input, setting or out_dir.
+  """
+  guard = data_inputs(cfg.data)
+  rundir.check_out_dir(out_dir, guard)
   volumes = load_volumes(cfg.data)
+  check_counts(cfg, volumes)
   if cfg.data.others == "felzenszwalb":
     volumes = felzenszwalb_volumes(volumes, felz or {}, log)
+  return volumes, guard
+
+
+def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
+        felz: dict | None = None, prepared=None) -> Results:
+  """Algorithm 1 and the scenarios, `cfg.reps` times; resumable in `out_dir`.
+
+  `prepared` is `prepare_run`'s result (made here when None): everything is
+  loaded and checked before `out_dir` is created.
+  """
+  out_dir = Path(out_dir)
+  t0 = time.perf_counter()
+  volumes, guard = prepared if prepared is not None else prepare_run(cfg, out_dir, log=log,
+                                                                 felz=felz)
   load_s = time.perf_counter() - t0
   log(f"data: {cfg.data.source} ({len(volumes[0])} training / {len(volumes[1])} test "
       f"volumes), loaded in {load_s:.1f}s")
-  reps = [run_rep(cfg, volumes, r, out_dir, log=log, felz=felz) for r in range(cfg.reps)]
+  with rundir.RunLock(out_dir):
+    rundir.remove_stale_temps(out_dir)
+    reps = [run_rep(cfg, volumes, r, out_dir, log=log, felz=felz, guard=guard)
+            for r in range(cfg.reps)]
   return Results(cfg, reps, {"load_s": load_s, "total_s": time.perf_counter() - t0})
 
 
@@ -496,49 +558,86 @@ class UserData:
   others_labels: str = ""   # non-target objects of the HQ images (inclusion)
 
 
+@dataclasses.dataclass(frozen=True)
+class UserInputs:
+  """A user's data, loaded and checked (`prepare_user`)."""
+  hq: Dataset             # HQ images with their instance labels (targets)
+  lq: Dataset             # LQ images with their LQ masks (targets, int32 0/1)
+  train_idx: np.ndarray   # HQ samples u_θ trains on
+  val_idx: np.ndarray     # HQ samples of early stopping
+  guard: rundir.InputGuard
+
+
+def prepare_user(cfg: PipelineConfig, user: UserData, out_dir, *,
+                 felz: dict | None = None) -> UserInputs:
+  """Loads and checks a user's folders and the out_dir; creates nothing.
+
+  Raises:
+    InputError / ValueError / OSError naming the folder, file or setting.
+  """
+  folders = {k: v for k, v in dataclasses.asdict(user).items() if v}
+  for flag, path in folders.items():
+    if not Path(path).is_dir():
+      raise InputError(f"--{flag}={path} is not a folder; give the folder that holds the files")
+  guard = rundir.InputGuard(folders.values())
+  rundir.check_out_dir(out_dir, guard)
+  hq_vols = io.folder(user.hq_images, user.hq_labels, user.others_labels or None)
+  lq_vols = io.folder(user.lq_images, user.lq_labels)
+  def file_ids(folder):
+    return {(p.stat().st_dev, p.stat().st_ino): p.name for p in sorted(Path(folder).iterdir())
+            if p.is_file()}
+  hq_files = file_ids(user.hq_images)
+  shared = [name for key, name in file_ids(user.lq_images).items() if key in hq_files]
+  if shared:
+    raise InputError(f"--lq_images={user.lq_images} holds {len(shared)} of the HQ images "
+                     f"themselves (e.g. {shared[0]}); the LQ set must be other images")
+  kw = dict(normalisation=cfg.data.normalisation)
+  hq = io.volumes_to_dataset(hq_vols, **kw)
+  lq = io.volumes_to_dataset(lq_vols, **kw)
+  if hq.channels != lq.channels:
+    raise InputError(f"the images in --hq_images have {hq.channels} channel(s) but those in "
+                     f"--lq_images {lq.channels}; give both in the same channel layout")
+  if not np.any(hq.targets > 0):
+    raise InputError(f"none of the {len(hq)} label files in --hq_labels={user.hq_labels} holds "
+                     "a labelled object (all pixels 0); label the cells with ids > 0")
+  train_idx, val_idx = sampling.train_val_split(len(hq), seed=cfg.seed)
+  if len(val_idx) == 0:
+    raise InputError(f"--hq_images={user.hq_images} holds {len(hq)} image(s); at least 2 HQ "
+                     "pairs are needed (training + validation)")
+  hq = _with_others(hq, cfg.data.others, felz or {})
+  lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
+  return UserInputs(hq, lq, train_idx, val_idx, guard)
+
+
 def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
-             log: Callable[[str], None] = print, felz: dict | None = None) -> dict:
+             log: Callable[[str], None] = print, felz: dict | None = None,
+             prepared: UserInputs | None = None) -> dict:
   """Trains u_θ on the HQ pairs and writes out_dir/upgraded/<LQ file name>.tif.
 
   With "hq_upgraded" in cfg.scenarios it also trains the segmentation network
   on HQ ∪ upgraded and keeps its checkpoints in out_dir/seg_hq_upgraded.
-  Input folders are only read.
+  Input folders are only read; everything is checked (`prepare_user`, or
+  `prepared`) before out_dir is created.
   """
   out_dir = Path(out_dir)
-  inputs = [Path(p) for p in (user.hq_images, user.hq_labels, user.lq_images,
-                              user.lq_labels, user.others_labels) if p]
-  for p in inputs:
-    if not p.is_dir():
-      raise FileNotFoundError(f"input folder {p} does not exist")
-  if any(out_dir.resolve() == p.resolve() or p.resolve() in out_dir.resolve().parents
-         for p in inputs):
-    raise ValueError(f"out_dir {out_dir} must not be inside an input folder")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  hq_vols = io.folder(user.hq_images, user.hq_labels, user.others_labels or None)
-  lq_vols = io.folder(user.lq_images, user.lq_labels)
-  kw = dict(normalisation=cfg.data.normalisation)
-  hq = _with_others(io.volumes_to_dataset(hq_vols, **kw), cfg.data.others, felz or {})
-  lq = io.volumes_to_dataset(lq_vols, **kw)
-  if hq.channels != lq.channels:
-    raise ValueError(f"HQ images have {hq.channels} channels but LQ images {lq.channels}")
-  lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
-  train_idx, val_idx = sampling.train_val_split(len(hq), seed=cfg.seed)
-  if len(val_idx) == 0:
-    raise ValueError(f"need at least 2 HQ images in {user.hq_images}, found {len(hq)}")
-  log(f"user data: {len(hq)} HQ images ({len(train_idx)} train / {len(val_idx)} val), "
-      f"{len(lq)} LQ images")
-  fit = train_lib.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq.subset(train_idx),
-                      hq.subset(val_idx), out_dir / "upgrade", log=log)
-  masks = upgrade_labels(fit.state_best, lq, cfg.predict_batch)
-  paths = write_upgraded(out_dir / "upgraded", lq, masks, inputs=inputs)
-  log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
-  result = {"upgrade_best_val_dice": fit.best_val_dice, "n_hq": len(hq), "n_lq": len(lq),
-            "upgraded": [str(p) for p in paths]}
-  if "hq_upgraded" in cfg.scenarios:
-    upgraded = lq.replace(targets=masks.astype(np.int32))
-    seg = train_lib.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
-                        concat([hq.subset(train_idx), upgraded]), hq.subset(val_idx),
-                        out_dir / "seg_hq_upgraded", log=log)
-    result["segmentation_best_val_dice"] = seg.best_val_dice
-  _write_json(out_dir / "results.json", result)
+  d = prepared if prepared is not None else prepare_user(cfg, user, out_dir, felz=felz)
+  hq_train, hq_val = d.hq.subset(d.train_idx), d.hq.subset(d.val_idx)
+  log(f"user data: {len(d.hq)} HQ images ({len(hq_train)} train / {len(hq_val)} val), "
+      f"{len(d.lq)} LQ images")
+  with rundir.RunLock(out_dir):
+    rundir.remove_stale_temps(out_dir)
+    fit = engine.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq_train, hq_val,
+                        out_dir / "upgrade", log=log)
+    masks = upgrade_labels(fit.state_best, d.lq, cfg.predict_batch)
+    paths = write_upgraded(out_dir / "upgraded", d.lq, masks, guard=d.guard)
+    log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
+    result = {"upgrade_best_val_dice": fit.best_val_dice, "n_hq": len(d.hq),
+              "n_lq": len(d.lq), "upgraded": [str(p) for p in paths]}
+    if "hq_upgraded" in cfg.scenarios:
+      upgraded = d.lq.replace(targets=masks.astype(np.int32))
+      seg = engine.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
+                          concat([hq_train, upgraded]), hq_val,
+                          out_dir / "seg_hq_upgraded", log=log)
+      result["segmentation_best_val_dice"] = seg.best_val_dice
+    _write_json(out_dir / "results.json", result, guard=d.guard)
   return result

@@ -7,7 +7,6 @@ files atomically; nothing reaches back into training.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io as _io
 import json
 import os
@@ -17,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from upgrade_jax.data.io import write_text
-from upgrade_jax.train import json_safe
+from upgrade_jax.data.io import json_safe, write_text
 
 PACKAGES = ("upgrade_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "scipy", "scikit-image", "tifffile", "absl-py", "matplotlib")
@@ -48,7 +46,7 @@ def results_dict(results, extra: dict | None = None) -> dict:
   summary = results.summary()
   timings = dict(results.timings)
   timings["per_rep"] = [r.get("timings", {}) for r in results.reps]
-  return {**summary, "reps": results.reps, "config": dataclasses.asdict(results.config),
+  return {**summary, "reps": results.reps, "config": json_safe(results.config),
           "versions": versions(), "timings": timings, **(extra or {})}
 
 

@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from upgrade_jax.data.types import Dataset
-from upgrade_jax.metrics import pooled_dice
+from upgrade_jax.metrics import pooled_dice, pooled_dice_np
 
 __all__ = ["ThresholdResult", "threshold_candidates", "dice_per_threshold",
            "best_threshold", "apply_threshold", "fit_and_evaluate"]
@@ -92,9 +92,5 @@ def fit_and_evaluate(train: Dataset, test: Dataset, steps: int = 100) -> Thresho
   """Chooses the threshold on `train` and scores it on `test` (pooled Dice)."""
   threshold, fraction, train_dice = best_threshold(train, steps)
   pred = apply_threshold(test, threshold)
-  valid = test.valid_mask()
-  truth = (test.targets > 0) & valid
-  tp = int(np.count_nonzero(pred & truth))
-  fp = int(np.count_nonzero(pred & ~truth))
-  fn = int(np.count_nonzero(~pred & truth))
-  return ThresholdResult(threshold, fraction, train_dice, pooled_dice([tp, fp, fn]))
+  test_dice = pooled_dice_np(pred, test.targets, test.valid_mask())
+  return ThresholdResult(threshold, fraction, train_dice, test_dice)

@@ -28,20 +28,22 @@ integers; floats are accepted only when every value is integral.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import tifffile
 
+from upgrade_jax import rundir
 from upgrade_jax.data.types import Dataset, Volume
 from upgrade_jax.perturb import relabel_sequential
 
 __all__ = ["IMAGE_SUFFIXES", "read_array", "read_image", "read_labels", "check_labels",
            "normalise", "to_channels", "stack_samples", "volumes_to_dataset",
-           "write_labels", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
+           "write_labels", "write_json", "json_safe", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
            "load_source"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -117,12 +119,19 @@ def check_labels(labels: np.ndarray, source) -> np.ndarray:
 def read_image(path, slices=None) -> np.ndarray:
   """An image file as stored: (H, W), (H, W, C) or a stack (Z, H, W[, C])."""
   arr = read_array(path, slices)
-  if arr.ndim < 2 or arr.size == 0:
+  if arr.size == 0:
+    raise ValueError(f"{path}: holds no pixels (an empty or corrupt file?); replace or "
+                     "remove it")
+  if arr.ndim < 2:
     raise ValueError(f"{path}: expected an image with at least 2 dimensions, "
                      f"got shape {arr.shape}")
   if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
           or arr.dtype == bool):
     raise ValueError(f"{path}: unsupported image dtype {arr.dtype}")
+  if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+    bad = int(arr.size - np.isfinite(arr).sum())
+    raise ValueError(f"{path}: {bad} pixel(s) are NaN or infinite; replace them (e.g. with 0) "
+                     "before training")
   return arr
 
 
@@ -251,54 +260,79 @@ def volumes_to_dataset(volumes: Sequence[Volume], picks=None, **kwargs) -> Datas
 # --------------------------------------------------------------------------
 # Writing.
 
-def write_text(path, text: str) -> Path:
-  """Writes a text file atomically (temp file in the same folder, then rename),
-  creating the folder. For results.json / .csv and other run records."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-  return path
+def json_safe(x):
+  """`x` with numpy scalars as Python numbers, tuples as lists and frozen
+  configs (dataclasses) as dicts; a dataclass with a `to_json` method (a
+  training task, a TrainConfig) is written as that method says."""
+  if hasattr(x, "to_json") and dataclasses.is_dataclass(x):
+    return json_safe(x.to_json())
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    return {f.name: json_safe(getattr(x, f.name)) for f in dataclasses.fields(x)}
+  if isinstance(x, dict):
+    return {k: json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, (np.integer, np.floating, np.bool_)):
+    return x.item()
+  return x
 
 
-def write_labels(path, labels: np.ndarray, *, inputs: Sequence = ()) -> Path:
-  """Writes an instance/binary label map as a zlib TIFF, atomically.
+def write_json(path, obj, *, guard: rundir.InputGuard | None = None) -> Path:
+  """Writes `obj` (see json_safe) as indented JSON, atomically."""
+  return write_text(path, json.dumps(json_safe(obj), indent=2), guard=guard)
 
-  The data go to a temporary file in the destination folder, which then
-  replaces `path` in one step, so readers never see a partial file and a
-  failure leaves no file behind.
 
-  Args:
-    path: destination .tif path.
-    labels: (H, W) or (Z, H, W) non-negative integer (or bool) array; stored
-      as uint16 when the ids fit, else uint32.
-    inputs: paths this run read; writing over any of them is refused.
-
-  Returns:
-    The destination Path.
-  """
-  path = Path(path)
-  arr = check_labels(labels, f"labels for {path}")
-  for src in inputs:
-    src = Path(src)
-    if path.resolve() == src.resolve() or (path.exists() and src.exists()
-                                           and os.path.samefile(path, src)):
-      raise ValueError(f"refusing to overwrite input file {src} with labels")
-  if not path.parent.is_dir():
-    raise FileNotFoundError(f"output folder does not exist: {path.parent}")
-  arr = arr.astype(np.uint16 if arr.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _atomic_write(path: Path, write) -> Path:
+  """Calls write(tmp_name) on a temporary file beside `path`, then renames it
+  onto `path` in one step: readers never see a partial file, a failure leaves
+  none, and a killed run's leftover is removed by `rundir.remove_stale_temps`.
+  The file gets the mode `open` would give it (umask), not mkstemp's 0600."""
+  fd, tmp = rundir.temp_path_for(path)
   try:
     os.close(fd)
-    # minisblack: a short stack (Z <= 4) must not be stored as one RGB image.
-    tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
+    write(tmp)
+    os.chmod(tmp, rundir.output_mode())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
   return path
+
+
+def write_text(path, text: str, *, guard: rundir.InputGuard | None = None) -> Path:
+  """Writes a text file atomically, creating the folder. For results.json /
+  .csv and other run records. `guard` refuses paths that are inputs."""
+  path = Path(path)
+  if guard is not None:
+    guard.check_output(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_labels(path, labels: np.ndarray, *,
+                 guard: rundir.InputGuard | None = None) -> Path:
+  """Writes an instance/binary label map as a zlib TIFF, atomically.
+
+  Args:
+    path: destination .tif path; its folder must exist.
+    labels: (H, W) or (Z, H, W) non-negative integer (or bool) array; stored
+      as uint16 when the ids fit, else uint32.
+    guard: the run's inputs; writing over any of them raises InputError.
+
+  Returns:
+    The destination Path.
+  """
+  path = Path(path)
+  arr = check_labels(labels, f"labels for {path}")
+  if guard is not None:
+    guard.check_output(path)
+  if not path.parent.is_dir():
+    raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+  arr = arr.astype(np.uint16 if arr.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32)
+  # minisblack: a short stack (Z <= 4) must not be stored as one RGB image.
+  return _atomic_write(path, lambda tmp: tifffile.imwrite(
+      tmp, arr, compression="zlib", photometric="minisblack"))
 
 
 # --------------------------------------------------------------------------

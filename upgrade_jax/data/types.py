@@ -90,10 +90,9 @@ class Dataset:
 
   def valid_mask(self) -> np.ndarray:
     """(N, H, W) bool, True on real (non-padding) pixels."""
+    from upgrade_jax.metrics import extent_mask
     _, h, w = self.targets.shape
-    rows = np.arange(h)[None, :, None] < self.extents[:, 0, None, None]
-    cols = np.arange(w)[None, None, :] < self.extents[:, 1, None, None]
-    return rows & cols
+    return extent_mask(self.extents, h, w)
 
   def subset(self, index) -> "Dataset":
     """The samples at `index` (array of ints or bool mask), as a new Dataset."""

@@ -1,0 +1,80 @@
+"""The run folder's guards: input overlap, lock, stale temporary files."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from upgrade_jax import rundir
+from upgrade_jax.data import io
+
+
+def test_check_out_dir_refuses_every_overlap_with_inputs(tmp_path):
+  inp = tmp_path / "data" / "labels"
+  inp.mkdir(parents=True)
+  (inp / "a.tif").write_bytes(b"x")
+  guard = rundir.InputGuard([inp])
+  for bad in (inp, inp / "run", tmp_path / "data", tmp_path):
+    with pytest.raises(rundir.InputError, match="--out_dir"):
+      rundir.check_out_dir(bad, guard)
+  os.symlink(tmp_path / "data", tmp_path / "alias")
+  with pytest.raises(rundir.InputError, match="--out_dir"):
+    rundir.check_out_dir(tmp_path / "alias" / "labels" / "run", guard)
+  rundir.check_out_dir(tmp_path / "elsewhere" / "run", guard)  # fine, and creates nothing
+  assert not (tmp_path / "elsewhere").exists()
+
+
+def test_guard_refuses_outputs_that_are_inputs_by_any_name(tmp_path):
+  src = tmp_path / "in" / "a.tif"
+  src.parent.mkdir()
+  io.write_labels(src, np.ones((3, 3), np.int32))
+  guard = rundir.InputGuard([src.parent])
+  out = tmp_path / "out"
+  out.mkdir()
+  os.link(src, out / "hard.tif")
+  os.symlink(src, out / "soft.tif")
+  os.symlink(src.parent, out / "linked_dir")
+  for p in (out / "hard.tif", out / "soft.tif", out / "linked_dir" / "b.tif", src):
+    with pytest.raises(rundir.InputError):
+      guard.check_output(p)
+  guard.check_output(out / "new.tif")
+
+
+def test_remove_stale_temps_removes_only_its_own(tmp_path):
+  (tmp_path / "upgraded").mkdir()
+  stale = tmp_path / "upgraded" / f".a.tif.k3j2{rundir.TEMP_SUFFIX}"
+  stale.write_bytes(b"partial")
+  keep = [tmp_path / "upgraded" / "a.tif", tmp_path / ".hidden.tmp", tmp_path / "x.tmp"]
+  for p in keep:
+    p.write_bytes(b"user")
+  assert rundir.remove_stale_temps(tmp_path) == [stale]
+  assert not stale.exists() and all(p.exists() for p in keep)
+
+
+_HOLD = """
+import sys, time
+from upgrade_jax import rundir
+with rundir.RunLock(sys.argv[1]):
+  print("locked", flush=True)
+  time.sleep(60)
+"""
+
+
+def test_lock_refuses_a_live_run_and_dies_with_a_killed_one(tmp_path):
+  proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE,
+                          text=True)
+  try:
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(rundir.InputError, match=f"in use .*pid {proc.pid}"):
+      with rundir.RunLock(tmp_path):
+        pass
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  with rundir.RunLock(tmp_path):  # the killed run's lock is gone with it
+    pass
+  with rundir.RunLock(tmp_path):  # and a finished run's too
+    pass

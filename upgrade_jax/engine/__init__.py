@@ -1,0 +1,34 @@
+"""The training engine shared by every network of the method.
+
+One engine, many tasks: a task (tasks.py) says how a batch becomes the
+network's (inputs, target), its loss, and how prediction builds its input;
+the rest is shared.
+
+  config.py       TrainConfig (the run) and StepConfig (what the step reads)
+  tasks.py        Task, Upgrade, Segment: the registry of tasks
+  state.py        TrainState, create_train_state
+  step.py         the jitted, data-parallel train step and its batches
+  evaluate.py     the fixed validation set, evaluate, predict / predict_proba
+  checkpoints.py  Orbax checkpoints and the loop's LoopRecord
+  loop.py         fit: epochs, early stopping, resume
+
+The names below are the engine's public API.
+"""
+
+from upgrade_jax.engine.checkpoints import Checkpoints, LoopRecord, check_resumable
+from upgrade_jax.engine.config import StepConfig, TrainConfig
+from upgrade_jax.engine.evaluate import (ValSet, bucket_size, evaluate, make_val_set,
+                                         predict, predict_proba)
+from upgrade_jax.engine.loop import FitResult, fit
+from upgrade_jax.engine.state import (TrainState, create_train_state, init_variables,
+                                      network_channels)
+from upgrade_jax.engine.step import (Batch, crop_and_flip, gather_samples, make_train_step,
+                                     sample_crops)
+from upgrade_jax.engine.tasks import TASKS, Segment, Task, Upgrade, make_task, task_from_json
+
+__all__ = ["Checkpoints", "LoopRecord", "check_resumable", "StepConfig", "TrainConfig",
+           "ValSet", "bucket_size", "evaluate", "make_val_set", "predict", "predict_proba",
+           "FitResult", "fit", "TrainState", "create_train_state", "init_variables",
+           "network_channels", "Batch", "crop_and_flip", "gather_samples", "make_train_step",
+           "sample_crops", "TASKS", "Segment", "Task", "Upgrade", "make_task",
+           "task_from_json"]

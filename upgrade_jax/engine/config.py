@@ -1,0 +1,116 @@
+"""The configuration of one training run, and the part the train step reads.
+
+`TrainConfig` holds everything a run needs, in three groups: the task (with
+its own options), what the step and the model read, and the loop's settings.
+`StepConfig` is the step's part, derived from a TrainConfig: the train step
+is built from a StepConfig only, so it cannot read a loop setting, and two
+fits that differ only in loop settings (max_steps, patience, the seed, the
+learning rate, which lives in the optimizer state) share one compiled step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from upgrade_jax.engine.tasks import Task, Upgrade, make_task
+
+__all__ = ["TrainConfig", "StepConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the train step reads (frozen, hashable: the step's cache key).
+
+  Attributes: see TrainConfig.
+  """
+
+  task: Task
+  widths: tuple[int, ...]
+  conv_impl: str
+  crop: int
+  batch_size: int
+  flips: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything that defines a training run (frozen, hashable).
+
+  The task:
+    task: a Task (engine.tasks), e.g. Upgrade(perturb=...) or Segment(); a
+      registered name ("upgrade", "segment") stands for the task with its
+      default options.
+  The step and the model (StepConfig):
+    widths: UNet widths, 4 encoder blocks + bottleneck.
+    conv_impl: conv implementation name (models.conv.get_conv).
+    crop: side of the square training crop; clipped to the dataset's padded
+      size. Multiples of 16 avoid padding inside the UNet.
+    batch_size: global batch, split over the devices (a multiple of them).
+    flips: random horizontal and vertical flips of the crops.
+  The state:
+    lr: Adam learning rate (held in the optimizer state).
+    seed: the run's seed; all keys derive from it.
+  The loop:
+    max_steps: hard limit on train steps.
+    steps_per_epoch: steps between validations (the early-stopping unit).
+    patience: epochs without validation improvement before stopping.
+    log_every: steps between progress lines (the only host syncs).
+    checkpoint_every: steps between "latest" checkpoints (also at each epoch
+      end).
+    eval_batch_size: validation batch (rounded up to a device multiple).
+  """
+
+  task: Task = Upgrade()
+  widths: tuple[int, ...] = (16, 32, 64, 128, 128)
+  conv_impl: str = "xla"
+  crop: int = 128
+  batch_size: int = 8
+  flips: bool = True
+  lr: float = 1e-3
+  seed: int = 0
+  max_steps: int = 5000
+  steps_per_epoch: int = 100
+  patience: int = 10
+  log_every: int = 50
+  checkpoint_every: int = 500
+  eval_batch_size: int = 8
+
+  # Settings a resumed run may change (train longer, log more often, another
+  # implementation of the same convolution). Every other field changes the
+  # model or the random stream, and a checkpoint made with another value is
+  # not resumed.
+  RESUMABLE_CHANGES = ("max_steps", "patience", "log_every", "checkpoint_every",
+                       "eval_batch_size", "conv_impl")
+
+  def __post_init__(self):
+    if isinstance(self.task, str):
+      object.__setattr__(self, "task", make_task(self.task))
+    if not isinstance(self.task, Task):
+      raise ValueError(f"TrainConfig.task must be a Task or a task name, got {self.task!r}")
+    object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+    if len(self.widths) != 5 or min(self.widths) < 1:
+      raise ValueError(f"TrainConfig.widths must be 5 positive ints, got {self.widths}")
+    for name in ("crop", "batch_size", "max_steps", "steps_per_epoch",
+                 "patience", "log_every", "checkpoint_every", "eval_batch_size"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+    if not self.lr > 0:
+      raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+
+  @property
+  def step(self) -> StepConfig:
+    """The fields the train step reads."""
+    return StepConfig(**{f.name: getattr(self, f.name)
+                         for f in dataclasses.fields(StepConfig)})
+
+  def to_json(self) -> dict:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d["task"] = self.task.to_json()
+    d["widths"] = list(self.widths)
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> "TrainConfig":
+    from upgrade_jax.engine.tasks import task_from_json
+    return cls(**{**d, "task": task_from_json(d["task"])})
+

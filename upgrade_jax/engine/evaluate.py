@@ -1,0 +1,175 @@
+"""Validation and prediction.
+
+  make_val_set / evaluate   pooled Dice on a fixed validation set, built once
+                            (the upgrade task's label input perturbed once
+                            with a key derived from the seed)
+  predict_proba / predict   batched, jitted inference on full-size images;
+                            the network input is built by the state's task
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from upgrade_jax import parallel
+from upgrade_jax.data.types import Dataset
+from upgrade_jax.engine.config import TrainConfig
+from upgrade_jax.engine.state import TrainState
+from upgrade_jax.engine.tasks import Task
+from upgrade_jax.metrics import dice_counts, extent_mask, pooled_dice
+from upgrade_jax.models.unet import MULTIPLE
+
+__all__ = ["ValSet", "make_val_set", "evaluate", "bucket_size", "predict_proba", "predict"]
+
+# Salt folded into the seed for the one-off perturbation of the validation set,
+# so it never coincides with a training step key.
+_VAL_KEY_SALT = 0x5EED_0F_0A
+
+
+class ValSet(NamedTuple):
+  """A fixed validation set on the devices, in eval batches.
+
+  inputs: (nb, b, H, W, C') f32; target, valid: (nb, b, H, W) bool. Samples
+  added to fill the last batch are all-invalid.
+  """
+  inputs: Any
+  target: Any
+  valid: Any
+
+
+def make_val_set(config: TrainConfig, val: Dataset, max_label: int,
+                 mesh=None) -> ValSet:
+  """Builds the validation pairs once; the upgrade task's label input is
+  perturbed with a fixed key derived from config.seed (and no dropout/mix).
+  """
+  if len(val) == 0:
+    raise ValueError("make_val_set: the validation Dataset is empty")
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  ndev = mesh.shape[parallel.DATA_AXIS]
+  b = -(-config.eval_batch_size // ndev) * ndev
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _VAL_KEY_SALT)
+  valid = val.valid_mask()
+  pair = jax.jit(functools.partial(config.task.pair, max_label=max_label, train=False))
+  inputs, target = pair(key, jnp.asarray(val.images, jnp.float32),
+                        jnp.asarray(val.targets, jnp.int32),
+                        jnp.asarray(val.others, jnp.int32), valid=jnp.asarray(valid))
+  n = len(val)
+  nb = -(-n // b)
+
+  def batched(x):
+    x = np.asarray(x)
+    x = np.concatenate([x, np.zeros((nb * b - n,) + x.shape[1:], x.dtype)])
+    return x.reshape((nb, b) + x.shape[1:])
+
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+  return ValSet(*(parallel.put(batched(x), sharding)
+                  for x in (inputs, np.asarray(target), valid)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_counts(model, variables, valset: ValSet):
+  def body(counts, xs):
+    x, t, v = xs
+    logits = model.apply(variables, x, train=False)
+    return counts + dice_counts(logits[..., 1] > logits[..., 0], t, v), None
+  counts, _ = jax.lax.scan(body, jnp.zeros((3,), jnp.int32), tuple(valset))
+  return counts
+
+
+def evaluate(state: TrainState, valset: ValSet) -> float:
+  """Pooled Dice (2ΣTP / (2ΣTP + ΣFP + ΣFN)) of the model on `valset`."""
+  return pooled_dice(jax.device_get(
+      _eval_counts(state.model, state.variables, valset)))
+
+
+def bucket_size(n: int) -> int:
+  """Padded size for a spatial size n: a multiple of 16 up to 64, then a
+  multiple of 64, so a folder of mixed sizes compiles only a few shapes."""
+  if n <= 64:
+    return -(-n // MULTIPLE) * MULTIPLE
+  return -(-n // 64) * 64
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_probs(model, variables, x):
+  logits = model.apply(variables, x, train=False)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
+
+
+def _data_mesh_of(variables):
+  """The mesh of variables replicated over a multi-device `data` mesh, else None."""
+  sharding = getattr(jax.tree.leaves(variables)[0], "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if (isinstance(sharding, jax.sharding.NamedSharding)
+      and mesh.shape.get(parallel.DATA_AXIS, 1) > 1):
+    return mesh
+  return None
+
+
+def predict_proba(state, images, labels=None, *, batch_size: int = 8,
+                  extents=None, task: Task | None = None) -> np.ndarray:
+  """Foreground probabilities of full-size images.
+
+  Args:
+    state: a TrainState, or a (UNet, variables) pair (then pass `task`).
+    images: (N, H, W, C) float32.
+    labels: (N, H, W) label input of a task that takes one (the LQ masks to
+      upgrade); None for the segmentation network.
+    batch_size: images per jitted call (N is padded to a multiple). When the
+      variables are replicated over a multi-device mesh (as fit leaves
+      them), each batch is split over its `data` axis (batch_size is
+      rounded up to a multiple of the device count).
+    extents: optional (N, 2) valid (height, width) per image; outside it the
+      label input is zeroed and the output is 0.
+    task: the task whose input layout to build (default: the state's).
+
+  Returns:
+    (N, H, W) float32 in [0, 1].
+  """
+  model, variables = ((state.model, state.variables)
+                      if isinstance(state, TrainState) else state)
+  task = task if task is not None else getattr(state, "task", None)
+  if task is None:
+    raise ValueError("predict: pass task= with a (model, variables) pair")
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4:
+    raise ValueError(f"predict: images must be (N, H, W, C), got {images.shape}")
+  n, h, w, _ = images.shape
+  valid = None
+  if extents is not None:
+    extents = np.asarray(extents)
+    if extents.shape != (n, 2):
+      raise ValueError(f"predict: extents shape {extents.shape} != {(n, 2)}")
+    valid = extent_mask(extents, h, w)
+  x = task.prediction_inputs(images, labels, valid)
+  if batch_size < 1:
+    raise ValueError(f"predict: batch_size must be >= 1, got {batch_size}")
+  mesh = _data_mesh_of(variables)
+  put = lambda a: a
+  if mesh is not None:  # variables on several devices: split each batch
+    ndev = mesh.shape[parallel.DATA_AXIS]
+    batch_size = -(-batch_size // ndev) * ndev
+    put = lambda a: parallel.put(a, parallel.batch_sharding(mesh))
+  hb, wb = bucket_size(h), bucket_size(w)
+  nb = -(-n // batch_size)
+  x = np.pad(x, ((0, nb * batch_size - n), (0, hb - h), (0, wb - w), (0, 0)))
+  outs = [_forward_probs(model, variables, put(x[i * batch_size:(i + 1) * batch_size]))
+          for i in range(nb)]  # dispatched asynchronously, fetched once
+  probs = np.concatenate(jax.device_get(outs))[:n, :h, :w]
+  if valid is not None:
+    probs = np.where(valid, probs, 0.0).astype(np.float32)
+  return probs
+
+
+def predict(state, images, labels=None, *, batch_size: int = 8,
+            extents=None, task: Task | None = None) -> np.ndarray:
+  """(N, H, W) bool prediction (foreground probability > 0.5); see
+  predict_proba for the arguments."""
+  return predict_proba(state, images, labels, batch_size=batch_size,
+                       extents=extents, task=task) > 0.5

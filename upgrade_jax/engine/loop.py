@@ -1,0 +1,195 @@
+"""The training loop: epochs, early stopping on validation Dice, resume.
+
+  fit(config, train, val, workdir) -> FitResult
+
+reads top to bottom: make or restore the state, place the data, then steps
+until max_steps or early stopping, syncing with the host only to log, to
+validate at each epoch end and to checkpoint. A killed run resumes from its
+latest checkpoint and replays the same random stream (state.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from upgrade_jax import parallel
+from upgrade_jax.data.types import Dataset
+from upgrade_jax.engine.checkpoints import Checkpoints, LoopRecord, check_resumable
+from upgrade_jax.engine.config import TrainConfig
+from upgrade_jax.engine.evaluate import evaluate, make_val_set
+from upgrade_jax.engine.state import TrainState, create_train_state, network_channels
+from upgrade_jax.engine.step import make_train_step
+
+__all__ = ["FitResult", "fit"]
+
+
+@dataclasses.dataclass
+class FitResult:
+  """state_best: TrainState with the best-validation variables; state_last:
+  the final state; history: one dict per epoch (step, epoch, loss,
+  train_dice, val_dice, img_per_s); resumed_from: the step a previous run
+  had reached, or None for a fresh run."""
+  state_best: TrainState
+  state_last: TrainState
+  history: list
+  best_val_dice: float
+  best_step: int
+  resumed_from: int | None
+
+
+def _copy(tree):
+  # Own buffers: the train step donates (invalidates) the state it is given.
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  s = int(seconds)
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class _Throughput:
+  """Images/s of the train steps alone (not compilation, validation or
+  checkpointing): laps are taken right after a host sync."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    self.start = None
+    self.rate = float("nan")
+    self._time, self._steps = 0.0, 0
+
+  @property
+  def started(self) -> bool:
+    return self.start is not None
+
+  def restart(self, step: int) -> None:
+    self.start = (time.perf_counter(), step)
+
+  def lap(self, step: int) -> None:
+    if self.start is None:
+      return
+    now = time.perf_counter()
+    dt, n = now - self.start[0], step - self.start[1]
+    if n > 0 and dt > 0:
+      self.rate = n * self.batch_size / dt
+      self._time += dt
+      self._steps += n
+    self.start = (now, step)
+
+  def epoch_rate(self) -> float | None:
+    """Mean img/s since the last call (None if nothing was timed: JSON-safe)."""
+    rate = self._steps * self.batch_size / self._time if self._time else None
+    self._time, self._steps = 0.0, 0
+    return rate
+
+
+def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
+        log: Callable[[str], None] = print, mesh=None) -> FitResult:
+  """Trains with early stopping on validation Dice; resumes from `workdir`.
+
+  Args:
+    config: the TrainConfig.
+    train: the training Dataset (HQ, 80 %); placed once on every device.
+    val: the validation Dataset (HQ, 20 %), turned once into a fixed
+      (perturbed) validation set.
+    workdir: directory for the Orbax checkpoints. If it already holds a run of
+      this config, training resumes from its latest checkpoint; if that run
+      had finished, its result is returned without training.
+    log: called with one progress line at a time.
+    mesh: device mesh (default: all devices on the `data` axis).
+
+  Returns:
+    FitResult.
+  """
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  if len(train) == 0:
+    raise ValueError("fit: the training Dataset is empty")
+  if train.channels != val.channels:
+    raise ValueError(f"fit: train has {train.channels} channels, val {val.channels}")
+  max_label = max(train.max_label, val.max_label)
+  state = create_train_state(config, network_channels(config, train.channels),
+                             jax.random.PRNGKey(config.seed), mesh)
+  ckpt = Checkpoints(workdir)
+  resumed_from = None
+  if ckpt.latest_step() is not None:
+    state, best, record = ckpt.restore(state)
+    check_resumable(record, config, train, val, workdir)
+    resumed_from = record.step
+    log(f"resuming from step {resumed_from} in {ckpt.directory}")
+  else:
+    best, record = _copy(state.variables), LoopRecord.fresh(config, train, val)
+
+  if record.finished:
+    log(f"run already finished ({record.stop_reason}); best val Dice "
+        f"{record.best_val_dice:.4f} at step {record.best_step}")
+  else:
+    state, best = _train(config, state, best, record, ckpt, train, val, max_label, mesh, log)
+    log(f"finished at step {record.step}: {record.stop_reason}; best val Dice "
+        f"{record.best_val_dice:.4f} at step {record.best_step}")
+  ckpt.close()
+  return FitResult(state_best=state.replace(**best), state_last=state,
+                   history=record.history, best_val_dice=float(record.best_val_dice),
+                   best_step=int(record.best_step), resumed_from=resumed_from)
+
+
+def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecord,
+           ckpt: Checkpoints, train: Dataset, val: Dataset, max_label: int, mesh,
+           log) -> tuple[TrainState, dict]:
+  """Steps from record.step until the record is finished; returns (state, best).
+
+  Metrics stay on the device until a sync point (log line, epoch end,
+  checkpoint): no host round trip per step.
+  """
+  data = parallel.place_dataset(train, mesh)
+  valset = make_val_set(config, val, max_label, mesh)
+  train_step = make_train_step(config, mesh, max_label)
+  pending = []
+  clock = _Throughput(config.batch_size)
+
+  def sync():
+    for m in jax.device_get(pending):
+      record.add_step_metrics(m)
+    pending.clear()
+    clock.lap(record.step)
+
+  while not record.finished:
+    if record.step >= config.max_steps:
+      record.finish("max_steps")
+      ckpt.save(state, best, record)
+      break
+    state, metrics = train_step(state, data)
+    record.step += 1
+    step = record.step
+    pending.append(metrics)
+    if not clock.started:  # first step of this process: exclude compilation
+      jax.block_until_ready(metrics)
+      clock.restart(step)
+    if step % config.log_every == 0:
+      sync()
+      eta = (config.max_steps - step) * config.batch_size / clock.rate
+      log(f"step {step}/{config.max_steps} | loss {record.mean_loss:.4f} | "
+          f"best val Dice {max(record.best_val_dice, 0.0):.4f} | "
+          f"{clock.rate:.1f} img/s | ETA {_eta(eta)}")
+    if step % config.steps_per_epoch == 0 or step >= config.max_steps:
+      sync()
+      entry, improved = record.close_epoch(evaluate(state, valset), clock.epoch_rate(),
+                                           config.patience, config.max_steps)
+      if improved:
+        best = _copy(state.variables)
+      ckpt.save(state, best, record)
+      log(f"epoch {entry['epoch']} step {step} | loss {entry['loss']:.4f} | "
+          f"train Dice {entry['train_dice']:.4f} | val Dice {entry['val_dice']:.4f} | "
+          f"best {record.best_val_dice:.4f} @ {record.best_step}")
+      clock.restart(step)
+    elif step % config.checkpoint_every == 0:
+      sync()
+      ckpt.save(state, best, record)
+      clock.restart(step)
+  return state, best

@@ -1,0 +1,172 @@
+"""Training tasks: what a network learns, as one object each.
+
+A task says how a batch of (images, HQ labels, other objects) becomes the
+network's (inputs, target), what loss trains it, and how prediction builds
+the input from images and (for the upgrade task) the labels to upgrade. Its
+options live on it: a task is a frozen dataclass, hashable, so it is part of
+the jit cache key of the step that runs it.
+
+  Upgrade   u_θ(image, P(HQ label)) -> HQ label   (the paper's Algorithm 1)
+  Segment   image -> HQ label                     (the comparison scenarios)
+
+New tasks (the competing methods, with their own targets and losses)
+subclass `Task` and register with `@register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from upgrade_jax.losses import dice_loss_from_logits
+from upgrade_jax.perturb import PerturbConfig, perturb
+
+__all__ = ["Task", "Upgrade", "Segment", "TASKS", "register", "make_task", "task_from_json"]
+
+TASKS: dict[str, type] = {}
+
+
+def register(cls):
+  """Class decorator: makes a Task findable by its `name`."""
+  TASKS[cls.name] = cls
+  return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Base of every task. Subclasses set the class attributes and `pair`.
+
+  Class attributes:
+    name: the registry name (also stored in configs and checkpoints).
+    extra_channels: input channels beyond the image's C.
+    whole_samples: the pair must be made on whole samples before cropping
+      (True when it depends on the instances present, as P's omission does:
+      omitting floor(r·n) of the n cells of a crop omits nothing from a crop
+      that holds one cell).
+  """
+
+  name: ClassVar[str] = ""
+  extra_channels: ClassVar[int] = 0
+  whole_samples: ClassVar[bool] = False
+
+  def pair(self, key, images, targets, others, *, max_label: int, valid, train: bool):
+    """(inputs (B,h,w,C+extra) f32, target (B,h,w) bool) of a batch.
+
+    Args: key, a PRNG key; images (B,h,w,C) f32; targets, others (B,h,w)
+    int32 instance ids; valid (B,h,w) bool; max_label, a static bound on the
+    ids; train: True in the train step, False for the fixed validation set.
+    """
+    raise NotImplementedError
+
+  def loss(self, logits, target, valid):
+    """() f32 loss of (B,h,w,2) logits against the (B,h,w) bool target."""
+    return dice_loss_from_logits(logits, target, valid)
+
+  def prediction_inputs(self, images: np.ndarray, labels, valid) -> np.ndarray:
+    """(N,H,W,C+extra) float32 network input for prediction (host side).
+
+    Args: images (N,H,W,C) float32; labels (N,H,W) or None; valid (N,H,W)
+    bool or None (padding outside it).
+    """
+    if labels is not None:
+      raise ValueError(f"task {self.name!r} takes no label input")
+    return images
+
+  def to_json(self) -> dict:
+    return {"name": self.name, **dataclasses.asdict(self)}
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Upgrade(Task):
+  """(image, P(HQ label)) -> HQ label.
+
+  Attributes:
+    perturb: the perturbation P, drawn fresh for every sample and step.
+    label_dropout: per-sample probability of zeroing the label input in
+      training: an anti-shortcut option (the network cannot copy its label
+      input and must read the image).
+    strength_mix: draw each training sample's omission / inclusion /
+      salt-and-pepper rates uniformly in [0, configured rate], so the network
+      sees every strength up to the configured one.
+  """
+
+  name: ClassVar[str] = "upgrade"
+  extra_channels: ClassVar[int] = 1
+  whole_samples: ClassVar[bool] = True
+
+  perturb: PerturbConfig = PerturbConfig()
+  label_dropout: float = 0.0
+  strength_mix: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.perturb, PerturbConfig):
+      raise ValueError("Upgrade.perturb must be a PerturbConfig")
+    if not 0.0 <= self.label_dropout <= 1.0:
+      raise ValueError(f"Upgrade.label_dropout must lie in [0, 1], got {self.label_dropout}")
+
+  def pair(self, key, images, targets, others, *, max_label: int, valid, train: bool):
+    # Validation uses the configured P as is (no mix, no dropout).
+    b = targets.shape[0]
+    k_perturb, k_mix, k_drop = jax.random.split(key, 3)
+    keys = jax.random.split(k_perturb, b)
+    cfg = self.perturb
+    one = functools.partial(perturb, config=cfg, max_label=max_label)
+    if train and self.strength_mix:
+      top = jnp.array([cfg.omission_rate, cfg.inclusion_rate, cfg.salt_pepper_prob],
+                      jnp.float32)
+      rates = jax.random.uniform(k_mix, (b, 3)) * top
+      lq = jax.vmap(lambda k, t, o, r: one(k, t, o, rates=r))(keys, targets, others, rates)
+    else:
+      lq = jax.vmap(one)(keys, targets, others)
+    lq = lq & valid  # salt never lands on padding
+    if train and self.label_dropout > 0:
+      keep = ~jax.random.bernoulli(k_drop, self.label_dropout, (b,))
+      lq = lq & keep[:, None, None]
+    inputs = jnp.concatenate([images, lq[..., None].astype(images.dtype)], -1)
+    return inputs, targets > 0
+
+  def prediction_inputs(self, images, labels, valid):
+    if labels is None:
+      raise ValueError("the upgrade task needs the labels to upgrade")
+    lq = np.asarray(labels) > 0
+    if lq.shape != images.shape[:3]:
+      raise ValueError(f"predict: labels shape {lq.shape} != {images.shape[:3]}")
+    if valid is not None:
+      lq = lq & valid
+    return np.concatenate([images, lq[..., None].astype(np.float32)], -1)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Segment(Task):
+  """image -> HQ mask."""
+
+  name: ClassVar[str] = "segment"
+
+  def pair(self, key, images, targets, others, *, max_label: int, valid, train: bool):
+    del key, others, max_label, valid, train
+    return images, targets > 0
+
+
+def make_task(name: str, **options) -> Task:
+  """The registered task `name` with `options`."""
+  try:
+    cls = TASKS[name]
+  except KeyError:
+    raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}") from None
+  return cls(**options)
+
+
+def task_from_json(d: dict) -> Task:
+  """Inverse of Task.to_json."""
+  d = dict(d)
+  name = d.pop("name")
+  if "perturb" in d and isinstance(d["perturb"], dict):
+    d["perturb"] = PerturbConfig(**d["perturb"])
+  return make_task(name, **d)

@@ -1,0 +1,220 @@
+"""A run's output folder, kept apart from the user's inputs.
+
+A user's files are sacred: nothing this package writes may land on, in or
+over an input. Every entry point therefore
+
+  1. builds an `InputGuard` from every input it reads (folders and files),
+  2. calls `check_out_dir(out_dir, guard)` before creating anything: the
+     out_dir must not equal, sit inside or contain an input folder or file
+     (resolved, so symlinks count), must not be a file or under one, and must
+     be creatable and writable,
+  3. holds a `RunLock` on the out_dir while it runs (a second live run on the
+     same out_dir is refused; a killed run's lock dies with its process), and
+     removes its own stale temporary files (`remove_stale_temps`),
+  4. passes the guard to every file writer (`io.write_labels`), which checks
+     each output path again, file by file, by resolved path and inode.
+
+Problems with inputs, flags or the out_dir raise `InputError`: the CLI
+prints its message as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["InputError", "InputGuard", "check_out_dir", "RunLock", "remove_stale_temps",
+           "TEMP_SUFFIX", "temp_path_for", "output_mode"]
+
+# Temporary files of atomic writes end in this; a rerun deletes the ones a
+# killed run left in its own out_dir, and no other file.
+TEMP_SUFFIX = ".upgrade_jax.tmp"
+LOCK_NAME = ".upgrade_jax.lock"
+
+
+class InputError(ValueError):
+  """A problem with the user's inputs, flags or out_dir (not a bug).
+
+  The message names the file, flag or shape and says what to do.
+  """
+
+
+def _resolve(path) -> Path:
+  return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _is_within(path: Path, root: Path) -> bool:
+  return path == root or root in path.parents
+
+
+class InputGuard:
+  """Every input a run reads: folders (all their files) and single files.
+
+  Args:
+    inputs: paths of input folders or files (missing ones are ignored here;
+      the readers report them).
+  """
+
+  def __init__(self, inputs: Iterable = ()):
+    self.roots: list[tuple[Path, Path]] = []   # (as given, resolved)
+    self._ids: set[tuple[int, int]] = set()
+    for p in inputs:
+      if not p:
+        continue
+      p = Path(p)
+      self.roots.append((p, _resolve(p)))
+      files = [p] if p.is_file() else (sorted(p.iterdir()) if p.is_dir() else [])
+      for f in files:
+        try:
+          st = f.stat()  # follows links: the file the user's name points at
+        except OSError:
+          continue
+        self._ids.add((st.st_dev, st.st_ino))
+
+  def check_output(self, path) -> None:
+    """Raises InputError if writing `path` could change an input."""
+    path = Path(path)
+    target = _resolve(path.parent) / path.name
+    for given, root in self.roots:
+      if _is_within(target, root) or target == root:
+        raise InputError(f"refusing to write {path}: it is (inside) the input {given}; "
+                         "choose an --out_dir outside every input folder")
+    for p in (path, target):
+      try:
+        st = p.stat()
+      except OSError:
+        continue
+      if (st.st_dev, st.st_ino) in self._ids:
+        raise InputError(f"refusing to write {path}: it is the same file as an input; "
+                         "choose an --out_dir outside every input folder")
+
+
+def _nearest_existing(path: Path) -> Path:
+  p = path
+  while not p.exists() and p != p.parent:
+    if p.is_symlink():  # a dangling link: creating through it is refused below
+      break
+    p = p.parent
+  return p
+
+
+def check_out_dir(out_dir, guard: InputGuard) -> None:
+  """Checks that `out_dir` can be created and holds no input; creates nothing.
+
+  Raises:
+    InputError: naming --out_dir and what to do.
+  """
+  out = Path(out_dir)
+  if not str(out_dir).strip():
+    raise InputError("--out_dir is empty; give a folder for the run's outputs")
+  resolved = _resolve(out)
+  for given, root in guard.roots:
+    if _is_within(resolved, root):
+      raise InputError(f"--out_dir={out} is {'the' if resolved == root else 'inside the'} "
+                       f"input {given}; choose an --out_dir outside every input")
+    if _is_within(root, resolved):
+      raise InputError(f"--out_dir={out} contains the input {given}; outputs could overwrite "
+                       "it: choose an --out_dir that holds no input")
+  if out.exists() and not out.is_dir():
+    raise InputError(f"--out_dir={out} is a file, not a folder; choose a folder path")
+  base = _nearest_existing(resolved)
+  if not base.exists():
+    raise InputError(f"--out_dir={out}: {base} is a broken link; remove it or choose another "
+                     "--out_dir")
+  if not base.is_dir():
+    raise InputError(f"--out_dir={out} lies under the file {base}; choose a folder path")
+  # Subfolders an earlier run left (or a user linked) must not lead into an input.
+  if out.is_dir():
+    for dirpath, dirnames, filenames in os.walk(out):
+      for name in dirnames + filenames:
+        p = Path(dirpath) / name
+        if not p.is_symlink():
+          continue
+        real = _resolve(p)
+        for given, root in guard.roots:
+          if _is_within(real, root) or _is_within(root, real):
+            raise InputError(f"--out_dir={out} holds {p}, a link to the input {given}; "
+                             "remove the link or choose another --out_dir")
+  # Writable: access() first, then a probe that leaves nothing behind (root
+  # passes access() on folders it still cannot write, e.g. immutable ones).
+  if not os.access(base, os.W_OK | os.X_OK):
+    raise InputError(f"--out_dir={out}: cannot write in {base} (permission denied); "
+                     "choose a writable --out_dir")
+  try:
+    probe = tempfile.mkdtemp(prefix=".upgrade_jax_probe_", dir=base)
+    os.rmdir(probe)
+  except OSError as e:
+    raise InputError(f"--out_dir={out}: cannot write in {base} ({e.strerror}); "
+                     "choose a writable --out_dir") from None
+
+
+class RunLock:
+  """An exclusive lock on a run's out_dir, held while the run lives.
+
+  fcntl locks belong to the process: a killed run releases its lock, so a
+  rerun is never blocked by a stale lock file.
+  """
+
+  def __init__(self, out_dir):
+    self.path = Path(out_dir) / LOCK_NAME
+    self._fd = None
+
+  def __enter__(self) -> "RunLock":
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        os.close(fd)
+        raise
+      holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+      os.close(fd)
+      raise InputError(f"--out_dir={self.path.parent} is in use by a running upgrade_jax "
+                       f"process (pid {holder}); wait for it to finish or choose another "
+                       "--out_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+
+def remove_stale_temps(out_dir) -> list[Path]:
+  """Deletes the temporary files (`*TEMP_SUFFIX`) a killed run left in out_dir.
+
+  Call only while holding the out_dir's RunLock. Links are not followed.
+  """
+  removed = []
+  for dirpath, _, filenames in os.walk(out_dir):
+    for name in filenames:
+      p = Path(dirpath) / name
+      if name.startswith(".") and name.endswith(TEMP_SUFFIX) and not p.is_symlink():
+        p.unlink()
+        removed.append(p)
+  return removed
+
+
+def temp_path_for(path: Path) -> tuple[int, str]:
+  """(fd, name) of a fresh temporary file beside `path` for an atomic write."""
+  return tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+
+
+def output_mode() -> int:
+  """The mode a new file gets under the process umask (0o666 & ~umask).
+
+  mkstemp creates 0600 files; atomic writers chmod to this, so outputs are
+  as readable by the user's group as any file `open` would create.
+  """
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
