@@ -1,9 +1,9 @@
-"""Inference throughput of the upgrade UNet: JAX (`train.predict_proba`) against PyTorch.
+"""Inference throughput of the upgrade UNet: JAX (`engine.predict_proba`) against PyTorch.
 
 Workload (issue 16): the upgrade network (2 input channels: image + LQ mask)
 predicting full images of 256x256 and 1024x1024, batch 8 as the pipeline's
 `predict_batch`, widths (w, 2w, 4w, 8w, 8w) for w = 16 (the quickstart) and
-32. The JAX side is the library call users run, `train.predict_proba`, from
+32. The JAX side is the library call users run, `engine.predict_proba`, from
 host numpy images and masks to host numpy probabilities. The PyTorch side is
 the same network (benchmarks/torch_unet.py) in eval mode under
 `torch.no_grad()` (BatchNorm with running statistics), fed the same batches
@@ -70,7 +70,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from upgrade_jax import train  # noqa: E402
+from upgrade_jax import engine  # noqa: E402
 from upgrade_jax.models.unet import UNet  # noqa: E402
 
 WIDTH_MULT = (1, 2, 4, 8, 8)
@@ -92,7 +92,7 @@ def make_inputs(rng, n: int, size: int):
 def jax_model(width: int, key):
   """(model, variables): random weights, randomised BatchNorm statistics."""
   model = UNet(widths=tuple(width * m for m in WIDTH_MULT))
-  variables = train.init_variables(model, 2, key)
+  variables = engine.init_variables(model, 2, key)
   k1, k2, k3, k4 = jax.random.split(key, 4)
 
   def randomise(path, x):
@@ -178,8 +178,9 @@ def bench_case(torch, width: int, size: int, n: int) -> dict:
   rng = np.random.default_rng(size + width)
   images, masks = make_inputs(rng, n, size)
   model, variables = jax_model(width, jax.random.key(width))
-  runs = {"jax": lambda: train.predict_proba((model, variables), images, masks,
-                                             batch_size=ARGS.batch)}
+  task = engine.Upgrade()  # prediction input: image channels + the LQ mask
+  runs = {"jax": lambda: engine.predict_proba((model, variables), images, masks,
+                                              batch_size=ARGS.batch, task=task)}
   cl = ARGS.torch_layout == "channels_last"
   if torch is not None:
     net = torch_model(torch, width, variables, cl)
