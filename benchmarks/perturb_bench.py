@@ -99,7 +99,8 @@ def main():
   rng = np.random.default_rng(0)
   labels = make_labels(rng, args.batch, args.size, args.cells)
   max_label = int(labels.max())
-  cfg = PerturbConfig(omission_rate=0.7, bias_max=6)
+  # floor: the count rule of the host reference below (like for like).
+  cfg = PerturbConfig(omission_rate=0.7, bias_max=6, count_rounding="floor")
 
   fn = jax.jit(jax.vmap(functools.partial(perturb, config=cfg, max_label=max_label)))
   labels_d = jnp.asarray(labels)

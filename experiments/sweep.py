@@ -84,7 +84,8 @@ def main(argv):
   report.plot_sweep(points, figure, xlabel=name)
   summary = {"flag": name, "points": [
       {"value": x, "annotation_dice": d["annotation_dice"],
-       "segmentation_dice": d["segmentation_dice"]} for x, d in points]}
+       "segmentation_dice": d["segmentation_dice"],
+       "effective_rates": d.get("effective_rates")} for x, d in points]}
   write_text(out_dir / "sweep.json", json.dumps(summary, indent=2))
   upgrade._log(f"sweep done: {figure}, {out_dir / 'sweep.json'}")
   return 0

@@ -43,6 +43,8 @@ flags.DEFINE_integer("n_test", 2, "Volumes (synthetic) or images (folder) held o
                      lower_bound=1)
 flags.DEFINE_integer("n_hq", 10, "High-quality slices (the paper's selection rule).",
                      lower_bound=2)
+flags.DEFINE_integer("hq_volumes", None, "Training volumes the HQ slices come from (Figure "
+                     "3.4; default: all).", lower_bound=1)
 flags.DEFINE_integer("n_lq", None, "LQ slices drawn from the rest (default: all).",
                      lower_bound=0)
 flags.DEFINE_integer("max_test", None, "Cap on test slices (evenly spaced).", lower_bound=1)
@@ -88,6 +90,11 @@ flags.DEFINE_float("felzenszwalb_scale", 300.0, "Felzenszwalb scale (--others=fe
 flags.DEFINE_float("felzenszwalb_sigma", 1.0, "Felzenszwalb Gaussian sigma.", lower_bound=0.0)
 flags.DEFINE_integer("felzenszwalb_min_size", 100, "Felzenszwalb min_size (pixels).",
                      lower_bound=1)
+flags.DEFINE_enum("count_rounding", "stochastic", ["stochastic", "floor", "authors"],
+                  "Cells omitted/objects included for rate r of n: floor(r·n)+Bernoulli("
+                  "frac), floor(r·n), or max(1, int(r·n)) (authors' code).")
+flags.DEFINE_float("lq_per_hq", None, "Sets --n_lq = lq_per_hq * n_hq (Figure 3.6: 9 keeps "
+                   "10% of the slices HQ).", lower_bound=0.0)
 
 # Training.
 flags.DEFINE_integer("width", 16, "UNet base width: widths w,2w,4w,8w,8w (paper: 64).",
@@ -113,7 +120,10 @@ flags.DEFINE_list("scenarios", ["hq", "lq", "hq_lq", "hq_upgraded"],
 flags.DEFINE_bool("threshold_baseline", True, "Score the global-threshold baseline.")
 flags.DEFINE_integer("reps", 1, "Repetitions (seeds seed..seed+reps-1).", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Base seed.")
-flags.DEFINE_string("out_dir", None, "Output directory (resumes if it holds a run).")
+flags.DEFINE_string("out_dir", None, "Output directory (resumes if it holds a run of the "
+                    "same config; a different config is refused).")
+flags.DEFINE_bool("fresh", False, "Discard out_dir's own rep*/ folders and upgraded TIFFs "
+                  "and start over (never the inputs).")
 flags.DEFINE_list("paper", [], "Paper figures for the table, e.g. lq=0.48,upgraded=0.92.")
 flags.DEFINE_string("compilation_cache", str(Path.home() / ".cache" / "upgrade_jax" / "xla"),
                     "Persistent XLA compilation cache directory ('' = off): reruns, resumes "
@@ -141,7 +151,7 @@ NOT_IN_USER_MODE = (
     "n_lq", "max_test", "data_seed", "lq_omission_rate", "lq_inclusion_rate", "lq_bias_max",
     "lq_salt_pepper_prob", "lq_per_instance_bias", "hq_omission_rate", "hq_bias_max",
     "lq_source", "predictor_hq", "cost_budget", "hq_cost", "reps", "paper",
-    "threshold_baseline")
+    "threshold_baseline", "hq_volumes", "lq_per_hq", "fresh")
 SYNTHETIC_ONLY = ("preset", "n_volumes", "volume_shape", "sim_size")
 
 
@@ -191,7 +201,7 @@ def build_config():
 
   train_p = PerturbConfig(omission_rate=F.omission_rate, inclusion_rate=F.inclusion_rate,
                           bias_max=F.bias_max, per_instance_bias=F.per_instance_bias,
-                          salt_pepper_prob=F.salt_pepper_prob)
+                          salt_pepper_prob=F.salt_pepper_prob, count_rounding=F.count_rounding)
 
   def lq(name):
     v = getattr(F, f"lq_{name}")
@@ -199,9 +209,14 @@ def build_config():
 
   lq_p = PerturbConfig(omission_rate=lq("omission_rate"), inclusion_rate=lq("inclusion_rate"),
                        bias_max=lq("bias_max"), per_instance_bias=lq("per_instance_bias"),
-                       salt_pepper_prob=lq("salt_pepper_prob"))
-  hq_p = PerturbConfig(omission_rate=F.hq_omission_rate, bias_max=F.hq_bias_max)
+                       salt_pepper_prob=lq("salt_pepper_prob"), count_rounding=F.count_rounding)
+  hq_p = PerturbConfig(omission_rate=F.hq_omission_rate, bias_max=F.hq_bias_max,
+                       count_rounding=F.count_rounding)
   n_lq = F.n_lq
+  if F.lq_per_hq is not None:
+    if F.cost_budget is not None:
+      raise ValueError("--lq_per_hq and --cost_budget both set n_lq: give one")
+    n_lq = int(round(F.lq_per_hq * F.n_hq))
   if F.cost_budget is not None:
     n_lq = int(F.cost_budget - F.hq_cost * F.n_hq)
     if n_lq < 0:
@@ -218,7 +233,8 @@ def build_config():
   data = DataConfig(source=F.data, preset=F.preset, data_dir=F.data_dir,
                     n_volumes=F.n_volumes, volume_shape=tuple(int(s) for s in F.volume_shape),
                     sim_size=F.sim_size,
-                    n_test=F.n_test, n_hq=F.n_hq, n_lq=n_lq, max_test=F.max_test,
+                    n_test=F.n_test, n_hq=F.n_hq, hq_volumes=F.hq_volumes, n_lq=n_lq,
+                    max_test=F.max_test,
                     others=F.others, data_seed=F.data_seed, normalisation=F.normalisation,
                     hq_perturb=hq_p)
   return PipelineConfig(data=data, upgrade=upgrade, segment=segment, lq_perturb=lq_p,
@@ -301,7 +317,8 @@ def plan_from_flags(out_dir: Path) -> Plan:
     user = pipeline.UserData(F.hq_images, F.hq_labels, F.lq_images, F.lq_labels,
                              F.others_labels)
     return Plan(cfg, out_dir, felz, pipeline.prepare_user(cfg, user, out_dir, felz=felz), user)
-  return Plan(cfg, out_dir, felz, pipeline.prepare_run(cfg, out_dir, log=_log, felz=felz))
+  return Plan(cfg, out_dir, felz, pipeline.prepare_run(cfg, out_dir, log=_log, felz=felz,
+                                                       fresh=F.fresh))
 
 
 def execute(plan: Plan) -> dict | None:
@@ -316,7 +333,8 @@ def execute(plan: Plan) -> dict | None:
                       prepared=plan.prepared)
     _log(f"done in {time.perf_counter() - t0:.0f}s; upgraded labels in {out_dir / 'upgraded'}")
     return None
-  results = pipeline.run(plan.cfg, out_dir, log=_log, felz=plan.felz, prepared=plan.prepared)
+  results = pipeline.run(plan.cfg, out_dir, log=_log, felz=plan.felz, prepared=plan.prepared,
+                         fresh=F.fresh)
   paper = _paper(F.paper)
   d = report.write_results(out_dir, results, extra={"paper": paper,
                                                     "command": " ".join(sys.argv)})

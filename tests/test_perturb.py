@@ -195,7 +195,8 @@ def test_omission_drops_exactly_floor_rate_n(rate):
   lab = random_instances(rng, 64, 64, 30)
   n = n_ids(lab)
   for seed in range(5):
-    out = np.asarray(P.omission(jax.random.key(seed), lab, rate, max_label=40))
+    out = np.asarray(P.omission(jax.random.key(seed), lab, rate, max_label=40,
+                                rounding="floor"))
     assert n_ids(out) == n - math.floor(rate * n)
     # Subset: every kept pixel is unchanged; instances go whole or not at all.
     assert np.all((out == lab) | (out == 0))
@@ -211,8 +212,12 @@ def test_omission_counts_hypothesis(n, rate_pct, seed):
   lab = np.zeros((8, 40), np.int32)
   ids = np.random.default_rng(seed).permutation(np.arange(1, 31))[:n]  # sparse ids
   lab.reshape(-1)[:n] = ids
-  out = np.asarray(P.omission(jax.random.key(seed), lab, rate, max_label=30))
+  out = np.asarray(P.omission(jax.random.key(seed), lab, rate, max_label=30,
+                              rounding="floor"))
   assert n_ids(out) == n - math.floor(rate * n)
+  # Stochastic rounding removes floor(r·n) or one more, never anything else.
+  out = np.asarray(P.omission(jax.random.key(seed), lab, rate, max_label=30))
+  assert n - n_ids(out) in {math.floor(rate * n), min(n, math.floor(rate * n) + 1)}
 
 
 def test_omission_is_uniform_over_instances():
@@ -226,7 +231,7 @@ def test_omission_is_uniform_over_instances():
 # ---------------------------------------------------------------- inclusion
 
 @pytest.mark.parametrize("rate", [0.0, 0.2, 0.5, 0.7, 1.0])
-def test_inclusion_adds_round_rate_m_objects_on_background(rate):
+def test_inclusion_adds_floor_rate_m_objects_on_background(rate):
   rng = np.random.default_rng(4)
   lab = random_instances(rng, 64, 64, 12)
   others = random_instances(rng, 64, 64, 15)
@@ -235,12 +240,13 @@ def test_inclusion_adds_round_rate_m_objects_on_background(rate):
   m = n_ids(others)
   max_label = 20
   for seed in range(4):
-    out = np.asarray(P.inclusion(jax.random.key(seed), lab, others, rate, max_label=max_label))
+    out = np.asarray(P.inclusion(jax.random.key(seed), lab, others, rate, max_label=max_label,
+                                 rounding="floor"))
     np.testing.assert_array_equal(out[lab > 0], lab[lab > 0])  # targets untouched
     added = out > max_label
     assert not np.any(added & (lab > 0))
     added_ids = np.unique(out[added]) - max_label
-    assert len(added_ids) == math.floor(rate * m + 0.5)
+    assert len(added_ids) == math.floor(rate * m)
     # Each painted object is the whole `others` object (on background).
     for j in added_ids:
       np.testing.assert_array_equal(out == j + max_label, (others == j) & (lab == 0))
@@ -256,11 +262,70 @@ def test_inclusion_never_overwrites_overlapping_targets():
   np.testing.assert_array_equal(out == 3, (others == 1) & (lab == 0))
 
 
-def test_inclusion_round_half_up():
+def test_inclusion_count_rules():
   lab = np.zeros((4, 4), np.int32)
-  others = np.array([[1, 2, 3, 0]] * 4, np.int32)  # m = 3 -> round(1.5) = 2
-  out = np.asarray(P.inclusion(jax.random.key(0), lab, others, 0.5, max_label=3))
-  assert n_ids(out) == 2
+  others = np.array([[1, 2, 3, 0]] * 4, np.int32)  # m = 3, 0.5·3 = 1.5
+  count = lambda seed, rounding: n_ids(np.asarray(P.inclusion(  # noqa: E731
+      jax.random.key(seed), lab, others, 0.5, max_label=3, rounding=rounding)))
+  assert count(0, "floor") == 1 and count(0, "authors") == 1
+  assert {count(s, "stochastic") for s in range(40)} == {1, 2}
+
+
+# ---------------------------------------------------------------- count rules (issue 10)
+
+def _mean_count(fn, n_keys=4000):
+  keys = jax.random.split(jax.random.key(123), n_keys)
+  return np.asarray(jax.jit(jax.vmap(fn))(keys)).astype(np.float64)
+
+
+@pytest.mark.parametrize("n,rate", [(4, 0.3), (5, 0.7), (3, 0.5), (4, 0.1)])
+def test_stochastic_omission_is_unbiased(n, rate):
+  # E[removed] must be r·n: with 4-5 cells, floor(r·n) removed 17-20% at r=0.3.
+  lab = np.arange(1, n + 1, dtype=np.int32).reshape(1, n)
+  removed = _mean_count(lambda k: n - jnp.sum(jnp.bincount(
+      P.omission(k, lab, rate, max_label=8).reshape(-1), length=9)[1:] > 0))
+  x = rate * n
+  sd = math.sqrt((x - math.floor(x)) * (1 - (x - math.floor(x))) / len(removed))
+  assert abs(removed.mean() - x) <= 5 * sd + 1e-9, (removed.mean(), x)
+  assert set(np.unique(removed)) <= {math.floor(x), math.floor(x) + 1}
+
+
+def test_stochastic_inclusion_is_unbiased():
+  lab = np.zeros((1, 5), np.int32)
+  others = np.arange(1, 6, dtype=np.int32).reshape(1, 5)   # m = 5, 0.3·5 = 1.5
+  included = _mean_count(lambda k: jnp.sum(
+      P.inclusion(k, lab, others, 0.3, max_label=5) > 0))
+  assert abs(included.mean() - 1.5) <= 5 * math.sqrt(0.25 / len(included))
+
+
+def test_floor_and_authors_rules():
+  lab = np.arange(1, 5, dtype=np.int32).reshape(1, 4)   # n = 4
+  removed = lambda rate, rounding: 4 - n_ids(np.asarray(P.omission(  # noqa: E731
+      jax.random.key(0), lab, rate, max_label=4, rounding=rounding)))
+  assert removed(0.3, "floor") == 1 and removed(0.1, "floor") == 0
+  assert removed(0.1, "authors") == 1 and removed(0.0, "authors") == 0  # max(1, int(r·n))
+  assert removed(0.7, "authors") == 2 and removed(1.0, "authors") == 4
+  empty = np.zeros((1, 4), np.int32)
+  assert n_ids(np.asarray(P.omission(jax.random.key(0), empty, 0.5, max_label=4,
+                                     rounding="authors"))) == 0
+  with pytest.raises(ValueError, match="count_rounding"):
+    P.PerturbConfig(count_rounding="round")
+
+
+def test_perturb_counts_match_perturb():
+  # The counts are those of the very draws `perturb` makes with the same key,
+  # counted independently from the output mask.
+  cfg = P.PerturbConfig(omission_rate=0.3, inclusion_rate=0.3)
+  for s in range(6):
+    lab, others = make_pair(s)
+    key = jax.random.key(s)
+    mask = np.asarray(P.perturb(key, lab, others, cfg, max_label=20))
+    counts = np.asarray(P.perturb_counts(key, lab, others, cfg, max_label=20))
+    ids = np.unique(lab[lab > 0])
+    oids = np.unique(others[others > 0])
+    omitted = sum(not mask[lab == i].any() for i in ids)
+    included = sum(mask[others == j].all() for j in oids)
+    assert counts.tolist() == [len(ids), omitted, len(oids), included]
 
 
 # ---------------------------------------------------------------- salt and pepper
@@ -271,8 +336,10 @@ def test_salt_and_pepper_frequencies():
   for prob in (0.0, 0.1, 0.5, 1.0):
     out = np.asarray(P.salt_and_pepper(jax.random.key(5), mask, prob))
     flipped = (out != mask).mean()
-    # A replaced pixel changes with probability 1/2.
-    assert abs(flipped - prob / 2) < 0.01, (prob, flipped)
+    # prob is the fraction of pixels changed, salt and pepper alike.
+    assert abs(flipped - prob) < 0.01, (prob, flipped)
+    assert abs((out & ~mask).mean() * 2 - prob) < 0.015
+    assert abs((~out & mask).mean() * 2 - prob) < 0.015
   np.testing.assert_array_equal(P.salt_and_pepper(jax.random.key(0), mask, 0.0), mask)
 
 
@@ -349,7 +416,7 @@ def test_traced_rates_under_vmap():
   lab, others = make_pair(4)
   n = n_ids(lab)
   rates = jnp.array([0.0, 0.5, 1.0])
-  f = jax.vmap(lambda k, r: P.omission(k, lab, r, max_label=20))
+  f = jax.vmap(lambda k, r: P.omission(k, lab, r, max_label=20, rounding="floor"))
   out = np.asarray(f(jax.random.split(jax.random.key(0), 3), rates))
   assert [n_ids(o) for o in out] == [n - math.floor(r * n) for r in (0.0, 0.5, 1.0)]
 

@@ -1,7 +1,9 @@
 """Algorithm 1 end to end: the CLI, resume, user mode, the report."""
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from upgrade_jax.perturb import PerturbConfig
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 
-TINY = ["--n_volumes=4", "--volume_shape=6,96,96", "--n_test=1", "--n_hq=4", "--max_test=4",
+TINY = ["--n_volumes=5", "--volume_shape=6,96,96", "--n_test=1", "--n_hq=4", "--max_test=4",
         "--n_lq=6", "--width=4", "--crop=32", "--batch_size=4", "--max_steps=6",
         "--steps_per_epoch=3", "--log_every=3", "--patience=2"]
 
@@ -62,12 +64,12 @@ def test_cli_end_to_end_and_resume(tmp_path):
   assert "hq_upgraded_vs_threshold" in d["wilcoxon"]
   for k in ("config", "versions", "timings"):
     assert d[k]
-  assert d["config"]["upgrade"]["perturb"]["omission_rate"] == 0.7
+  assert d["config"]["upgrade"]["task"]["perturb"]["omission_rate"] == 0.7
   assert d["versions"]["jax"]
   # mean/std really are the statistics of the per-rep values.
   per = d["segmentation_dice"]["hq_upgraded"]["per_rep"]
   assert d["segmentation_dice"]["hq_upgraded"]["mean"] == pytest.approx(np.mean(per))
-  assert d["segmentation_dice"]["hq_upgraded"]["std"] == pytest.approx(np.std(per))
+  assert d["segmentation_dice"]["hq_upgraded"]["std"] == pytest.approx(np.std(per, ddof=1))
   csv_text = (out / "results.csv").read_text()
   assert csv_text.startswith("kind,name,rep,dice")
   for fig in ("scenarios.png", "overlays.png"):
@@ -82,6 +84,27 @@ def test_cli_end_to_end_and_resume(tmp_path):
   assert proc2.stdout.count("already finished") == 2
   assert "training the upgrade network" not in proc2.stdout
   assert json.loads((out / "rep0" / "rep.json").read_text()) == before
+  # Issue 10. Every rep records its full config and the effective LQ rates.
+  assert d["reps"][0]["config"]["data"]["preset"] == "hl60"
+  rates = d["reps"][0]["effective_rates"]
+  assert 0.0 <= rates["omission"] <= 1.0 and rates["targets"] > 0
+  assert rates["omission"] == pytest.approx(rates["omitted"] / rates["targets"])
+  assert len(d["effective_rates"]["omission"]["per_rep"]) == 2
+  assert "Effective LQ perturbation rates" in proc.stdout
+  assert "smallest possible Wilcoxon p is 0.5" in proc.stdout
+  # Another preset into the same out_dir: refused with one line naming it.
+  bad = run_cli(args + ["--preset=granulocytes"], check=False)
+  assert bad.returncode != 0
+  err = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "data.preset" in err[0], bad.stderr[-2000:]
+  assert json.loads((out / "rep0" / "rep.json").read_text()) == before
+  # One more scenario is a legitimate extension: only it is trained.
+  proc3 = run_cli(args[:-1] + ["--scenarios=hq_upgraded,hq", "--reps=1", f"--out_dir={out}"])
+  assert "adding hq" in proc3.stdout and "training the upgrade network" in proc3.stdout
+  assert "training the segmentation network: hq_upgraded" not in proc3.stdout
+  after = json.loads((out / "rep0" / "rep.json").read_text())
+  assert after["segmentation_dice"]["hq_upgraded"] == before["segmentation_dice"]["hq_upgraded"]
+  assert "hq" in after["segmentation_dice"]
 
 
 def test_cli_rejects_bad_flags(tmp_path):
@@ -209,12 +232,20 @@ def test_summary_statistics_and_wilcoxon():
   res = pipeline.Results(pipeline.PipelineConfig(), reps, {"total_s": 1.0})
   s = res.summary()
   assert s["annotation_dice"]["lq"]["mean"] == pytest.approx(0.525)
-  assert s["segmentation_dice"]["hq"]["std"] == pytest.approx(np.std([0.7 + 0.02 * i
-                                                                      for i in range(6)]))
+  # Sample std (ddof=1) by hand: deviations 0.02·(i - 2.5), squares sum 0.0004·17.5.
+  assert s["segmentation_dice"]["hq"]["std"] == pytest.approx(math.sqrt(0.0004 * 17.5 / 5))
   # All six differences positive: the exact two-sided p is 2/2**6.
   assert s["wilcoxon"]["hq_upgraded_vs_hq"] == pytest.approx(2 / 64)
   table = report.format_table({**s, "reps": reps}, paper={"upgraded": 0.91})
   assert "HQ + upgraded" in table and "0.91" in table and "p = 0.03125" in table
+  # Beside p: the paired difference, its t interval and the sign count.
+  pd = s["paired"]["hq_upgraded_vs_hq"]
+  assert pd["mean_diff"] == pytest.approx(0.1 - 0.01 * 2.5)  # mean of 0.1 - 0.01·i
+  assert (pd["wins"], pd["losses"], pd["ties"]) == (6, 0, 0)
+  assert "6/0/0" in table and "cannot be < 0.05" not in table  # n = 6 can reach 0.03125
+  three = pipeline.Results(pipeline.PipelineConfig(), reps[:3], {}).summary()
+  t3 = report.format_table({**three, "reps": reps[:3]})
+  assert "smallest possible Wilcoxon p is 0.25" in t3 and "cannot be < 0.05" in t3
 
 
 def test_pipeline_config_validation():
@@ -249,3 +280,137 @@ def test_sweep_figure_and_parser(tmp_path):
   from upgrade_jax.rundir import InputError
   with pytest.raises(InputError, match="not a flag"):
     sweep.parse_sweep("bogus=1,2")
+
+
+# --------------------------------------------------------------------------
+# Issue 10: numbers a scientist can trust.
+
+def _finished_rep(out: Path, cfg, rep=0, scenarios=("hq",)):
+  """A rep.json as a finished run of `cfg` leaves it (numbers made up)."""
+  d = {"rep": rep, "seed": cfg.seed + rep, "config": pipeline.run_key(cfg),
+       "annotation_dice": {"lq": 0.5, "upgraded": 0.9},
+       "segmentation_dice": {s: 0.8 for s in (*scenarios, "threshold")}}
+  (out / f"rep{rep}").mkdir(parents=True, exist_ok=True)
+  (out / f"rep{rep}" / "rep.json").write_text(json.dumps(d))
+  return d
+
+
+def test_rerun_with_another_config_is_refused_naming_the_fields(tmp_path):
+  hl60 = pipeline.PipelineConfig(scenarios=("hq",))
+  stored = _finished_rep(tmp_path, hl60)
+  # The same config: the finished numbers are reused, nothing is computed
+  # (volumes=None would fail if the rep were rerun).
+  assert pipeline.run_rep(hl60, None, 0, tmp_path, log=lambda s: None) == stored
+  # The quickstart + --preset=granulocytes case: refused, one line naming it.
+  gran = dataclasses.replace(hl60, data=dataclasses.replace(hl60.data, preset="granulocytes"))
+  with pytest.raises(pipeline.ConfigMismatch, match=r"data\.preset") as e:
+    pipeline.run_rep(gran, None, 0, tmp_path, log=lambda s: None)
+  assert "\n" not in str(e.value)
+  # The LQ perturbation, its rounding and the segmentation steps count too.
+  lq = dataclasses.replace(hl60, lq_perturb=PerturbConfig(omission_rate=0.7,
+                                                          count_rounding="floor"))
+  with pytest.raises(pipeline.ConfigMismatch, match=r"lq_perturb\.count_rounding"):
+    pipeline.run_rep(lq, None, 0, tmp_path, log=lambda s: None)
+  seg = dataclasses.replace(hl60, segment=dataclasses.replace(hl60.segment, max_steps=7))
+  with pytest.raises(pipeline.ConfigMismatch, match=r"segment\.max_steps"):
+    pipeline.run_rep(seg, None, 0, tmp_path, log=lambda s: None)
+  # Settings that change no number do not block a resume.
+  same = dataclasses.replace(hl60, predict_batch=2, reps=3,
+                             upgrade=dataclasses.replace(hl60.upgrade, log_every=7))
+  assert pipeline.run_rep(same, None, 0, tmp_path, log=lambda s: None) == stored
+  # A rep.json without a stored config (older versions) is refused as well.
+  old = {k: v for k, v in stored.items() if k != "config"}
+  (tmp_path / "rep0" / "rep.json").write_text(json.dumps(old))
+  with pytest.raises(pipeline.ConfigMismatch, match="no stored config"):
+    pipeline.run_rep(hl60, None, 0, tmp_path, log=lambda s: None)
+
+
+def test_fresh_discards_only_the_runs_own_outputs(tmp_path):
+  cfg = pipeline.PipelineConfig(scenarios=("hq",))
+  _finished_rep(tmp_path, cfg, 0)
+  _finished_rep(tmp_path, cfg, 1)
+  (tmp_path / "upgraded").mkdir()
+  (tmp_path / "upgraded" / "a.tif").write_bytes(b"x")
+  keep = [tmp_path / "replay" / "data.tif", tmp_path / "notes.txt", tmp_path / "rep_x" / "k"]
+  for p in keep:
+    p.parent.mkdir(exist_ok=True)
+    p.write_text("user file")
+  gone = pipeline.discard_reps(tmp_path)
+  assert not (tmp_path / "rep0").exists() and not (tmp_path / "rep1").exists()
+  assert not (tmp_path / "upgraded" / "a.tif").exists() and len(gone) == 3
+  assert all(p.read_text() == "user file" for p in keep)
+  _finished_rep(tmp_path, cfg, 0)
+  (tmp_path / "rep0" / "data").mkdir()
+  with pytest.raises(ValueError, match="input"):   # never an input inside a rep dir
+    pipeline.discard_reps(tmp_path, protect=[tmp_path / "rep0" / "data"])
+  assert (tmp_path / "rep0" / "rep.json").exists()
+
+
+def test_felzenszwalb_area_range_comes_from_hq_slices_only():
+  from upgrade_jax.data.types import Volume
+  z, h, w = 4, 32, 32
+  target = np.zeros((z, h, w), np.int32)
+  target[:, 2:6, 2:6] = 1               # a 16-pixel cell on every slice
+  target[1:, 10:30, 10:30] = 2          # a 400-pixel cell on all but slice 0
+  img = (target > 0).astype(np.uint16) * 100
+  vol = Volume(img, target, np.zeros_like(target), name="v")
+  cfg = pipeline.DataConfig(n_hq=2, n_test=1)
+  picks = pipeline.hq_picks(cfg, [vol])
+  lines = []
+  hq_areas = [a for v, s in picks for a in np.bincount(target[s].ravel())[1:] if a]
+  pipeline.felzenszwalb_volumes(([vol], [vol]), {}, picks, log=lines.append)
+  lo, hi = np.percentile(hq_areas, (5, 95))
+  assert f"segments of {lo:.0f}-{hi:.0f} px" in lines[0]
+
+
+def test_figure_slices_have_several_cells_and_wrong_lq(tmp_path):
+  n, h, w = 6, 24, 24
+  gt = np.zeros((n, h, w), np.int32)
+  for i in range(n):
+    gt[i, 2:6, 2:6] = 1
+    if i >= 2:                       # slices 2..5 hold two cells
+      gt[i, 12:18, 12:18] = 2
+  lq = (gt > 0).astype(np.int32)
+  lq[2:, 12:18, 12:18] = 0           # LQ misses the second cell on 2..5
+  test = Dataset(np.ones((n, h, w, 1), np.float32), gt, np.zeros_like(gt),
+                 np.tile([h, w], (n, 1)).astype(np.int32), tuple(f"t{i}" for i in range(n)))
+  up = gt > 0
+  up[2] = lq[2] > 0                 # upgraded Dice per slice: t2 worst, t5 best
+  up[3, 12:15, 12:18] = False
+  up[4, 12:13, 12:18] = False
+  d = pipeline.RepData(test, test, test, test, test, test.replace(targets=lq), test)
+  s = pipeline._figure_samples(d, up, k=3)
+  # Slices 0 and 1 (one cell, LQ == truth) never show; worst, middle, best.
+  assert list(s["names"]) == ["t2", "t4", "t5"]
+
+
+def test_user_mode_refuses_lq_images_that_are_hq_images(tmp_path):
+  img = np.arange(64, dtype=np.uint16).reshape(8, 8)
+  lab = np.zeros((8, 8), np.uint16)
+  lab[2:5, 2:5] = 1
+  hq, lq = tmp_path / "hq", tmp_path / "lq"
+  _write_folder(hq, [img, img + 1], [lab, lab], ["a", "b"])
+  _write_folder(lq, [img + 1], [lab], ["b"])   # same name, identical content
+  user = pipeline.UserData(str(hq / "images"), str(hq / "labels"), str(lq / "images"),
+                           str(lq / "labels"))
+  with pytest.raises(ValueError, match="is the HQ image") as e:
+    pipeline.run_user(pipeline.PipelineConfig(scenarios=()), user, tmp_path / "out")
+  assert "\n" not in str(e.value)
+  (lq / "images" / "b.tif").unlink()
+  (lq / "images" / "c.tif").write_bytes((hq / "images" / "a.tif").read_bytes() + b"\0")
+  pipeline._refuse_shared_images(hq / "images", lq / "images")  # other name and content
+  os.symlink(hq / "images" / "a.tif", lq / "images" / "b2.tif")   # the same file, renamed
+  with pytest.raises(ValueError, match="is the HQ image"):
+    pipeline._refuse_shared_images(hq / "images", lq / "images")
+
+
+def test_synthetic_test_set_does_not_depend_on_n_volumes():
+  # Figure 3.4's axis: more volumes must mean more training volumes only.
+  small = pipeline.DataConfig(n_volumes=4, n_test=2, volume_shape=(6, 96, 96))
+  large = dataclasses.replace(small, n_volumes=6)
+  (tr_s, te_s), (tr_l, te_l) = pipeline.load_volumes(small), pipeline.load_volumes(large)
+  assert len(tr_s) == 2 and len(tr_l) == 4
+  for a, b in zip(te_s, te_l):
+    assert a.num_slices > 0
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.target, b.target)

@@ -123,3 +123,53 @@ def test_make_lq_is_seeded_and_follows_the_config():
     assert lq[oth > 0].all()
   c = sampling.make_lq(ds, cfg, seed=1)
   assert not np.array_equal(a.targets, c.targets)
+
+
+# ---------------------------------------------------------------- issue 10
+
+def test_test_volumes_do_not_depend_on_n_volumes():
+  # Figure 3.4 sweeps the number of training volumes: the test set must stay
+  # the same volumes, pixel for pixel. `hold_out` (a permutation of all
+  # volumes) changed it with n_volumes.
+  from upgrade_jax.data import synthetic
+  small = synthetic.generate("hl60", seed=3, n_volumes=3, shape=(6, 96, 96))
+  large = synthetic.generate("hl60", seed=3, n_volumes=5, shape=(6, 96, 96))
+  for a, b in zip(small, large):  # volume i is the same whatever n_volumes
+    assert a.num_slices > 0
+    np.testing.assert_array_equal(a.image, b.image)
+  (tr_s, te_s), (tr_l, te_l) = (sampling.hold_out_first(v, 2) for v in (small, large))
+  assert len(te_s) == len(te_l) == 2 and len(tr_s) == 1 and len(tr_l) == 3
+  for a, b in zip(te_s, te_l):
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.target, b.target)
+  np.testing.assert_array_equal(tr_s[0].image, tr_l[0].image)  # training volumes grow
+
+
+def test_hq_volumes_limits_where_hq_slices_come_from():
+  vols = _volumes(4)
+  s = sampling.make_splits(vols[:3], vols[3:], n_hq=4, seed=0, hq_volumes=1)
+  assert {v for v, _ in s.hq_picks} == {0}
+  assert s.hq_picks == tuple(sampling.select_slices([6], 4))
+  assert {v for v, _ in s.lq_picks} == {0, 1, 2}   # LQ still from every volume
+  assert len(s.lq) == 18 - 4
+  s2 = sampling.make_splits(vols[:3], vols[3:], n_hq=4, seed=0, hq_volumes=2)
+  assert {v for v, _ in s2.hq_picks} == {0, 1}
+  with pytest.raises(ValueError, match="hq_volumes"):
+    sampling.make_splits(vols[:3], vols[3:], n_hq=4, seed=0, hq_volumes=4)
+
+
+def test_lq_counts_are_the_draws_of_make_lq():
+  from upgrade_jax.perturb import PerturbConfig
+  ds = sampling.make_splits(_volumes(2), _volumes(1), n_hq=2, seed=0).lq
+  cfg = PerturbConfig(omission_rate=0.5, inclusion_rate=0.5)
+  lq = sampling.make_lq(ds, cfg, seed=4)
+  counts = sampling.lq_counts(ds, cfg, seed=4)
+  for c, m, gt, oth in zip(counts, lq.targets, ds.targets, ds.others):
+    ids, oids = np.unique(gt[gt > 0]), np.unique(oth[oth > 0])
+    omitted = sum(not m[gt == i].any() for i in ids)
+    included = sum(m[oth == j].all() for j in oids)
+    assert c.tolist() == [len(ids), omitted, len(oids), included]
+  r = sampling.effective_rates(counts)
+  assert r["omission"] == pytest.approx(counts[:, 1].sum() / counts[:, 0].sum())
+  assert r["inclusion"] == pytest.approx(counts[:, 3].sum() / counts[:, 2].sum())
+  assert sampling.effective_rates(np.zeros((0, 4)))["omission"] is None

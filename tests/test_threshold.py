@@ -77,3 +77,42 @@ def test_errors():
     threshold.best_threshold(ds.subset(np.zeros(0, int)))
   with pytest.raises(ValueError, match="increasing"):
     threshold.dice_per_threshold(ds, [0.5, 0.2])
+
+
+# ---------------------------------------------------------------- issue 10
+
+def _two_slice_volume(name):
+  """Slice A: bright cells (1000) on a grey background (120). Slice B: dim
+  cells (300) on background 100 beside a tiny very bright non-cell (3000).
+  One raw threshold separates both; after dividing each slice by its own
+  max, A's background (0.12) is brighter than B's cells (0.10)."""
+  from upgrade_jax.data.types import Volume
+  img = np.zeros((2, 16, 16), np.uint16)
+  tgt = np.zeros((2, 16, 16), np.int32)
+  img[0] = 120
+  img[0, 2:6, 2:6] = 1000
+  tgt[0, 2:6, 2:6] = 1
+  img[1] = 100
+  img[1, 8:12, 8:12] = 300
+  tgt[1, 8:12, 8:12] = 1
+  img[1, 0:2, 14:16] = 3000
+  return Volume(img, tgt, np.zeros_like(tgt), name=name)
+
+
+def test_pipeline_threshold_is_one_global_threshold_on_raw_intensities():
+  from upgrade_jax import pipeline
+  cfg = pipeline.PipelineConfig(data=pipeline.DataConfig(n_hq=4), scenarios=())
+  volumes = ([_two_slice_volume("a"), _two_slice_volume("b")], [_two_slice_volume("t")])
+  data = pipeline.prepare_rep(cfg, volumes, seed=0)
+  assert data.hq_train.images.max() <= 1.0   # the networks still see normalised images
+  result = pipeline.threshold_baseline(cfg, volumes, data)
+  # Hand count on the test volume: both cells found (TP 32), the 2×2 bright
+  # non-cell is the only error (FP 4); the lowest threshold above 120 is 5%
+  # of the raw max 3000 (150).
+  assert result.fraction == pytest.approx(0.05)
+  assert result.threshold == pytest.approx(150.0)
+  assert result.test_dice == pytest.approx(2 * 32 / (2 * 32 + 4))
+  # The per-image-normalised search (the old baseline) cannot do this well.
+  test = pipeline.prepare_rep(cfg, volumes, seed=0).test
+  assert threshold.fit_and_evaluate(pipeline.concat([data.hq_train, data.hq_val]),
+                                    test).test_dice < 0.9

@@ -102,7 +102,7 @@ def test_upgrade_pair_is_image_plus_perturbed_label():
 
 def test_strength_mix_draws_weaker_perturbations():
   ds = toy_discs(64, size=(16, 16), discs=(2, 3), radius=(2, 3))
-  pc = PerturbConfig(salt_pepper_prob=0.8)
+  pc = PerturbConfig(salt_pepper_prob=0.4)
   args = (jnp.asarray(ds.images), jnp.asarray(ds.targets), jnp.asarray(ds.others))
   valid = jnp.ones(ds.targets.shape, bool)
   flips = {}
@@ -111,7 +111,8 @@ def test_strength_mix_draws_weaker_perturbations():
     x, t = task.pair(jax.random.PRNGKey(0), *args,
                      max_label=ds.max_label, valid=valid, train=True)
     flips[mix] = np.mean(np.asarray(x[..., 1]) != np.asarray(t), axis=(1, 2))
-  # Fixed rate: each sample flips ~0.8 / 2 of its pixels; mixed: U[0, 0.4].
+  # Fixed rate: each sample flips ~0.4 of its pixels (p is the fraction
+  # flipped, issue 10); mixed: U[0, 0.4].
   assert np.all(np.abs(flips[False] - 0.4) < 0.15)
   assert abs(flips[True].mean() - 0.2) < 0.06 and flips[True].min() < 0.1
 
@@ -202,6 +203,15 @@ def test_early_stopping_keeps_best_and_finished_run_returns(tmp_path, toy_sets):
   # Another config in the same workdir is refused.
   with pytest.raises(ValueError, match="another config .*seed: 0 -> 1"):
     T.fit(_toy_config(seed=1), train, val, tmp_path, log=lambda s: None)
+  # Issue 10: the checkpoint also keeps the caller's context (the pipeline's
+  # data, LQ perturbation, seeds) and a digest of the data; a resume with
+  # another context, or other data of the same shapes, is refused too.
+  with pytest.raises(T.ConfigMismatch, match=r"context\.lq_perturb"):
+    T.fit(cfg, train, val, tmp_path, log=lambda s: None,
+          context={"lq_perturb": {"omission_rate": 0.3}})
+  other = train.replace(images=train.images[::-1].copy())
+  with pytest.raises(T.ConfigMismatch, match="train_digest"):
+    T.fit(cfg, other, val, tmp_path, log=lambda s: None)
 
 
 _RESUME_SCRIPT = """
@@ -286,9 +296,9 @@ def test_checkpoint_record_of_the_old_layout_is_read_and_compared():
   old.update(task="upgrade", perturb=new["task"]["perturb"], label_dropout=0.0,
              strength_mix=False)
   ds = toy_discs(2, size=(16, 16))
-  rec = LoopRecord.from_json({"config": old, "data": {"train": list(ds.images.shape),
-                                                       "val": list(ds.images.shape)},
-                              "step": 7, "history": []}, "here")
+  data = {"train": list(ds.images.shape), "val": list(ds.images.shape),
+          "train_digest": T.data_digest(ds), "val_digest": T.data_digest(ds)}
+  rec = LoopRecord.from_json({"config": old, "data": data, "step": 7, "history": []}, "here")
   assert rec.step == 7 and rec.config["task"]["name"] == "upgrade"
   T.check_resumable(rec, cfg, ds, ds, "here")
   with pytest.raises(ValueError, match="task"):

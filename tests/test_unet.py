@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from upgrade_jax import engine as T
-from upgrade_jax.engine import evaluate as engine_evaluate
+from upgrade_jax.engine import evaluation as engine_evaluate
 from upgrade_jax.engine import state as engine_state
 from upgrade_jax.models.unet import (ConvBlock, UNet, UpConv2x2, crop_to,
                                      pad_to_multiple)

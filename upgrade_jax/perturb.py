@@ -34,7 +34,8 @@ import numpy as np
 
 __all__ = [
     "PerturbConfig", "perturb", "omission", "inclusion", "bias",
-    "salt_and_pepper", "relabel_sequential", "felzenszwalb_objects",
+    "salt_and_pepper", "perturb_counts", "COUNT_ROUNDINGS", "relabel_sequential",
+    "felzenszwalb_objects",
     "check_labels",
 ]
 
@@ -230,24 +231,77 @@ def _choose(key, present, count):
   return present & (rank < count)
 
 
-def _count(rate, n, rounding):
-  x = jnp.clip(jnp.asarray(rate, jnp.float32), 0.0, 1.0) * n.astype(jnp.float32)
+COUNT_ROUNDINGS = ("stochastic", "floor", "authors")
+# The one default of the count rule (PerturbConfig and the functions use it).
+DEFAULT_COUNT_ROUNDING = "stochastic"
+
+
+def _count(key, rate, n, rounding: str):
+  """int32 scalar: how many of n objects a rate r removes (or adds).
+
+  r·n is rarely an integer (4-5 cells per slice), and the rule decides the
+  effective rate:
+    "stochastic": floor(r·n) + Bernoulli(frac(r·n)); its expectation is
+        exactly r·n, so the effective rate equals the nominal one on average.
+    "floor": floor(r·n); biased low (30% of 4 cells removes 1 = 25%, of 3
+        removes 0).
+    "authors": max(1, int(r·n)) when n > 0 and r > 0, else 0 (the authors'
+        code); biased high at small r·n.
+
+  Args:
+    key: PRNG key (used only by "stochastic").
+    rate: float scalar in [0, 1] (may be traced).
+    n: int scalar (may be traced).
+    rounding: one of COUNT_ROUNDINGS (static).
+  """
+  r = jnp.clip(jnp.asarray(rate, jnp.float32), 0.0, 1.0)
+  x = r * n.astype(jnp.float32)
+  base = jnp.floor(x + _COUNT_EPS)
   if rounding == "floor":
-    return jnp.floor(x + _COUNT_EPS).astype(jnp.int32)
-  return jnp.floor(x + 0.5).astype(jnp.int32)  # round half up
+    k = base
+  elif rounding == "authors":
+    k = jnp.where((n > 0) & (r > 0), jnp.maximum(base, 1.0), 0.0)
+  elif rounding == "stochastic":
+    # frac is 0 when x is within _COUNT_EPS of an integer (0.7·10 is exactly 7).
+    frac = jnp.clip(x - base, 0.0, 1.0)
+    k = base + (jax.random.uniform(key) < frac).astype(jnp.float32)
+  else:
+    raise ValueError(f"count rounding {rounding!r} unknown; choose one of "
+                     f"{list(COUNT_ROUNDINGS)}")
+  return jnp.minimum(k, n.astype(jnp.float32)).astype(jnp.int32)
+
+
+def _omitted(key, labels, rate, max_label: int, rounding: str):
+  """((L+1,) bool ids dropped, (L+1,) bool ids present) of an omission."""
+  k_choose, k_count = jax.random.split(key)
+  present = _present(labels, max_label)
+  k = _count(k_count, rate, jnp.sum(present), rounding)
+  return _choose(k_choose, present, k), present
+
+
+def _included(key, others, rate, max_label: int, rounding: str):
+  """((L+1,) bool ids of `others` painted, (L+1,) bool ids present)."""
+  k_choose, k_count = jax.random.split(key)
+  present = _present(others, max_label)
+  k = _count(k_count, rate, jnp.sum(present), rounding)
+  return _choose(k_choose, present, k), present
 
 
 # --------------------------------------------------------------------------
 # The four components.
 
-def omission(key, labels, rate, *, max_label: int):
-  """Drops floor(rate·n) of the n instances present, chosen uniformly.
+def omission(key, labels, rate, *, max_label: int, rounding: str = DEFAULT_COUNT_ROUNDING):
+  """Drops k ≈ rate·n of the n instances present, chosen uniformly.
+
+  k follows `rounding` (see `_count`): by default floor(rate·n) plus a
+  Bernoulli(frac(rate·n)) extra, so E[k] = rate·n exactly.
 
   Args:
     key: PRNG key.
     labels: (H, W) int instance map, ids in [0, max_label].
     rate: scalar in [0, 1] (may be traced, e.g. a per-sample rate under vmap).
     max_label: static bound on the ids.
+    rounding: static count rule, one of COUNT_ROUNDINGS.
 
   Returns:
     (H, W) int32: `labels` with the dropped instances set to 0.
@@ -255,20 +309,19 @@ def omission(key, labels, rate, *, max_label: int):
   check_labels("labels", labels, max_label)
   _check_rate("omission rate", rate)
   labels = jnp.asarray(labels, jnp.int32)
-  present = _present(labels, max_label)
-  k = _count(rate, jnp.sum(present), "floor")
-  drop = _choose(key, present, k)
+  drop, _ = _omitted(key, labels, rate, max_label, rounding)
   lab = jnp.clip(labels, 0, max_label)
   return jnp.where(_lookup(drop, lab), 0, lab)
 
 
-def inclusion(key, labels, others, rate, *, max_label: int):
-  """Paints round(rate·m) of the m objects of `others` into `labels`.
+def inclusion(key, labels, others, rate, *, max_label: int,
+              rounding: str = DEFAULT_COUNT_ROUNDING):
+  """Paints k ≈ rate·m of the m objects of `others` into `labels`.
 
   Objects are painted on background pixels only (they never overwrite a target
   instance). A painted object of id j in `others` gets id `max_label + j`, so it
   cannot collide with an existing id; the output ids are in [0, 2·max_label].
-  Halves round up (round(0.5·3) = 2).
+  k follows `rounding`, the same rule as omission (see `_count`).
 
   Args:
     key: PRNG key.
@@ -276,6 +329,7 @@ def inclusion(key, labels, others, rate, *, max_label: int):
     others: (H, W) int non-target instance map, ids in [0, max_label].
     rate: scalar in [0, 1] (may be traced).
     max_label: static bound on the ids of both maps.
+    rounding: static count rule, one of COUNT_ROUNDINGS.
 
   Returns:
     (H, W) int32 instance map.
@@ -285,26 +339,19 @@ def inclusion(key, labels, others, rate, *, max_label: int):
   _check_rate("inclusion rate", rate)
   labels = jnp.clip(jnp.asarray(labels, jnp.int32), 0, max_label)
   others = jnp.clip(jnp.asarray(others, jnp.int32), 0, max_label)
-  present = _present(others, max_label)
-  k = _count(rate, jnp.sum(present), "round")
-  add = _choose(key, present, k)
+  add, _ = _included(key, others, rate, max_label, rounding)
   paint = _lookup(add, others) & (labels == 0)
   return jnp.where(paint, others + max_label, labels)
 
 
-def _flip_coin_noise(key, shape, prob):
-  """(replace, value) bool maps: replace w.p. prob; value is a fair coin.
-
-  One uniform per pixel: u < prob replaces, and given that, u < prob/2 is a
-  fair coin. Half the random bits of drawing the two separately.
-  """
-  u = jax.random.uniform(key, shape)
-  p = jnp.clip(jnp.asarray(prob, jnp.float32), 0.0, 1.0)
-  return u < p, u < 0.5 * p
-
-
 def salt_and_pepper(key, mask, prob):
-  """Replaces each pixel, with probability `prob`, by a fair coin flip.
+  """Flips each pixel with probability `prob`: background becomes foreground
+  (salt) and foreground becomes background (pepper).
+
+  `prob` is the expected fraction of pixels *changed*. (A replacement by a fair
+  coin, as skimage's `random_noise(mode="s&p", amount=p)` does, changes only
+  p/2 of a binary mask; the paper's "salt and pepper noise with a 10%
+  probability" reads as 10% of pixels wrong, see BUILD_NOTES, issue 10.)
 
   Args:
     key: PRNG key.
@@ -316,15 +363,20 @@ def salt_and_pepper(key, mask, prob):
   """
   _check_rate("salt_and_pepper prob", prob)
   mask = jnp.asarray(mask) > 0
-  replace, value = _flip_coin_noise(key, mask.shape, prob)
-  return jnp.where(replace, value, mask)
+  return jnp.where(_flips(key, mask.shape, prob), ~mask, mask)
+
+
+def _flips(key, shape, prob):
+  """(H, W) bool: True with probability prob, independently per pixel."""
+  p = jnp.clip(jnp.asarray(prob, jnp.float32), 0.0, 1.0)
+  return jax.random.uniform(key, shape) < p
 
 
 def _salt_and_pepper_labels(key, labels, prob, noise_id):
-  """Salt-and-pepper on an instance map: salt pixels get id `noise_id`."""
-  replace, value = _flip_coin_noise(key, labels.shape, prob)
-  salted = jnp.where(value, jnp.where(labels > 0, labels, noise_id), 0)
-  return jnp.where(replace, salted, labels)
+  """Salt-and-pepper on an instance map: flipped background pixels get id
+  `noise_id`, flipped instance pixels become background."""
+  flip = _flips(key, labels.shape, prob)
+  return jnp.where(flip, jnp.where(labels > 0, 0, noise_id), labels)
 
 
 def _shift(x, axis, step, fill):
@@ -525,7 +577,10 @@ class PerturbConfig:
     inclusion_rate: fraction r of `others` objects added, in [0, 1].
     bias_max: q_max for the dilate/erode bias; 0 switches bias off.
     per_instance_bias: bias each instance on its own (never merges cells).
-    salt_pepper_prob: per-pixel probability of a coin-flip replacement.
+    salt_pepper_prob: expected fraction of pixels flipped (salt and pepper).
+    count_rounding: how omission and inclusion turn rate·n into a count of
+      objects, one of COUNT_ROUNDINGS (see `_count`); "stochastic" has
+      expectation exactly rate·n.
   """
 
   omission_rate: float = 0.0
@@ -533,8 +588,12 @@ class PerturbConfig:
   bias_max: int = 0
   per_instance_bias: bool = False
   salt_pepper_prob: float = 0.0
+  count_rounding: str = DEFAULT_COUNT_ROUNDING
 
   def __post_init__(self):
+    if self.count_rounding not in COUNT_ROUNDINGS:
+      raise ValueError(f"PerturbConfig.count_rounding {self.count_rounding!r} unknown; "
+                       f"choose one of {list(COUNT_ROUNDINGS)}")
     for name in ("omission_rate", "inclusion_rate", "salt_pepper_prob"):
       v = getattr(self, name)
       if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
@@ -580,15 +639,46 @@ def perturb(key, labels, others, config: PerturbConfig, *, max_label: int,
                  if rates is None else (rates[0], rates[1], rates[2]))
   y = jnp.clip(jnp.asarray(labels, jnp.int32), 0, max_label)
   if config.omission_rate > 0:
-    y = omission(k_om, y, om, max_label=max_label)
+    y = omission(k_om, y, om, max_label=max_label, rounding=config.count_rounding)
   if config.inclusion_rate > 0:
-    y = inclusion(k_in, y, others, inc, max_label=max_label)
+    y = inclusion(k_in, y, others, inc, max_label=max_label,
+                  rounding=config.count_rounding)
   if config.salt_pepper_prob > 0:
     y = _salt_and_pepper_labels(k_sp, y, sp, noise_id=2 * max_label + 1)
   if config.bias_max > 0:
     y = bias(k_bias, y if config.per_instance_bias else y > 0, config.bias_max,
              per_instance=config.per_instance_bias)
   return y > 0
+
+
+def perturb_counts(key, labels, others, config: PerturbConfig, *, max_label: int):
+  """The object counts behind `perturb(key, labels, others, config)`.
+
+  Same key, same draws: the omission and inclusion choices here are exactly
+  those `perturb` makes with this key, so callers can report the effective
+  rates of a fixed LQ set (omitted / targets, included / others).
+
+  Args:
+    key, labels, others, config, max_label: as for `perturb`.
+
+  Returns:
+    (4,) int32: [target instances, omitted, other objects, included].
+  """
+  if not isinstance(config, PerturbConfig):
+    raise ValueError(f"config must be a PerturbConfig, got {type(config).__name__}")
+  k_om, k_in, _, _ = jax.random.split(key, 4)
+  labels = jnp.clip(jnp.asarray(labels, jnp.int32), 0, max_label)
+  others = jnp.clip(jnp.asarray(others, jnp.int32), 0, max_label)
+  drop, targets = _omitted(k_om, labels, config.omission_rate, max_label,
+                           config.count_rounding)
+  add, objects = _included(k_in, others, config.inclusion_rate, max_label,
+                           config.count_rounding)
+  if config.omission_rate == 0:
+    drop = jnp.zeros_like(drop)
+  if config.inclusion_rate == 0:
+    add = jnp.zeros_like(add)
+  return jnp.stack([jnp.sum(targets), jnp.sum(drop), jnp.sum(objects),
+                    jnp.sum(add)]).astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------

@@ -12,14 +12,21 @@
 
 `run` returns a `Results` and leaves per-repetition files in `out_dir`; a
 rerun with the same `out_dir` skips finished repetitions and resumes training
-runs from their checkpoints. `run_user` is the same method on a user's
-folders of real HQ and LQ annotations.
+runs from their checkpoints, but only when the run's configuration (`run_key`:
+data, perturbations, training, seeds) is the one stored with them; otherwise
+it raises `ConfigMismatch` naming the differing fields (or, with fresh=True,
+discards the old repetition folders and starts again). A finished repetition
+asked for more scenarios trains only the missing ones. `run_user` is the same
+method on a user's folders of real HQ and LQ annotations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,6 +42,7 @@ from upgrade_jax.perturb import PerturbConfig, felzenszwalb_objects
 from upgrade_jax.rundir import InputError
 
 SCENARIOS = ("hq", "lq", "hq_lq", "hq_upgraded")
+ConfigMismatch = engine.ConfigMismatch
 OTHERS_MODES = ("labels", "felzenszwalb", "none")
 LQ_SOURCES = ("perturb", "predictions")
 
@@ -57,15 +65,20 @@ class DataConfig:
     sim_size: synthetic pixel scale: "default", or "paper" (the paper's
       pixel size: cells 1.5x larger in pixels; use with a paper-size shape).
     n_test: volumes (synthetic) or images (folder) held out as the test set;
-      epfl_mito and stack use their test stacks.
+      epfl_mito and stack use their test stacks. Synthetic: the first n_test
+      volumes of the simulator, so the test set is the same for every
+      n_volumes (sampling.hold_out_first).
     n_hq: HQ slices, chosen by the paper's rule (sampling.select_slices).
+    hq_volumes: number of training volumes the HQ slices are drawn from (the
+      paper's Figure 3.4 axis), the first ones; None: all training volumes.
     n_lq: LQ slices drawn from the remaining training slices (None: all).
     max_test: cap on the number of test slices (evenly spaced), None for all.
     others: what inclusion draws from: "labels" (the other cell type of the
       synthetic presets, or others/ of a folder), "felzenszwalb" segments,
       or "none".
     data_seed: seed of the simulator and of the test hold-out.
-    normalisation: per-image "max" or "percentile".
+    normalisation: per-image "max" or "percentile" (network inputs; the
+      threshold baseline always works on raw intensities, as the paper's).
     hq_perturb: imperfect HQ (the paper's Figure 3.5): the HQ labels the
       networks train on are themselves perturbed once with this config
       (identity by default). The test set keeps its ground truth.
@@ -79,6 +92,7 @@ class DataConfig:
   sim_size: str = "default"
   n_test: int = 2
   n_hq: int = 10
+  hq_volumes: int | None = None
   n_lq: int | None = None
   max_test: int | None = None
   others: str = "labels"
@@ -100,6 +114,8 @@ class DataConfig:
     if self.source == "synthetic" and not 1 <= self.n_test < self.n_volumes:
       raise ValueError(f"--n_test={self.n_test} must be at least 1 and below "
                        f"--n_volumes={self.n_volumes}: lower --n_test or raise --n_volumes")
+    if self.hq_volumes is not None and self.hq_volumes < 1:
+      raise ValueError(f"DataConfig.hq_volumes must be >= 1, got {self.hq_volumes}")
     object.__setattr__(self, "volume_shape", tuple(int(s) for s in self.volume_shape))
 
 
@@ -163,7 +179,8 @@ def load_volumes(cfg: DataConfig):
     vols = io.load_source("synthetic", preset=cfg.preset, seed=cfg.data_seed,
                           n_volumes=cfg.n_volumes, shape=cfg.volume_shape,
                           size=cfg.sim_size)
-    return sampling.hold_out(vols, cfg.n_test, seed=cfg.data_seed)
+    # Volume i does not depend on n_volumes, so neither does this test set.
+    return sampling.hold_out_first(vols, cfg.n_test)
   root = Path(cfg.data_dir)
   if not root.is_dir():
     raise FileNotFoundError(f"data_dir {root} does not exist (source {cfg.source!r})")
@@ -191,12 +208,20 @@ def target_area_range(targets, percentiles=(5, 95)) -> tuple[float, float]:
   return float(lo), float(hi)
 
 
-def felzenszwalb_volumes(volumes, felz: dict, log=print):
+def hq_picks(cfg: DataConfig, train_volumes) -> list[tuple[int, int]]:
+  """The HQ slices (volume_idx, slice_idx) of the training volumes; the same
+  for every repetition (the paper's rule has no randomness)."""
+  pool = train_volumes[:cfg.hq_volumes] if cfg.hq_volumes is not None else train_volumes
+  return sampling.select_slices([v.num_slices for v in pool], cfg.n_hq)
+
+
+def felzenszwalb_volumes(volumes, felz: dict, picks, log=print):
   """`others` of every slice = Felzenszwalb segments off the targets, sized
-  like the training targets (5th–95th percentile of their areas). Done once
-  per run, at the volume level, so repetitions do not recompute it."""
+  like the HQ targets (5th–95th percentile of their areas over the HQ slices
+  `picks` only: the LQ slices' true areas are what an LQ user does not know).
+  Done once per run, at the volume level, so repetitions do not recompute it."""
   train, test = volumes
-  area_range = target_area_range(np.concatenate([v.target for v in train]))
+  area_range = target_area_range(np.stack([train[v].target[z] for v, z in picks]))
   log(f"Felzenszwalb inclusion candidates: segments of {area_range[0]:.0f}-"
       f"{area_range[1]:.0f} px ({felz})")
 
@@ -236,7 +261,10 @@ def _cap(ds: Dataset, n: int | None) -> Dataset:
 @dataclasses.dataclass(frozen=True)
 class RepData:
   """The data of one repetition. `lq` and `test_lq` hold LQ masks as targets
-  (int32 0/1); `lq_gt` is the ground truth of the LQ slices."""
+  (int32 0/1); `lq_gt` is the ground truth of the LQ slices. `hq_picks` are
+  the HQ slices' (volume, slice) pairs; `effective_rates` the perturbation
+  rates the fixed LQ sets really have (sampling.effective_rates), or None
+  when the LQ labels are not perturbations."""
   hq_train: Dataset
   hq_val: Dataset
   lq: Dataset
@@ -244,6 +272,8 @@ class RepData:
   test: Dataset
   test_lq: Dataset
   val_lq: Dataset
+  hq_picks: tuple = ()
+  effective_rates: dict | None = None
 
 
 def prepare_rep(cfg: PipelineConfig, volumes, seed: int, felz: dict | None = None) -> RepData:
@@ -251,7 +281,8 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int, felz: dict | None = Non
   felz = felz or {}
   train_vols, test_vols = volumes
   splits = sampling.make_splits(train_vols, test_vols, n_hq=cfg.data.n_hq, seed=seed,
-                                n_lq=cfg.data.n_lq, normalisation=cfg.data.normalisation)
+                                n_lq=cfg.data.n_lq, normalisation=cfg.data.normalisation,
+                                hq_volumes=cfg.data.hq_volumes)
   # Felzenszwalb others are made per volume in `run`; here only "none" acts.
   mode = "labels" if cfg.data.others == "felzenszwalb" else cfg.data.others
   prep = lambda d: _with_others(d, mode, felz)  # noqa: E731
@@ -265,7 +296,14 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int, felz: dict | None = Non
   lq = sampling.make_lq(lq_gt, cfg.lq_perturb, seed=seed * 5 + 1)
   test_lq = sampling.make_lq(test, cfg.lq_perturb, seed=seed * 5 + 2)
   val_lq = sampling.make_lq(hq_val, cfg.lq_perturb, seed=seed * 5 + 3)
-  return RepData(hq_train, hq_val, lq, lq_gt, test, test_lq, val_lq)
+  # The rates the fixed LQ sets really have (same seeds, same draws), pooled
+  # over the LQ training set and the test set's LQ labels.
+  counts = {"lq_set": sampling.lq_counts(lq_gt, cfg.lq_perturb, seed=seed * 5 + 1),
+            "test_lq_set": sampling.lq_counts(test, cfg.lq_perturb, seed=seed * 5 + 2)}
+  rates = sampling.effective_rates(np.concatenate(list(counts.values())))
+  rates.update({k: sampling.effective_rates(c) for k, c in counts.items()})
+  return RepData(hq_train, hq_val, lq, lq_gt, test, test_lq, val_lq,
+                 hq_picks=splits.hq_picks, effective_rates=rates)
 
 
 def _imperfect(ds: Dataset, config: PerturbConfig, seed: int) -> Dataset:
@@ -278,14 +316,15 @@ def _imperfect(ds: Dataset, config: PerturbConfig, seed: int) -> Dataset:
 
 
 def _predicted_lq(cfg: PipelineConfig, data: RepData, seed: int, workdir: Path,
-                  log) -> RepData:
+                  log, context: dict | None = None) -> RepData:
   """The case study's LQ labels: predictions of a segmentation network
   trained on the first `predictor_hq` HQ training slices (validated on the
   HQ validation slices), for the LQ training slices and the test slices."""
   n = min(cfg.predictor_hq, len(data.hq_train))
   log(f"making LQ labels from a segmentation network trained on {n} HQ slices")
   fit = engine.fit(dataclasses.replace(cfg.segment, seed=seed),
-                      data.hq_train.subset(np.arange(n)), data.hq_val, workdir, log=log)
+                   data.hq_train.subset(np.arange(n)), data.hq_val, workdir, log=log,
+                   context=context)
 
   def predicted(ds: Dataset) -> Dataset:
     if len(ds) == 0:
@@ -295,7 +334,7 @@ def _predicted_lq(cfg: PipelineConfig, data: RepData, seed: int, workdir: Path,
     return ds.replace(targets=pred.astype(np.int32))
 
   return dataclasses.replace(data, lq=predicted(data.lq_gt), test_lq=predicted(data.test),
-                             val_lq=predicted(data.hq_val))
+                             val_lq=predicted(data.hq_val), effective_rates=None)
 
 
 # --------------------------------------------------------------------------
@@ -350,47 +389,130 @@ def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray,
   return paths
 
 
+# Settings that change no number: left out of `run_key`, so changing them
+# resumes. `reps`, `scenarios` and `threshold_baseline` only say how much to
+# compute: more repetitions or scenarios extend a finished run.
+_RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch")
+_RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl")
+
+
+def run_key(cfg: PipelineConfig, felz: dict | None = None) -> dict:
+  """The JSON config every number of a repetition depends on: data, LQ and
+  training perturbations, training settings, seeds (and the Felzenszwalb
+  settings when inclusion draws from them). Stored in rep.json and with every
+  checkpoint; a resume with another key is refused."""
+  d = io.json_safe(cfg)
+  for k in _RUNTIME_FIELDS:
+    d.pop(k)
+  for net in ("upgrade", "segment"):
+    for k in _RUNTIME_TRAIN_FIELDS:
+      d[net].pop(k)
+  if cfg.data.others == "felzenszwalb":
+    d["felzenszwalb"] = io.json_safe(dict(felz or {}))
+  # A JSON round trip, so that tuples and lists compare equal to a stored key.
+  return json.loads(json.dumps(d))
+
+
+def _check_rep(stored: dict, key: dict, path: Path) -> None:
+  if "config" not in stored:
+    raise ConfigMismatch(f"{path} has no stored config (written by an older version); "
+                         "use another out_dir or start fresh")
+  diff = engine.config_diff(stored["config"], key)
+  if diff:
+    raise ConfigMismatch(f"{path} was made with a different config ({', '.join(diff)}); "
+                         "use another out_dir, the same flags, or start fresh (--fresh)")
+
+
+def threshold_baseline(cfg: PipelineConfig, volumes, data: RepData):
+  """The paper's global threshold on raw intensities: one threshold for the
+  data set, chosen in 1% steps of the training set's maximum intensity on
+  the HQ slices (train + validation, with their labels as given), scored on
+  the test slices. Per-image max normalisation would make it a per-image
+  threshold (hl60 0.858 normalised vs 0.894 raw; granulocytes 0.464 vs 0.752)."""
+  train_vols, test_vols = volumes
+  raw = lambda vols, picks: io.volumes_to_dataset(vols, picks, normalisation="none")  # noqa: E731
+  hq = concat([data.hq_train, data.hq_val])
+  hq_raw = raw(train_vols, list(data.hq_picks))
+  index = {n: i for i, n in enumerate(hq_raw.names)}
+  hq_raw = hq_raw.subset(np.array([index[n] for n in hq.names]))
+  if hq_raw.targets.shape != hq.targets.shape:
+    raise AssertionError("threshold baseline: raw HQ slices do not match the HQ set")
+  hq_raw = hq_raw.replace(targets=hq.targets)   # imperfect HQ keeps its labels
+  test_picks = [(v, z) for v, vol in enumerate(test_vols) for z in range(vol.num_slices)]
+  n = len(test_picks)
+  if cfg.data.max_test is not None and n > cfg.data.max_test:   # the same slices as _cap
+    idx = np.unique(np.linspace(0, n - 1, cfg.data.max_test).round().astype(int))
+    test_picks = [test_picks[i] for i in idx]
+  test_raw = raw(test_vols, test_picks)
+  if test_raw.names != data.test.names:
+    raise AssertionError("threshold baseline: raw test slices do not match the test set")
+  return threshold_lib.fit_and_evaluate(hq_raw, test_raw)
+
+
 def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
             log: Callable[[str], None] = print, felz: dict | None = None,
             guard: rundir.InputGuard | None = None) -> dict:
   """Runs repetition `rep`; returns (and saves) its numbers.
 
-  A finished repetition (rep_dir/rep.json) is loaded, not rerun.
+  A finished repetition (rep_dir/rep.json) of the same `run_key` is loaded,
+  not rerun; if it lacks some of cfg.scenarios (or the threshold), only those
+  are computed (the upgrade network's finished checkpoint is reused). A
+  rep.json of another run_key raises ConfigMismatch.
   """
   rep_dir = out_dir / f"rep{rep}"
   done = rep_dir / "rep.json"
+  key = run_key(cfg, felz)
+  previous = None
   if done.exists():
-    log(f"[rep {rep}] already finished: {done}")
-    return json.loads(done.read_text())
+    previous = json.loads(done.read_text())
+    _check_rep(previous, key, done)
+    missing = [s for s in cfg.scenarios if s not in previous["segmentation_dice"]]
+    if (cfg.threshold_baseline and cfg.scenarios
+        and "threshold" not in previous["segmentation_dice"]):
+      missing.append("threshold")
+    if not missing:
+      log(f"[rep {rep}] already finished: {done}")
+      return _select(previous, cfg)
+    log(f"[rep {rep}] finished before; adding {', '.join(missing)}")
   seed = cfg.seed + rep
-  timings = {}
+  timings = dict(previous.get("timings", {})) if previous else {}
   t0 = time.perf_counter()
   data = prepare_rep(cfg, volumes, seed, felz)
   if cfg.lq_source == "predictions":
-    data = _predicted_lq(cfg, data, seed, rep_dir / "lq_predictor", log)
+    data = _predicted_lq(cfg, data, seed, rep_dir / "lq_predictor", log, context=key)
   timings["data_s"] = time.perf_counter() - t0
   log(f"[rep {rep}] HQ train {len(data.hq_train)}, HQ val {len(data.hq_val)}, "
       f"LQ {len(data.lq)}, test {len(data.test)} slices of {data.test.images.shape[1:3]}")
+  if data.effective_rates is not None:
+    r = data.effective_rates
+    log(f"[rep {rep}] effective LQ rates: omission {_rate(r['omission'])} "
+        f"({r['omitted']}/{r['targets']} cells), inclusion {_rate(r['inclusion'])} "
+        f"({r['included']}/{r['others']} objects)")
 
   t0 = time.perf_counter()
   up_cfg = dataclasses.replace(cfg.upgrade, seed=seed)
   log(f"[rep {rep}] training the upgrade network")
-  fit = engine.fit(up_cfg, data.hq_train, data.hq_val, rep_dir / "upgrade", log=log)
+  fit = engine.fit(up_cfg, data.hq_train, data.hq_val, rep_dir / "upgrade", log=log,
+                   context=key)
   timings["upgrade_train_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
   upgraded_test = upgrade_labels(fit.state_best, data.test_lq, cfg.predict_batch)
   valid = data.test.valid_mask()
   result = {
-      "rep": rep, "seed": seed,
+      "rep": rep, "seed": seed, "config": key,
       "annotation_dice": {
           "lq": metrics.pooled_dice_np(data.test_lq.targets, data.test.targets, valid),
           "upgraded": metrics.pooled_dice_np(upgraded_test, data.test.targets, valid)},
+      "effective_rates": data.effective_rates,
       "upgrade_best_val_dice": fit.best_val_dice, "upgrade_best_step": fit.best_step,
-      "segmentation_dice": {}, "sizes": {
+      "segmentation_dice": dict(previous["segmentation_dice"]) if previous else {},
+      "sizes": {
           "hq_train": len(data.hq_train), "hq_val": len(data.hq_val),
           "lq": len(data.lq), "test": len(data.test)},
   }
+  if previous and "threshold" in previous:
+    result["threshold"] = previous["threshold"]
   upgraded = data.lq
   if len(data.lq):
     masks = upgrade_labels(fit.state_best, data.lq, cfg.predict_batch)
@@ -407,38 +529,70 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
   np.savez_compressed(rep_dir / "samples.npz", **_figure_samples(data, upgraded_test))
 
   for scenario in cfg.scenarios:
+    if scenario in result["segmentation_dice"]:
+      continue   # finished before with this very run_key
     t0 = time.perf_counter()
     train_ds, val_ds = SCENARIO_DATA[scenario](data, upgraded)
     seg_cfg = dataclasses.replace(cfg.segment, seed=seed)
     log(f"[rep {rep}] training the segmentation network: {scenario} "
         f"({len(train_ds)} training slices)")
-    seg = engine.fit(seg_cfg, train_ds, val_ds, rep_dir / f"seg_{scenario}", log=log)
+    seg = engine.fit(seg_cfg, train_ds, val_ds, rep_dir / f"seg_{scenario}", log=log,
+                     context=key)
     pred = engine.predict(seg.state_best, data.test.images, batch_size=cfg.predict_batch,
                              extents=data.test.extents)
     dice = metrics.pooled_dice_np(pred, data.test.targets, valid)
     result["segmentation_dice"][scenario] = dice
     timings[f"seg_{scenario}_s"] = time.perf_counter() - t0
     log(f"[rep {rep}] segmentation Dice ({scenario}): {dice:.4f}")
-  if cfg.threshold_baseline and cfg.scenarios:
-    hq_all = concat([data.hq_train, data.hq_val])
-    thr = threshold_lib.fit_and_evaluate(hq_all, data.test)
+  if (cfg.threshold_baseline and cfg.scenarios
+      and "threshold" not in result["segmentation_dice"]):
+    thr = threshold_baseline(cfg, volumes, data)
     result["segmentation_dice"]["threshold"] = thr.test_dice
-    result["threshold"] = dataclasses.asdict(thr)
-    log(f"[rep {rep}] segmentation Dice (threshold at {thr.fraction:.0%} of max): "
-        f"{thr.test_dice:.4f}")
+    result["threshold"] = {**dataclasses.asdict(thr), "intensities": "raw"}
+    log(f"[rep {rep}] segmentation Dice (threshold at {thr.fraction:.0%} of the max raw "
+        f"intensity): {thr.test_dice:.4f}")
   result["timings"] = timings
   _write_json(done, result)
-  return result
+  return _select(result, cfg)
+
+
+def _rate(x) -> str:
+  return "n/a" if x is None else f"{x:.3f}"
+
+
+def _select(result: dict, cfg: PipelineConfig) -> dict:
+  """The rep's numbers restricted to what `cfg` asks for (a rep extended
+  with more scenarios by another command keeps them in rep.json)."""
+  wanted = set(cfg.scenarios) | ({"threshold"} if cfg.threshold_baseline and cfg.scenarios
+                                 else set())
+  return {**result, "segmentation_dice": {k: v for k, v in result["segmentation_dice"].items()
+                                          if k in wanted}}
 
 
 def _figure_samples(data: RepData, upgraded: np.ndarray, k: int = 3) -> dict:
-  """A few test slices (image, GT, LQ, upgraded) for the overlay figure:
-  evenly spread over the test slices that hold targets (so they come from
-  different places, not three neighbouring slices), cropped to common bounds."""
+  """A few test slices (image, GT, LQ, upgraded) for the overlay figure.
+
+  Slices that show the method: several cells and an LQ label that differs
+  from the truth (a single-cell slice whose LQ equals the truth shows
+  nothing). Among them, k spread evenly from the worst to the best upgraded
+  per-slice Dice, so the figure shows failures too. Falls back to slices
+  with cells when too few qualify. Cropped to common bounds.
+  """
   n = len(data.test)
-  with_cells = np.flatnonzero((data.test.targets > 0).reshape(n, -1).any(1))
-  pool = with_cells if len(with_cells) else np.arange(n)
-  order = pool[np.unique(np.linspace(0, len(pool) - 1, min(k, len(pool))).round().astype(int))]
+  valid = data.test.valid_mask()
+  gt = (data.test.targets > 0) & valid
+  lq = (data.test_lq.targets > 0) & valid
+  cells = np.array([len(np.unique(t[t > 0])) for t in data.test.targets])
+  differs = (gt != lq).reshape(n, -1).any(1)
+  dice = np.array([metrics.pooled_dice_np(upgraded[i], gt[i], valid[i]) for i in range(n)])
+  pool = np.flatnonzero((cells >= 2) & differs)
+  if len(pool) < k:
+    pool = np.flatnonzero((cells >= 1) & differs)
+  if len(pool) < k:
+    pool = np.flatnonzero(cells >= 1) if np.any(cells >= 1) else np.arange(n)
+  ranked = pool[np.argsort(dice[pool], kind="stable")]   # worst to best
+  order = ranked[np.unique(np.linspace(0, len(ranked) - 1, min(k, len(ranked)))
+                           .round().astype(int))]
   h = int(data.test.extents[order, 0].min())
   w = int(data.test.extents[order, 1].min())
   return {"image": data.test.images[order, :h, :w].mean(-1),
@@ -459,20 +613,49 @@ class Results:
   timings: dict
 
   def summary(self) -> dict:
+    """Means, stds (ddof=1) and per-rep values; for every comparison of
+    hq_upgraded (and upgraded vs LQ annotations) the Wilcoxon p and the
+    paired difference (mean, t interval, wins/losses/ties); and the
+    effective LQ perturbation rates over the repetitions."""
     ann = {k: metrics.summarize([r["annotation_dice"][k] for r in self.reps])
            for k in ("lq", "upgraded")}
     names = [s for s in (*SCENARIOS, "threshold") if all(
         s in r["segmentation_dice"] for r in self.reps)]
     seg = {s: metrics.summarize([r["segmentation_dice"][s] for r in self.reps]) for s in names}
-    wil = {}
+    pairs = {}
     if "hq_upgraded" in seg:
       for s in names:
         if s != "hq_upgraded":
-          wil[f"hq_upgraded_vs_{s}"] = metrics.wilcoxon(
-              seg["hq_upgraded"]["per_rep"], seg[s]["per_rep"])
-    wil["upgraded_vs_lq_annotations"] = metrics.wilcoxon(
-        ann["upgraded"]["per_rep"], ann["lq"]["per_rep"])
-    return {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil}
+          pairs[f"hq_upgraded_vs_{s}"] = (seg["hq_upgraded"]["per_rep"], seg[s]["per_rep"])
+    pairs["upgraded_vs_lq_annotations"] = (ann["upgraded"]["per_rep"], ann["lq"]["per_rep"])
+    wil = {k: metrics.wilcoxon(a, b) for k, (a, b) in pairs.items()}
+    paired = {k: metrics.paired_difference(a, b) for k, (a, b) in pairs.items()}
+    rates = {}
+    for k in ("omission", "inclusion"):
+      vals = [(r.get("effective_rates") or {}).get(k) for r in self.reps]
+      if vals and all(v is not None for v in vals):
+        rates[k] = metrics.summarize(vals)
+    return {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil,
+            "paired": paired, "effective_rates": rates}
+
+
+def discard_reps(out_dir, protect=()) -> list[Path]:
+  """Deletes this pipeline's own repetition folders (`rep<r>/`) and upgraded
+  label TIFFs (`upgraded/*.tif`) in `out_dir`; nothing else. Refuses when a
+  path in `protect` (the run's inputs) lies inside one of them."""
+  out_dir = Path(out_dir)
+  reps = [p for p in out_dir.glob("rep*") if p.is_dir() and re.fullmatch(r"rep\d+", p.name)]
+  for p in reps + [out_dir / "upgraded"]:
+    for q in protect:
+      q = Path(q).resolve()
+      if q == p.resolve() or p.resolve() in q.parents:
+        raise ValueError(f"refusing to discard {p}: it holds the input {q}")
+  for p in reps:
+    shutil.rmtree(p)
+  tifs = sorted((out_dir / "upgraded").glob("*.tif"))
+  for p in tifs:
+    p.unlink()
+  return reps + tifs
 
 
 def data_inputs(cfg: DataConfig) -> rundir.InputGuard:
@@ -504,8 +687,18 @@ def check_counts(cfg: PipelineConfig, volumes) -> None:
                      f"training slice(s) are left after --n_hq={d.n_hq}: lower --n_lq (or --n_hq)")
 
 
+def check_finished_reps(cfg: PipelineConfig, out_dir, felz: dict | None = None) -> None:
+  """Raises ConfigMismatch when a finished repetition in `out_dir` was made
+  with another `run_key` (checked before anything is written)."""
+  key = run_key(cfg, felz)
+  for r in range(cfg.reps):
+    done = Path(out_dir) / f"rep{r}" / "rep.json"
+    if done.is_file():
+      _check_rep(json.loads(done.read_text()), key, done)
+
+
 def prepare_run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
-                felz: dict | None = None):
+                felz: dict | None = None, fresh: bool = False):
   """Loads and checks everything a run needs; creates nothing.
 
   Returns:
@@ -513,33 +706,45 @@ def prepare_run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = pr
     when configured) and the InputGuard of the run's inputs.
 
   Raises:
-    InputError / ValueError / OSError naming the input, setting or out_dir.
+    InputError / ValueError / OSError naming the input, setting or out_dir;
+    ConfigMismatch (an InputError) when out_dir holds finished repetitions of
+    another config and not `fresh`.
   """
   guard = data_inputs(cfg.data)
   rundir.check_out_dir(out_dir, guard)
+  if not fresh:
+    check_finished_reps(cfg, out_dir, felz)
   volumes = load_volumes(cfg.data)
   check_counts(cfg, volumes)
   if cfg.data.others == "felzenszwalb":
-    volumes = felzenszwalb_volumes(volumes, felz or {}, log)
+    volumes = felzenszwalb_volumes(volumes, felz or {}, hq_picks(cfg.data, volumes[0]), log)
   return volumes, guard
 
 
 def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
-        felz: dict | None = None, prepared=None) -> Results:
+        felz: dict | None = None, prepared=None, fresh: bool = False) -> Results:
   """Algorithm 1 and the scenarios, `cfg.reps` times; resumable in `out_dir`.
 
   `prepared` is `prepare_run`'s result (made here when None): everything is
-  loaded and checked before `out_dir` is created.
+  loaded and checked before `out_dir` is created. A repetition finished or
+  checkpointed with another `run_key` raises ConfigMismatch, unless `fresh`:
+  then this run's own rep folders and upgraded TIFFs in out_dir are discarded
+  first (never the inputs).
   """
   out_dir = Path(out_dir)
   t0 = time.perf_counter()
-  volumes, guard = prepared if prepared is not None else prepare_run(cfg, out_dir, log=log,
-                                                                 felz=felz)
+  volumes, guard = prepared if prepared is not None else prepare_run(
+      cfg, out_dir, log=log, felz=felz, fresh=fresh)
   load_s = time.perf_counter() - t0
   log(f"data: {cfg.data.source} ({len(volumes[0])} training / {len(volumes[1])} test "
       f"volumes), loaded in {load_s:.1f}s")
   with rundir.RunLock(out_dir):
     rundir.remove_stale_temps(out_dir)
+    if fresh:
+      gone = discard_reps(out_dir, protect=[cfg.data.data_dir] if cfg.data.data_dir else [])
+      if gone:
+        log(f"fresh start: discarded {len(gone)} old repetition folders / upgraded files "
+            f"in {out_dir}")
     reps = [run_rep(cfg, volumes, r, out_dir, log=log, felz=felz, guard=guard)
             for r in range(cfg.reps)]
   return Results(cfg, reps, {"load_s": load_s, "total_s": time.perf_counter() - t0})
@@ -556,6 +761,26 @@ class UserData:
   lq_images: str
   lq_labels: str
   others_labels: str = ""   # non-target objects of the HQ images (inclusion)
+
+
+# User mode has no test set: its only score is the early-stopping set's.
+OPTIMISTIC = ("optimistic: the best over epochs on the early-stopping validation set, "
+              "which chose the epoch; not a test score")
+
+
+def _refuse_shared_images(hq_dir: Path, lq_dir: Path) -> None:
+  """InputError when an LQ image is an HQ image: the same file under any name
+  (link), or a file of the same name with identical content. Upgrading labels
+  of the very images u_θ trained on would score and train on leaked pairs."""
+  hq = {p.stem: p for p in sorted(hq_dir.iterdir()) if p.is_file()}
+  hq_ids = {(p.stat().st_dev, p.stat().st_ino): p for p in hq.values()}
+  for p in sorted(lq_dir.iterdir()):
+    if not p.is_file():
+      continue
+    q = hq_ids.get((p.stat().st_dev, p.stat().st_ino)) or hq.get(p.stem)
+    if q is not None and (p.samefile(q) or filecmp.cmp(p, q, shallow=False)):
+      raise InputError(f"--lq_images: {p} is the HQ image {q}; the LQ set must be other "
+                       "images than the HQ ones")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -581,16 +806,9 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir, *,
       raise InputError(f"--{flag}={path} is not a folder; give the folder that holds the files")
   guard = rundir.InputGuard(folders.values())
   rundir.check_out_dir(out_dir, guard)
+  _refuse_shared_images(Path(user.hq_images), Path(user.lq_images))
   hq_vols = io.folder(user.hq_images, user.hq_labels, user.others_labels or None)
   lq_vols = io.folder(user.lq_images, user.lq_labels)
-  def file_ids(folder):
-    return {(p.stat().st_dev, p.stat().st_ino): p.name for p in sorted(Path(folder).iterdir())
-            if p.is_file()}
-  hq_files = file_ids(user.hq_images)
-  shared = [name for key, name in file_ids(user.lq_images).items() if key in hq_files]
-  if shared:
-    raise InputError(f"--lq_images={user.lq_images} holds {len(shared)} of the HQ images "
-                     f"themselves (e.g. {shared[0]}); the LQ set must be other images")
   kw = dict(normalisation=cfg.data.normalisation)
   hq = io.volumes_to_dataset(hq_vols, **kw)
   lq = io.volumes_to_dataset(lq_vols, **kw)
@@ -624,20 +842,23 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
   hq_train, hq_val = d.hq.subset(d.train_idx), d.hq.subset(d.val_idx)
   log(f"user data: {len(d.hq)} HQ images ({len(hq_train)} train / {len(hq_val)} val), "
       f"{len(d.lq)} LQ images")
+  key = {"user": dataclasses.asdict(user), "run": run_key(cfg, felz)}
   with rundir.RunLock(out_dir):
     rundir.remove_stale_temps(out_dir)
     fit = engine.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq_train, hq_val,
-                        out_dir / "upgrade", log=log)
+                     out_dir / "upgrade", log=log, context=key)
+    log(f"upgrade network: best validation Dice {fit.best_val_dice:.4f} ({OPTIMISTIC})")
     masks = upgrade_labels(fit.state_best, d.lq, cfg.predict_batch)
     paths = write_upgraded(out_dir / "upgraded", d.lq, masks, guard=d.guard)
     log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
-    result = {"upgrade_best_val_dice": fit.best_val_dice, "n_hq": len(d.hq),
-              "n_lq": len(d.lq), "upgraded": [str(p) for p in paths]}
+    result = {"upgrade_best_val_dice": fit.best_val_dice, "val_dice_note": OPTIMISTIC,
+              "n_hq": len(d.hq), "n_lq": len(d.lq), "upgraded": [str(p) for p in paths]}
     if "hq_upgraded" in cfg.scenarios:
       upgraded = d.lq.replace(targets=masks.astype(np.int32))
       seg = engine.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
-                          concat([hq_train, upgraded]), hq_val,
-                          out_dir / "seg_hq_upgraded", log=log)
+                       concat([hq_train, upgraded]), hq_val,
+                       out_dir / "seg_hq_upgraded", log=log, context=key)
       result["segmentation_best_val_dice"] = seg.best_val_dice
+      log(f"segmentation network: best validation Dice {seg.best_val_dice:.4f} ({OPTIMISTIC})")
     _write_json(out_dir / "results.json", result, guard=d.guard)
   return result

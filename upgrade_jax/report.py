@@ -66,13 +66,16 @@ def write_results(out_dir, results, extra: dict | None = None) -> dict:
   for kind in ("annotation_dice", "segmentation_dice"):
     for k, s in d[kind].items():
       w.writerow([kind.split("_")[0], k, "mean", f"{s['mean']:.6f}"])
-      w.writerow([kind.split("_")[0], k, "std", f"{s['std']:.6f}"])
+      w.writerow([kind.split("_")[0], k, "std", "" if s["std"] is None else f"{s['std']:.6f}"])
   write_text(out_dir / "results.csv", buf.getvalue())
   return d
 
 
 def format_table(d: dict, paper: dict | None = None) -> str:
-  """A Table 3.1-style text table: pooled test Dice, mean ± std over reps."""
+  """A Table 3.1-style text table: pooled test Dice, mean ± std (ddof=1) over
+  reps; the effective LQ perturbation rates; the paired comparisons (mean
+  difference with its t interval, wins/losses/ties, Wilcoxon p, and a note
+  when n is too small for p to be small)."""
   n = len(d["reps"])
   lines = [f"Pooled test Dice, mean ± std over {n} repetition(s)", ""]
   head = f"{'':14}{'':16}{'Dice':>16}"
@@ -81,7 +84,8 @@ def format_table(d: dict, paper: dict | None = None) -> str:
   lines.append(head)
 
   def row(group, key, s):
-    text = f"{group:14}{LABELS.get(key, key):16}{s['mean']:>9.4f} ± {s['std']:.4f}"
+    std = "  n/a " if s["std"] is None else f"{s['std']:.4f}"
+    text = f"{group:14}{LABELS.get(key, key):16}{s['mean']:>9.4f} ± {std}"
     if paper and key in paper:
       text += f"{paper[key]:>10.2f}"
     return text
@@ -90,15 +94,31 @@ def format_table(d: dict, paper: dict | None = None) -> str:
     lines.append(row("Annotations" if i == 0 else "", k, s))
   for i, (k, s) in enumerate(d["segmentation_dice"].items()):
     lines.append(row("Segmentation" if i == 0 else "", k, s))
-  wil = {k: v for k, v in d["wilcoxon"].items() if v is not None}
-  if wil:
+  rates = d.get("effective_rates") or {}
+  if rates:
     lines.append("")
-    lines.append("Wilcoxon signed-rank p (two-sided, paired over repetitions):")
-    for k, v in wil.items():
-      lines.append(f"  {k:32} p = {v:.4g}")
-  elif n < 2:
+    lines.append("Effective LQ perturbation rates (removed / target cells, included / "
+                 "other objects; LQ set + test LQ set):")
+    for k, s in rates.items():
+      std = "" if s["std"] is None else f" ± {s['std']:.3f}"
+      lines.append(f"  {k:14}{s['mean']:.3f}{std}")
+  paired = d.get("paired") or {}
+  if n < 2:
     lines.append("")
-    lines.append("(Wilcoxon tests need at least 2 repetitions: use --reps)")
+    lines.append("(paired comparisons need at least 2 repetitions: use --reps)")
+  elif paired:
+    lines.append("")
+    lines.append(f"Paired over {n} repetitions: mean difference [95% t interval], "
+                 "wins/losses/ties, Wilcoxon p (two-sided):")
+    for k, v in paired.items():
+      p = d.get("wilcoxon", {}).get(k)
+      p_text = "n/a" if p is None else f"{p:.4g}"
+      lines.append(f"  {k:32} {v['mean_diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"
+                   f"  {v['wins']}/{v['losses']}/{v['ties']}  p = {p_text}")
+    floor = next(iter(paired.values()))["min_possible_p"]
+    if floor >= 0.05:
+      lines.append(f"  (with {n} pairs the smallest possible Wilcoxon p is {floor:.4g}: "
+                   "p cannot be < 0.05; read the interval and the signs)")
   return "\n".join(lines)
 
 
@@ -161,7 +181,7 @@ def plot_scenarios(d: dict, path, paper: dict | None = None) -> None:
   for ax, (g, title) in zip(axes[0], groups):
     keys = list(d[g])
     means = [d[g][k]["mean"] for k in keys]
-    stds = [d[g][k]["std"] for k in keys]
+    stds = [d[g][k]["std"] or 0.0 for k in keys]
     colors = ["#c44e52" if k in ("lq",) else "#4c72b0" if "upgraded" in k else "#8c8c8c"
               for k in keys]
     x = np.arange(len(keys))
@@ -207,7 +227,7 @@ def plot_sweep(points: list, path, *, xlabel: str) -> None:
     if any(v is None for v in vals):
       continue
     m = np.array([v["mean"] for v in vals])
-    s = np.array([v["std"] for v in vals])
+    s = np.array([v["std"] or 0.0 for v in vals])
     ax.plot(xs, m, style, marker="o", color=color, label=label)
     ax.fill_between(xs, m - s, m + s, color=color, alpha=0.15)
   ax.set_xlabel(xlabel)

@@ -33,10 +33,10 @@ import numpy as np
 
 from upgrade_jax.data.io import volumes_to_dataset
 from upgrade_jax.data.types import Dataset, Volume
-from upgrade_jax.perturb import PerturbConfig, perturb
+from upgrade_jax.perturb import PerturbConfig, perturb, perturb_counts
 
-__all__ = ["select_slices", "hold_out", "train_val_split", "Splits", "make_splits",
-           "make_lq", "empty_like"]
+__all__ = ["select_slices", "hold_out", "hold_out_first", "train_val_split", "Splits",
+           "make_splits", "make_lq", "lq_counts", "effective_rates", "empty_like"]
 
 
 def select_slices(num_slices_per_volume: Sequence[int], n: int) -> list[tuple[int, int]]:
@@ -95,6 +95,20 @@ def hold_out(volumes: Sequence[Volume], n_test: int, *, seed: int):
           [v for i, v in enumerate(volumes) if i in test])
 
 
+def hold_out_first(volumes: Sequence[Volume], n_test: int):
+  """(train_volumes, test_volumes): the first n_test volumes are the test set.
+
+  For a generator that makes volume i the same however many volumes it makes
+  (`synthetic.generate` spawns one child seed per volume), the test set is
+  then the same for every n_volumes, and adding volumes only adds training
+  volumes. `hold_out` permutes all volumes, so its test set changed with
+  n_volumes and confounded the paper's Figure 3.4 sweep with the test set.
+  """
+  if not 0 <= n_test <= len(volumes):
+    raise ValueError(f"hold_out_first: n_test={n_test} not in [0, {len(volumes)}]")
+  return list(volumes[n_test:]), list(volumes[:n_test])
+
+
 def train_val_split(n: int, *, seed: int, val_fraction: float = 0.2):
   """(train_idx, val_idx): sorted int arrays splitting range(n) from `seed`.
 
@@ -135,7 +149,8 @@ class Splits:
 
 def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume], *,
                 n_hq: int, seed: int, n_lq: int | None = None, val_fraction: float = 0.2,
-                normalisation: str = "max", channels: str = "grey") -> Splits:
+                normalisation: str = "max", channels: str = "grey",
+                hq_volumes: int | None = None) -> Splits:
   """HQ / LQ / test Datasets and the 80/20 train/validation split of HQ.
 
   Args:
@@ -147,11 +162,18 @@ def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume],
       slices; None takes them all.
     val_fraction: fraction of HQ slices held out for validation.
     normalisation, channels: see `upgrade_jax.data.io.stack_samples`.
+    hq_volumes: the HQ slices come from the first `hq_volumes` training
+      volumes only (the paper's Figure 3.4 axis); None: from all of them. LQ
+      slices still come from every training volume.
   """
   if not train_volumes or not test_volumes:
     raise ValueError("make_splits needs at least one training and one test volume")
+  if hq_volumes is not None and not 1 <= hq_volumes <= len(train_volumes):
+    raise ValueError(f"hq_volumes={hq_volumes} not in [1, {len(train_volumes)}] "
+                     "(the number of training volumes)")
   kw = dict(normalisation=normalisation, channels=channels)
-  hq_picks = select_slices([v.num_slices for v in train_volumes], n_hq)
+  hq_pool = train_volumes[:hq_volumes] if hq_volumes is not None else train_volumes
+  hq_picks = select_slices([v.num_slices for v in hq_pool], n_hq)
   chosen = set(hq_picks)
   rest = [(v, z) for v, vol in enumerate(train_volumes) for z in range(vol.num_slices)
           if (v, z) not in chosen]
@@ -212,3 +234,31 @@ def make_lq(dataset: Dataset, config: PerturbConfig, *, seed: int,
     out[start:stop] = np.asarray(fn(k, labels, others))[:stop - start]
   out &= dataset.valid_mask()
   return dataset.replace(targets=out.astype(np.int32))
+
+
+@functools.lru_cache(maxsize=32)
+def _counts_batch(config: PerturbConfig, max_label: int):
+  return jax.jit(jax.vmap(functools.partial(perturb_counts, config=config,
+                                            max_label=max_label)))
+
+
+def lq_counts(dataset: Dataset, config: PerturbConfig, *, seed: int) -> np.ndarray:
+  """(N, 4) int64 object counts behind `make_lq(dataset, config, seed=seed)`:
+  [target instances, omitted, other objects, included] per sample (the same
+  keys, so the same draws)."""
+  n = len(dataset)
+  if n == 0:
+    return np.zeros((0, 4), np.int64)
+  keys = jax.random.split(jax.random.key(seed), n)
+  fn = _counts_batch(config, dataset.max_label)
+  return np.asarray(fn(keys, dataset.targets, dataset.others)).astype(np.int64)
+
+
+def effective_rates(counts) -> dict:
+  """Pooled effective rates of (N, 4) `lq_counts` rows: omitted / targets and
+  included / others (None when there is nothing to count), with the sums."""
+  c = np.asarray(counts, np.int64).reshape(-1, 4).sum(axis=0)
+  targets, omitted, others, included = (int(x) for x in c)
+  return {"omission": omitted / targets if targets else None,
+          "inclusion": included / others if others else None,
+          "targets": targets, "omitted": omitted, "others": others, "included": included}

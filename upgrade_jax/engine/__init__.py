@@ -8,16 +8,17 @@ the rest is shared.
   tasks.py        Task, Upgrade, Segment: the registry of tasks
   state.py        TrainState, create_train_state
   step.py         the jitted, data-parallel train step and its batches
-  evaluate.py     the fixed validation set, evaluate, predict / predict_proba
+  evaluation.py   the fixed validation set, evaluate, predict / predict_proba
   checkpoints.py  Orbax checkpoints and the loop's LoopRecord
   loop.py         fit: epochs, early stopping, resume
 
 The names below are the engine's public API.
 """
 
-from upgrade_jax.engine.checkpoints import Checkpoints, LoopRecord, check_resumable
+from upgrade_jax.engine.checkpoints import (Checkpoints, ConfigMismatch, LoopRecord,
+                                            check_resumable, config_diff, data_digest)
 from upgrade_jax.engine.config import StepConfig, TrainConfig
-from upgrade_jax.engine.evaluate import (ValSet, bucket_size, evaluate, make_val_set,
+from upgrade_jax.engine.evaluation import (ValSet, bucket_size, evaluate, make_val_set,
                                          predict, predict_proba)
 from upgrade_jax.engine.loop import FitResult, fit
 from upgrade_jax.engine.state import (TrainState, create_train_state, init_variables,
@@ -26,7 +27,8 @@ from upgrade_jax.engine.step import (Batch, crop_and_flip, gather_samples, make_
                                      sample_crops)
 from upgrade_jax.engine.tasks import TASKS, Segment, Task, Upgrade, make_task, task_from_json
 
-__all__ = ["Checkpoints", "LoopRecord", "check_resumable", "StepConfig", "TrainConfig",
+__all__ = ["Checkpoints", "ConfigMismatch", "LoopRecord", "check_resumable", "config_diff",
+           "data_digest", "StepConfig", "TrainConfig",
            "ValSet", "bucket_size", "evaluate", "make_val_set", "predict", "predict_proba",
            "FitResult", "fit", "TrainState", "create_train_state", "init_variables",
            "network_channels", "Batch", "crop_and_flip", "gather_samples", "make_train_step",

@@ -8,10 +8,12 @@ so a SIGKILL at any moment leaves a consistent checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from upgrade_jax.data.io import json_safe
@@ -21,19 +23,66 @@ from upgrade_jax.engine.state import TrainState
 from upgrade_jax.metrics import pooled_dice
 from upgrade_jax.rundir import InputError
 
-__all__ = ["LoopRecord", "Checkpoints", "check_resumable"]
+__all__ = ["LoopRecord", "Checkpoints", "check_resumable", "ConfigMismatch", "config_diff",
+           "data_digest"]
 
 # The record's layout: 1 = TrainConfig with task options at the top level
 # (before the engine package); 2 = options inside config["task"].
 RECORD_LAYOUT = 2
 
 
+class ConfigMismatch(InputError):
+  """A directory holds results of another configuration; resuming would mix
+  them with this one. The message is one line naming the differing fields."""
+
+
+def config_diff(stored, wanted, prefix: str = "") -> list[str]:
+  """Dotted names of the fields where two JSON-like configs differ.
+
+  Example: config_diff({"a": {"b": 1}}, {"a": {"b": 2}}) == ["a.b"].
+  """
+  if isinstance(stored, dict) and isinstance(wanted, dict):
+    out = []
+    for k in sorted(set(stored) | set(wanted)):
+      name = f"{prefix}.{k}" if prefix else str(k)
+      if k not in stored or k not in wanted:
+        out.append(name)
+      else:
+        out += config_diff(stored[k], wanted[k], name)
+    return out
+  return [] if stored == wanted else [prefix or "<config>"]
+
+
+def data_digest(ds: Dataset) -> str:
+  """sha256 of a Dataset's images, targets, others and extents (what a run
+  trained on), so a resume on other data is refused."""
+  h = hashlib.sha256()
+  for a in (ds.images, ds.targets, ds.others, ds.extents):
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.data)
+  return h.hexdigest()[:16]
+
+
+def _at(tree, dotted: str):
+  """The value at a dotted path of nested dicts (None where it is missing)."""
+  for k in dotted.split("."):
+    tree = tree.get(k) if isinstance(tree, dict) else None
+  return tree
+
+
+def _data_record(train: Dataset, val: Dataset) -> dict:
+  return {"train": list(train.images.shape), "val": list(val.images.shape),
+          "train_digest": data_digest(train), "val_digest": data_digest(val)}
+
+
 @dataclasses.dataclass
 class LoopRecord:
   """What the loop knows besides the arrays (saved as JSON with each checkpoint).
 
-  config: TrainConfig.to_json() of the run; data: shapes of the training and
-  validation images; step: completed steps; best_val_dice / best_step: the
+  config: TrainConfig.to_json() of the run; data: shapes and digests of the
+  training and validation sets; context: JSON-able settings outside the
+  config that the run depends on (the pipeline's run key); step: completed steps; best_val_dice / best_step: the
   best validation so far (-1 before the first); bad_epochs: epochs since it;
   finished / stop_reason; history: one dict per epoch; epoch_*: running sums
   of the current epoch's train metrics.
@@ -41,6 +90,7 @@ class LoopRecord:
 
   config: dict
   data: dict
+  context: dict = dataclasses.field(default_factory=dict)
   step: int = 0
   best_val_dice: float = -1.0
   best_step: int = 0
@@ -54,9 +104,10 @@ class LoopRecord:
   layout: int = RECORD_LAYOUT
 
   @classmethod
-  def fresh(cls, config: TrainConfig, train: Dataset, val: Dataset) -> "LoopRecord":
-    return cls(config=json_safe(config.to_json()),
-               data={"train": list(train.images.shape), "val": list(val.images.shape)})
+  def fresh(cls, config: TrainConfig, train: Dataset, val: Dataset,
+            context: dict | None = None) -> "LoopRecord":
+    return cls(config=json_safe(config.to_json()), data=_data_record(train, val),
+               context=_canonical(context or {}))
 
   @classmethod
   def from_json(cls, d: dict, where) -> "LoopRecord":
@@ -127,21 +178,24 @@ def _canonical(x):
 
 
 def check_resumable(record: LoopRecord, config: TrainConfig, train: Dataset, val: Dataset,
-                    workdir) -> None:
-  """Raises InputError naming what differs when `workdir`'s run is not a run
-  of `config` on data of these shapes (TrainConfig.RESUMABLE_CHANGES may differ)."""
-  want = _canonical(config.to_json())
-  have = _canonical(record.config)
-  diff = sorted(k for k in set(want) | set(have)
-                if k not in TrainConfig.RESUMABLE_CHANGES and want.get(k) != have.get(k))
+                    workdir, context: dict | None = None) -> None:
+  """Raises ConfigMismatch naming what differs unless `workdir`'s run is a run
+  of `config` (TrainConfig.RESUMABLE_CHANGES may differ), with this `context`
+  (e.g. the pipeline's data and LQ perturbation), on the same training data."""
+  want, have = _canonical(config.to_json()), _canonical(record.config)
+  diff = [f"{k}: {_at(have, k)} -> {_at(want, k)}" for k in config_diff(have, want)
+          if k.split(".")[0] not in TrainConfig.RESUMABLE_CHANGES]
+  diff += [f"context.{k}" for k in config_diff(_canonical(record.context),
+                                                _canonical(context or {}))]
   if diff:
-    detail = ", ".join(f"{k}: {have.get(k)} -> {want.get(k)}" for k in diff)
-    raise InputError(f"{workdir} holds a training run with another config ({detail}); "
-                     "use another out_dir, or the same settings to resume it")
-  shapes = {"train": list(train.images.shape), "val": list(val.images.shape)}
-  if record.data != shapes:
-    raise InputError(f"{workdir} holds a training run on data of shapes {record.data}, not "
-                     f"{shapes}; use another out_dir, or the same data to resume it")
+    raise ConfigMismatch(f"{workdir} holds a training run with another config "
+                         f"({', '.join(diff)}); use another out_dir, the same settings to "
+                         "resume it, or start fresh")
+  data = _data_record(train, val)
+  if record.data != data:
+    raise ConfigMismatch(f"{workdir} holds a training run on other data "
+                         f"({', '.join(config_diff(record.data, data))}); use another "
+                         "out_dir, the same data to resume it, or start fresh")
 
 
 class Checkpoints:

@@ -22,7 +22,7 @@ from upgrade_jax import parallel
 from upgrade_jax.data.types import Dataset
 from upgrade_jax.engine.checkpoints import Checkpoints, LoopRecord, check_resumable
 from upgrade_jax.engine.config import TrainConfig
-from upgrade_jax.engine.evaluate import evaluate, make_val_set
+from upgrade_jax.engine.evaluation import evaluate, make_val_set
 from upgrade_jax.engine.state import TrainState, create_train_state, network_channels
 from upgrade_jax.engine.step import make_train_step
 
@@ -91,7 +91,8 @@ class _Throughput:
 
 
 def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
-        log: Callable[[str], None] = print, mesh=None) -> FitResult:
+        log: Callable[[str], None] = print, mesh=None,
+        context: dict | None = None) -> FitResult:
   """Trains with early stopping on validation Dice; resumes from `workdir`.
 
   Args:
@@ -104,6 +105,10 @@ def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
       had finished, its result is returned without training.
     log: called with one progress line at a time.
     mesh: device mesh (default: all devices on the `data` axis).
+    context: JSON-able settings outside `config` that the run depends on
+      (the pipeline passes its run key: data, LQ perturbation, seeds). Stored
+      with the checkpoint; a resume with another context is refused
+      (ConfigMismatch), as is one on other training data.
 
   Returns:
     FitResult.
@@ -120,11 +125,11 @@ def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
   resumed_from = None
   if ckpt.latest_step() is not None:
     state, best, record = ckpt.restore(state)
-    check_resumable(record, config, train, val, workdir)
+    check_resumable(record, config, train, val, workdir, context)
     resumed_from = record.step
     log(f"resuming from step {resumed_from} in {ckpt.directory}")
   else:
-    best, record = _copy(state.variables), LoopRecord.fresh(config, train, val)
+    best, record = _copy(state.variables), LoopRecord.fresh(config, train, val, context)
 
   if record.finished:
     log(f"run already finished ({record.stop_reason}); best val Dice "

@@ -1,0 +1,42 @@
+"""Statistics over repetitions (issue 10): ddof, the paired difference, the
+smallest Wilcoxon p a small n can reach. Oracles are hand computations."""
+
+import math
+
+import numpy as np
+import pytest
+
+from upgrade_jax import metrics
+
+
+def test_summarize_uses_the_sample_std():
+  s = metrics.summarize([1.0, 2.0, 4.0])
+  # mean 7/3; squared deviations 16/9 + 1/9 + 25/9 = 42/9; / (n - 1) = 7/3.
+  assert s["mean"] == pytest.approx(7 / 3)
+  assert s["std"] == pytest.approx(math.sqrt(7 / 3))
+  assert metrics.summarize([0.5])["std"] is None  # one rep measures no spread
+
+
+def test_min_wilcoxon_p_matches_the_exact_test():
+  assert metrics.min_wilcoxon_p(3) == 0.25 and metrics.min_wilcoxon_p(5) == 0.0625
+  for n in (3, 5, 6):
+    a = np.arange(1, n + 1) + 10.0          # every difference positive, distinct
+    assert metrics.wilcoxon(a, a - np.arange(1, n + 1)) == pytest.approx(
+        metrics.min_wilcoxon_p(n))
+
+
+def test_paired_difference_t_interval_and_signs():
+  a = [0.90, 0.85, 0.88, 0.80]
+  b = [0.85, 0.86, 0.80, 0.80]
+  d = metrics.paired_difference(a, b)
+  diffs = [0.05, -0.01, 0.08, 0.0]
+  mean = sum(diffs) / 4
+  sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 3)
+  t = 3.182446305284263   # Student t, 0.975 quantile, 3 degrees of freedom (table)
+  assert d["mean_diff"] == pytest.approx(mean)
+  assert d["ci_low"] == pytest.approx(mean - t * sd / 2)
+  assert d["ci_high"] == pytest.approx(mean + t * sd / 2)
+  assert (d["wins"], d["losses"], d["ties"], d["n"]) == (2, 1, 1, 4)
+  assert d["min_possible_p"] == 0.125
+  one = metrics.paired_difference([0.9], [0.8])
+  assert one["ci_low"] is None and one["mean_diff"] == pytest.approx(0.1)
