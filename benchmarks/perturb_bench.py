@@ -4,7 +4,16 @@ Workload (issue 2): 64 label maps of 256×256 with about 40 cells each;
 70% omission, then bias with q_max = 6. The host reference does one mask at a
 time with numpy + scipy.ndimage, as a PyTorch DataLoader worker would.
 
-Prints one JSON line: masks_per_s_jax, masks_per_s_host, ratio, and the setup.
+A second host column is the authors' own path: numpy omission (`np.isin`)
+and OpenCV's `cv2.dilate` / `cv2.erode` (3×3 kernel, `iterations=q`), one
+mask at a time. OpenCV is a benchmark-only extra (`pip install '.[bench]'`);
+without it the cv2 fields are null. OpenCV's default erosion border treats
+outside pixels as foreground (scipy and this library: as background), so its
+masks differ at the image border; only its speed is compared.
+
+Prints one JSON line: masks_per_s_jax, masks_per_s_host, ratio (host / jax
+time), masks_per_s_cv2, ratio_vs_cv2, the 1-minute load average before and
+after, and the setup.
 
     python benchmarks/perturb_bench.py [--batch 64] [--size 256] [--repeats 20]
 """
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import time
 
@@ -48,6 +58,25 @@ def host_perturb(rng, labels, rate, q_max):
   q = int(rng.integers(1, q_max + 1))
   op = ndi.binary_dilation if rng.random() < 0.5 else ndi.binary_erosion
   return op(mask, structure=np.ones((3, 3), bool), iterations=q, border_value=0)
+
+
+def load_cv2():
+  try:
+    import cv2
+  except ImportError:
+    return None
+  return cv2
+
+
+def authors_perturb(cv2, rng, labels, rate, q_max):
+  """The authors' path: numpy omission + OpenCV bias, one mask."""
+  ids = np.unique(labels)
+  ids = ids[ids > 0]
+  drop = rng.choice(ids, size=int(rate * len(ids)), replace=False)
+  mask = ((labels > 0) & ~np.isin(labels, drop)).astype(np.uint8)
+  q = int(rng.integers(1, q_max + 1))
+  op = cv2.dilate if rng.random() < 0.5 else cv2.erode
+  return op(mask, np.ones((3, 3), np.uint8), iterations=q)
 
 
 def time_it(fn, repeats):
@@ -90,9 +119,20 @@ def main():
     for lab in labels:
       host_perturb(rng, lab, 0.7, 6)
 
+  cv2 = load_cv2()
+
+  def run_cv2():
+    for lab in labels:
+      authors_perturb(cv2, rng, lab, 0.7, 6)
+
+  load_before = os.getloadavg()[0]
   run_host()  # warm caches
   t_jax = time_it(run_jax, args.repeats)
   t_host = time_it(run_host, max(3, args.repeats // 4))
+  t_cv2 = None
+  if cv2 is not None:
+    run_cv2()
+    t_cv2 = time_it(run_cv2, max(3, args.repeats // 4))
   print(json.dumps({
       "benchmark": "perturb",
       "batch": args.batch, "size": args.size, "cells": args.cells,
@@ -100,6 +140,10 @@ def main():
       "masks_per_s_jax": round(args.batch / t_jax, 1),
       "masks_per_s_host": round(args.batch / t_host, 1),
       "ratio": round(t_host / t_jax, 2),
+      "masks_per_s_cv2": round(args.batch / t_cv2, 1) if t_cv2 else None,
+      "ratio_vs_cv2": round(t_cv2 / t_jax, 2) if t_cv2 else None,
+      "cv2": cv2.__version__ if cv2 is not None else None,
+      "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
       "jax": jax.__version__, "backend": jax.default_backend(),
       "devices": jax.device_count(), "machine": platform.machine(),
   }))

@@ -6,7 +6,8 @@ for w = 16 and 32, soft Dice, Adam. The JAX side is the library's own step
 forward/backward pass, Adam and the Dice counts, all in one jitted program.
 The PyTorch side is the same network (3x3 conv without bias + BatchNorm +
 ReLU twice per block, 2x2 max-pool, 2x2 stride-2 transposed conv, skip
-concat, 1x1 head, softmax soft Dice, Adam) on a fixed batch, written here.
+concat, 1x1 head; benchmarks/torch_unet.py) with softmax soft Dice and Adam
+on a fixed batch.
 
 Two JAX steps are timed:
   given     task "segment" on 2-channel images (image, perturbed label) made
@@ -181,45 +182,11 @@ def jax_matmul(n: int = 2048):
 
 
 # --------------------------------------------------------------------------
-# PyTorch: the same network, written here.
+# PyTorch: the same network (torch_unet.py).
 
 def torch_step(width: int, channels_last: bool, x_np, t_np):
   import torch
-  import torch.nn as tnn
-  import torch.nn.functional as F
-
-  def block(cin, cout):
-    return tnn.Sequential(
-        tnn.Conv2d(cin, cout, 3, padding=1, bias=False), tnn.BatchNorm2d(cout), tnn.ReLU(inplace=True),
-        tnn.Conv2d(cout, cout, 3, padding=1, bias=False), tnn.BatchNorm2d(cout), tnn.ReLU(inplace=True))
-
-  class UNet(tnn.Module):
-    def __init__(self, widths, cin):
-      super().__init__()
-      self.down = tnn.ModuleList()
-      c = cin
-      for f in widths[:4]:
-        self.down.append(block(c, f))
-        c = f
-      self.bottleneck = block(c, widths[4])
-      c = widths[4]
-      self.upconv, self.up = tnn.ModuleList(), tnn.ModuleList()
-      for f in reversed(widths[:4]):
-        self.upconv.append(tnn.ConvTranspose2d(c, f, 2, stride=2))
-        self.up.append(block(2 * f, f))
-        c = f
-      self.head = tnn.Conv2d(c, 2, 1)
-
-    def forward(self, x):
-      skips = []
-      for b in self.down:
-        x = b(x)
-        skips.append(x)
-        x = F.max_pool2d(x, 2)
-      x = self.bottleneck(x)
-      for upconv, b, s in zip(self.upconv, self.up, reversed(skips)):
-        x = b(torch.cat([s, upconv(x)], 1))
-      return self.head(x)
+  from torch_unet import UNet  # the shared reference network (benchmarks/torch_unet.py)
 
   torch.manual_seed(0)
   model = UNet(tuple(width * m for m in (1, 2, 4, 8, 8)), x_np.shape[-1])

@@ -85,6 +85,68 @@ def test_bias_hypothesis_against_scipy(shape, q, dilate, seed, density):
   np.testing.assert_array_equal(np.asarray(got), scipy_bias(mask, q, dilate))
 
 
+@pytest.mark.parametrize("q_max,qs", [(31, (1, 17, 31)), (40, (1, 33, 40))])
+def test_bias_large_q_matches_scipy(q_max, qs):
+  # q_max = 31 is the largest for the separable shift passes (a shift stays
+  # within the neighbouring word); from 32 on the rolled 3×3 loop is used.
+  rng = np.random.default_rng(q_max)
+  mask = rng.random((45, 100)) < 0.03
+  mask[:, 0] = True
+  for q in qs:
+    for dilate in (True, False):
+      m = mask if dilate else ~mask
+      got = binary_bias(m, q, dilate, q_max)
+      np.testing.assert_array_equal(np.asarray(got), scipy_bias(m, q, dilate),
+                                    err_msg=f"q={q} dilate={dilate}")
+
+
+def test_bias_q_zero_is_identity():
+  mask = np.random.default_rng(3).random((20, 40)) < 0.5
+  for q_max in (6, 40):
+    for dilate in (True, False):
+      np.testing.assert_array_equal(np.asarray(binary_bias(mask, 0, dilate, q_max)), mask)
+
+
+# ---------------------------------------------------------------- id tables
+
+@pytest.mark.parametrize("size", [1, 31, 32, 33, 100, 128, 129, 300])
+def test_presence_and_lookup_match_numpy(size):
+  # Tables of <= 128 ids go through the bitset path, larger ones through the
+  # scatter/gather; both, batched and not, must equal the plain definitions.
+  # Ids in range, as the callers guarantee (they clip first).
+  rng = np.random.default_rng(size)
+  ids = rng.integers(0, size, (3, 50, 37)).astype(np.int32)
+  ids[1] = np.clip(ids[1], 0, size // 2)  # some ids absent
+  table = rng.random((3, size)) < 0.3
+  want_present = np.zeros((3, size), bool)
+  for b in range(3):
+    want_present[b, ids[b]] = True
+  want_present |= table
+  want_lookup = np.stack([table[b][ids[b]] for b in range(3)])
+  present = jax.jit(jax.vmap(lambda i, t: P._present_ids(i.reshape(-1), t)))
+  lookup = jax.jit(jax.vmap(P._lookup))
+  np.testing.assert_array_equal(np.asarray(present(ids, table)), want_present)
+  np.testing.assert_array_equal(np.asarray(lookup(table, ids)), want_lookup)
+  for b in range(3):
+    np.testing.assert_array_equal(
+        np.asarray(P._present_ids(jnp.asarray(ids[b]).reshape(-1), jnp.asarray(table[b]))),
+        want_present[b])
+    np.testing.assert_array_equal(np.asarray(P._lookup(jnp.asarray(table[b]), ids[b])),
+                                  want_lookup[b])
+  # Nested vmap, and an unbatched table with batched ids.
+  nested = jax.jit(jax.vmap(jax.vmap(P._lookup)))
+  np.testing.assert_array_equal(
+      np.asarray(nested(table[None].repeat(2, 0), ids[None].repeat(2, 0))),
+      np.stack([want_lookup] * 2))
+  shared = jax.jit(jax.vmap(P._lookup, in_axes=(None, 0)))
+  np.testing.assert_array_equal(np.asarray(shared(table[0], ids)),
+                                np.stack([table[0][i] for i in ids]))
+  nested_present = jax.jit(jax.vmap(jax.vmap(lambda i, t: P._present_ids(i.reshape(-1), t))))
+  np.testing.assert_array_equal(
+      np.asarray(nested_present(ids[None].repeat(2, 0), table[None].repeat(2, 0))),
+      np.stack([want_present] * 2))
+
+
 def test_per_instance_erosion_is_union_of_instance_erosions():
   rng = np.random.default_rng(1)
   lab = random_instances(rng, 48, 48, 25, r=(3, 8))
