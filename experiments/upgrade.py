@@ -27,11 +27,10 @@ from upgrade_jax.runtime import tune_malloc
 
 tune_malloc()  # before jax is imported: see upgrade_jax/runtime.py
 
-from upgrade_jax.data.io import SOURCES  # noqa: E402  (after tune_malloc)
-from upgrade_jax.data.synthetic import PRESETS  # noqa: E402
+from upgrade_jax.data.synthetic import PRESETS  # noqa: E402  (after tune_malloc)
 from upgrade_jax.engine import TrainConfig  # noqa: E402
 from upgrade_jax.perturb import COUNT_ROUNDINGS, FelzenszwalbConfig, PerturbConfig  # noqa: E402
-from upgrade_jax.pipeline import (LQ_SOURCES, OTHERS_MODES, SCENARIOS,  # noqa: E402
+from upgrade_jax.pipeline import (LQ_SOURCES, OTHERS_MODES, SCENARIOS, SOURCES,  # noqa: E402
                                   DataConfig, PipelineConfig)
 
 F = flags.FLAGS

@@ -262,7 +262,7 @@ def test_pipeline_config_validation():
 def test_imperfect_hq_is_perturbed_instances():
   ds = _ds(2, 16, 16)
   ds.targets[:, 8:12, 8:12] = 2
-  out = pipeline._imperfect(ds, PerturbConfig(omission_rate=0.5), seed=0)
+  out = pipeline.data._imperfect(ds, PerturbConfig(omission_rate=0.5), seed=0)
   for t in out.targets:
     assert len(np.unique(t)) == 2  # one of the two cells left, relabelled 1
 
@@ -380,7 +380,7 @@ def test_figure_slices_have_several_cells_and_wrong_lq(tmp_path):
   up[3, 12:15, 12:18] = False
   up[4, 12:13, 12:18] = False
   d = pipeline.RepData(test, test, test, test, test, test.replace(targets=lq), test)
-  s = pipeline._figure_samples(d, up, k=3)
+  s = pipeline.stages.figure_samples(d, up, k=3)
   # Slices 0 and 1 (one cell, LQ == truth) never show; worst, middle, best.
   assert list(s["names"]) == ["t2", "t4", "t5"]
 
@@ -399,10 +399,10 @@ def test_user_mode_refuses_lq_images_that_are_hq_images(tmp_path):
   assert "\n" not in str(e.value)
   (lq / "images" / "b.tif").unlink()
   (lq / "images" / "c.tif").write_bytes((hq / "images" / "a.tif").read_bytes() + b"\0")
-  pipeline._refuse_shared_images(hq / "images", lq / "images")  # other name and content
+  pipeline.user._refuse_shared_images(hq / "images", lq / "images")  # other name and content
   os.symlink(hq / "images" / "a.tif", lq / "images" / "b2.tif")   # the same file, renamed
   with pytest.raises(ValueError, match="is the HQ image"):
-    pipeline._refuse_shared_images(hq / "images", lq / "images")
+    pipeline.user._refuse_shared_images(hq / "images", lq / "images")
 
 
 def test_synthetic_test_set_does_not_depend_on_n_volumes():

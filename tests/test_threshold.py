@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from upgrade_jax.baselines import threshold
-from upgrade_jax.data.types import Dataset
+from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.metrics import pooled_dice_np
 
 
@@ -114,5 +114,5 @@ def test_pipeline_threshold_is_one_global_threshold_on_raw_intensities():
   assert result.test_dice == pytest.approx(2 * 32 / (2 * 32 + 4))
   # The per-image-normalised search (the old baseline) cannot do this well.
   test = pipeline.prepare_rep(cfg, volumes, seed=0).test
-  assert threshold.fit_and_evaluate(pipeline.concat([data.hq_train, data.hq_val]),
+  assert threshold.fit_and_evaluate(concat([data.hq_train, data.hq_val]),
                                     test).test_dice < 0.9

@@ -22,6 +22,12 @@ i.e. when called eagerly. Under `jit` nothing can be checked: ids outside
 [0, max_label] are clipped into that range (so an id above `max_label` is
 treated like `max_label`, a negative id like background) and rates are clipped
 to [0, 1]. Validate with `check_labels` on the host before tracing.
+
+Why this module is longer than the ~400 lines of the others: P is one
+concept, and its four components share private, bit-packed morphology and
+presence/look-up helpers (custom_vmap rules included) that are tuned
+together for speed (BUILD_NOTES, issue 16). Splitting them apart would make
+those helpers public API without making any piece easier to read.
 """
 
 from __future__ import annotations

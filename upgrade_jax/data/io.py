@@ -24,6 +24,10 @@ the raw values as float32.
 Matching: an image and its label file match when their names without the
 extension are equal (a.png matches a.tif). Label files must hold non-negative
 integers; floats are accepted only when every value is integral.
+
+Why ~470 lines in one module: every rule about a user's files (which files
+match, what a valid label is, how outputs are written atomically and safely)
+lives here, so that the readers and writers cannot disagree.
 """
 
 from __future__ import annotations

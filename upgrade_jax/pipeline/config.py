@@ -1,0 +1,183 @@
+"""The configuration of a run of Algorithm 1, and its key.
+
+  DataConfig, PipelineConfig   frozen configs (every default lives here)
+  run_key                      the part of a config every number depends on;
+                               stored with each repetition and checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from upgrade_jax import engine
+from upgrade_jax.data import io
+from upgrade_jax.perturb import FelzenszwalbConfig, PerturbConfig
+from upgrade_jax.pipeline.scenarios import SCENARIOS
+from upgrade_jax.pipeline.sources import SOURCES
+
+__all__ = ["DataConfig", "PipelineConfig", "OTHERS_MODES", "LQ_SOURCES", "run_key",
+           "check_rep", "ConfigMismatch"]
+
+ConfigMismatch = engine.ConfigMismatch
+# What inclusion draws from; pipeline.data.OTHERS says how each is made.
+OTHERS_MODES = ("labels", "felzenszwalb", "none")
+LQ_SOURCES = ("perturb", "predictions")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the data come from and how they are split.
+
+  Attributes:
+    source: "synthetic", "epfl_mito", "folder" or "stack".
+    preset: synthetic preset (see upgrade_jax.data.synthetic.PRESETS).
+    data_dir: root of the real data. epfl_mito and stack: a folder with
+      train/{images,labels}.tif and test/{images,labels}.tif; folder: a folder
+      with images/ and labels/ (and optionally others/).
+    n_volumes: synthetic volumes to simulate.
+    volume_shape: synthetic (Z, H, W).
+    sim_size: synthetic pixel scale: "default", or "paper" (the paper's
+      pixel size: cells 1.5x larger in pixels; use with a paper-size shape).
+    n_test: volumes (synthetic) or images (folder) held out as the test set;
+      epfl_mito and stack use their test stacks. Synthetic: the first n_test
+      volumes of the simulator, so the test set is the same for every
+      n_volumes (sampling.hold_out_first).
+    n_hq: HQ slices, chosen by the paper's rule (sampling.select_slices).
+    hq_volumes: number of training volumes the HQ slices are drawn from (the
+      paper's Figure 3.4 axis), the first ones; None: all training volumes.
+    n_lq: LQ slices drawn from the remaining training slices (None: all).
+    max_test: cap on the number of test slices (evenly spaced), None for all.
+    others: what inclusion draws from: "labels" (the other cell type of the
+      synthetic presets, or others/ of a folder), "felzenszwalb" segments,
+      or "none".
+    data_seed: seed of the simulator and of the test hold-out.
+    normalisation: per-image "max" or "percentile" (network inputs; the
+      threshold baseline always works on raw intensities, as the paper's).
+    felzenszwalb: the segments inclusion draws from with others="felzenszwalb"
+      (the paper's case study, §3.3.4).
+    hq_perturb: imperfect HQ (the paper's Figure 3.5): the HQ labels the
+      networks train on are themselves perturbed once with this config
+      (identity by default). The test set keeps its ground truth.
+  """
+
+  source: str = "synthetic"
+  preset: str = "hl60"
+  data_dir: str = ""
+  n_volumes: int = 10
+  volume_shape: tuple[int, int, int] = (32, 256, 256)
+  sim_size: str = "default"
+  n_test: int = 2
+  n_hq: int = 10
+  hq_volumes: int | None = None
+  n_lq: int | None = None
+  max_test: int | None = None
+  others: str = "labels"
+  data_seed: int = 0
+  normalisation: str = "max"
+  hq_perturb: PerturbConfig = PerturbConfig()
+  felzenszwalb: FelzenszwalbConfig = FelzenszwalbConfig()
+
+  def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ValueError(f"DataConfig.source {self.source!r} unknown; choose one of "
+                       f"{sorted(SOURCES)}")
+    if self.others not in OTHERS_MODES:
+      raise ValueError(f"DataConfig.others {self.others!r} unknown; choose one of "
+                       f"{list(OTHERS_MODES)}")
+    if self.source != "synthetic" and not self.data_dir:
+      raise ValueError(f"DataConfig.data_dir is required for source {self.source!r}")
+    if self.n_hq < 2:
+      raise ValueError(f"DataConfig.n_hq must be >= 2 (train + validation), got {self.n_hq}")
+    if self.source == "synthetic" and not 1 <= self.n_test < self.n_volumes:
+      raise ValueError(f"--n_test={self.n_test} must be at least 1 and below "
+                       f"--n_volumes={self.n_volumes}: lower --n_test or raise --n_volumes")
+    if self.hq_volumes is not None and self.hq_volumes < 1:
+      raise ValueError(f"DataConfig.hq_volumes must be >= 1, got {self.hq_volumes}")
+    object.__setattr__(self, "volume_shape", tuple(int(s) for s in self.volume_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """One run of Algorithm 1 and its scenarios.
+
+  Attributes:
+    data: the DataConfig.
+    upgrade: TrainConfig of u_θ (task engine.Upgrade); its task's `perturb`
+      is the P the network trains with.
+    segment: TrainConfig of the segmentation networks (task engine.Segment).
+    lq_perturb: the perturbation that makes the fixed LQ set (may differ from
+      upgrade.task.perturb: the paper's mismatch study).
+    scenarios: segmentation scenarios to train, a subset of SCENARIOS; empty
+      means upgrade only.
+    threshold_baseline: also score the global-threshold baseline.
+    reps: repetitions; repetition r uses seed + r everywhere.
+    seed: base seed.
+    predict_batch: images per jitted prediction call.
+    lq_source: "perturb" (LQ = lq_perturb(GT)) or "predictions" (the
+      paper's case study, §3.3.4: LQ = the predictions of a segmentation
+      network trained on `predictor_hq` HQ slices).
+    predictor_hq: HQ training slices of that predictor.
+  """
+
+  data: DataConfig = DataConfig()
+  upgrade: engine.TrainConfig = engine.TrainConfig(task=engine.Upgrade())
+  segment: engine.TrainConfig = engine.TrainConfig(task=engine.Segment())
+  lq_perturb: PerturbConfig = PerturbConfig(omission_rate=0.7)
+  scenarios: tuple[str, ...] = SCENARIOS
+  threshold_baseline: bool = True
+  reps: int = 1
+  seed: int = 0
+  predict_batch: int = 8
+  lq_source: str = "perturb"
+  predictor_hq: int = 10
+
+  def __post_init__(self):
+    if self.lq_source not in LQ_SOURCES:
+      raise ValueError(f"PipelineConfig.lq_source {self.lq_source!r} unknown; choose one of "
+                       f"{list(LQ_SOURCES)}")
+    object.__setattr__(self, "scenarios", tuple(self.scenarios))
+    unknown = [s for s in self.scenarios if s not in SCENARIOS]
+    if unknown:
+      raise ValueError(f"unknown scenarios {unknown}; choose from {list(SCENARIOS)}")
+    if (not isinstance(self.upgrade.task, engine.Upgrade)
+        or not isinstance(self.segment.task, engine.Segment)):
+      raise ValueError("PipelineConfig: upgrade.task must be an engine.Upgrade and "
+                       "segment.task an engine.Segment")
+    if self.reps < 1:
+      raise ValueError(f"PipelineConfig.reps must be >= 1, got {self.reps}")
+
+
+# Settings that change no number: left out of `run_key`, so changing them
+# resumes. `reps`, `scenarios` and `threshold_baseline` only say how much to
+# compute: more repetitions or scenarios extend a finished run.
+_RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch")
+_RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl")
+
+
+def run_key(cfg: PipelineConfig) -> dict:
+  """The JSON config every number of a repetition depends on: data, LQ and
+  training perturbations, training settings, seeds (and the Felzenszwalb
+  settings when inclusion draws from them). Stored in rep.json and with every
+  checkpoint; a resume with another key is refused."""
+  d = io.json_safe(cfg)
+  for k in _RUNTIME_FIELDS:
+    d.pop(k)
+  for net in ("upgrade", "segment"):
+    for k in _RUNTIME_TRAIN_FIELDS:
+      d[net].pop(k)
+  if cfg.data.others != "felzenszwalb":   # its settings change nothing then
+    d["data"].pop("felzenszwalb")
+  # A JSON round trip, so that tuples and lists compare equal to a stored key.
+  return json.loads(json.dumps(d))
+
+
+def check_rep(stored: dict, key: dict, path: Path) -> None:
+  if "config" not in stored:
+    raise ConfigMismatch(f"{path} has no stored config (written by an older version); "
+                         "use another out_dir or start fresh")
+  diff = engine.config_diff(stored["config"], key)
+  if diff:
+    raise ConfigMismatch(f"{path} was made with a different config ({', '.join(diff)}); "
+                         "use another out_dir, the same flags, or start fresh (--fresh)")

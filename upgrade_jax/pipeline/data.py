@@ -1,0 +1,221 @@
+"""The data of a run: volumes from a source, `others`, one repetition's sets.
+
+  load_volumes     (train, test) volumes from the source registry (sources.py)
+  with_others      what inclusion draws from (registry OTHERS)
+  prepare_rep      one repetition's HQ / LQ / test sets and fixed LQ labels
+  check_counts     the slices asked for exist (before anything is written)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from upgrade_jax import engine, rundir
+from upgrade_jax.data import sampling
+from upgrade_jax.data.types import Dataset
+from upgrade_jax.perturb import FelzenszwalbConfig, PerturbConfig, felzenszwalb_objects
+from upgrade_jax.pipeline.config import DataConfig, PipelineConfig
+from upgrade_jax.pipeline.sources import SOURCES
+from upgrade_jax.rundir import InputError
+
+__all__ = ["OTHERS", "load_volumes", "target_area_range", "hq_picks",
+           "felzenszwalb_volumes", "with_others", "RepData", "prepare_rep", "predicted_lq",
+           "data_inputs", "check_counts"]
+
+
+def load_volumes(cfg: DataConfig):
+  """(train_volumes, test_volumes) for the configured source (registry
+  pipeline.sources.SOURCES)."""
+  if cfg.source != "synthetic" and not Path(cfg.data_dir).is_dir():
+    raise FileNotFoundError(f"--data_dir={cfg.data_dir} is not a folder (source "
+                            f"{cfg.source!r}); give the folder that holds the data")
+  return SOURCES[cfg.source](cfg)
+
+
+def target_area_range(targets, percentiles=(5, 95)) -> tuple[float, float]:
+  """Area range (pixels) of the target instances of a stack of (.., H, W) maps."""
+  areas = []
+  for t in np.asarray(targets).reshape(-1, *np.shape(targets)[-2:]):
+    a = np.bincount(t.ravel())[1:]
+    areas.append(a[a > 0])
+  areas = np.concatenate(areas) if areas else np.zeros(0)
+  if areas.size == 0:
+    return (0.0, np.inf)
+  lo, hi = np.percentile(areas, percentiles)
+  return float(lo), float(hi)
+
+
+def hq_picks(cfg: DataConfig, train_volumes) -> list[tuple[int, int]]:
+  """The HQ slices (volume_idx, slice_idx) of the training volumes; the same
+  for every repetition (the paper's rule has no randomness)."""
+  pool = train_volumes[:cfg.hq_volumes] if cfg.hq_volumes is not None else train_volumes
+  return sampling.select_slices([v.num_slices for v in pool], cfg.n_hq)
+
+
+def felzenszwalb_volumes(volumes, felz: FelzenszwalbConfig, picks, log=print):
+  """`others` of every slice = Felzenszwalb segments off the targets, sized
+  like the HQ targets (5th–95th percentile of their areas over the HQ slices
+  `picks` only: the LQ slices' true areas are what an LQ user does not know).
+  Done once per run, at the volume level, so repetitions do not recompute it."""
+  train, test = volumes
+  area_range = target_area_range(np.stack([train[v].target[z] for v, z in picks]))
+  log(f"Felzenszwalb inclusion candidates: segments of {area_range[0]:.0f}-"
+      f"{area_range[1]:.0f} px ({felz})")
+
+  def one(v):
+    img = v.image.astype(np.float32)
+    if img.ndim == 4:
+      img = img.mean(-1)
+    others = np.stack([felzenszwalb_objects(z / max(float(z.max()), 1e-12), t,
+                                            felz, area_range=area_range)
+                       for z, t in zip(img, v.target)])
+    return dataclasses.replace(v, others=others)
+
+  return [one(v) for v in train], [one(v) for v in test]
+
+
+def _felzenszwalb_others(ds: Dataset, felz: FelzenszwalbConfig) -> Dataset:
+  area_range = target_area_range(ds.targets)
+  out = np.zeros_like(ds.others)
+  for i in range(len(ds)):
+    h, w = ds.extents[i]
+    out[i, :h, :w] = felzenszwalb_objects(ds.images[i, :h, :w], ds.targets[i, :h, :w],
+                                          felz, area_range=area_range)
+  return ds.replace(others=out)
+
+
+# What inclusion draws from -> how a Dataset's `others` are made from it.
+# ("felzenszwalb" on volumes is made once per run by felzenszwalb_volumes.)
+OTHERS: dict[str, Callable] = {
+    "labels": lambda ds, felz: ds,   # the other cell type, or others/ of a folder
+    "felzenszwalb": _felzenszwalb_others,
+    "none": lambda ds, felz: ds.replace(others=np.zeros_like(ds.others)),
+}
+
+
+def with_others(ds: Dataset, mode: str, felz: FelzenszwalbConfig) -> Dataset:
+  """`ds` with the `others` of `mode` (see OTHERS)."""
+  return ds if len(ds) == 0 else OTHERS[mode](ds, felz)
+
+
+def _cap(ds: Dataset, n: int | None) -> Dataset:
+  if n is None or len(ds) <= n:
+    return ds
+  return ds.subset(np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int)))
+
+
+@dataclasses.dataclass(frozen=True)
+class RepData:
+  """The data of one repetition.
+
+  Ground truth as targets (int32 instance ids): hq_train, hq_val (the HQ
+  slices, possibly made imperfect on purpose), lq_truth (the LQ slices'
+  truth, for scoring only) and test. LQ labels as targets (int32 0/1
+  masks): lq_masks (of the LQ slices), test_lq_masks (of the test slices) and
+  val_lq_masks (of the HQ validation slices, for the "lq" scenario).
+  `hq_picks` are the HQ slices' (volume, slice) pairs; `effective_rates` the
+  perturbation rates the fixed LQ sets really have (sampling.effective_rates),
+  or None when the LQ labels are not perturbations."""
+  hq_train: Dataset
+  hq_val: Dataset
+  lq_masks: Dataset
+  lq_truth: Dataset
+  test: Dataset
+  test_lq_masks: Dataset
+  val_lq_masks: Dataset
+  hq_picks: tuple = ()
+  effective_rates: dict | None = None
+
+
+def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
+  """Splits, `others`, and the fixed LQ sets (made once per seed)."""
+  train_vols, test_vols = volumes
+  splits = sampling.make_splits(train_vols, test_vols, n_hq=cfg.data.n_hq, seed=seed,
+                                n_lq=cfg.data.n_lq, normalisation=cfg.data.normalisation,
+                                hq_volumes=cfg.data.hq_volumes)
+  # Felzenszwalb others are made per volume in `run`; here only "none" acts.
+  mode = "labels" if cfg.data.others == "felzenszwalb" else cfg.data.others
+  prep = lambda d: with_others(d, mode, cfg.data.felzenszwalb)  # noqa: E731
+  hq_train, hq_val = prep(splits.hq_train), prep(splits.hq_val)
+  lq_truth, test = prep(splits.lq), prep(_cap(splits.test, cfg.data.max_test))
+  if not cfg.data.hq_perturb.is_identity:
+    hq_train = _imperfect(hq_train, cfg.data.hq_perturb, seed * 5 + 4)
+    hq_val = _imperfect(hq_val, cfg.data.hq_perturb, seed * 5 + 5)
+  # Independent streams for the LQ training set, the test set's LQ and the
+  # LQ validation set of the "lq" scenario.
+  lq = sampling.make_lq(lq_truth, cfg.lq_perturb, seed=seed * 5 + 1)
+  test_lq = sampling.make_lq(test, cfg.lq_perturb, seed=seed * 5 + 2)
+  val_lq = sampling.make_lq(hq_val, cfg.lq_perturb, seed=seed * 5 + 3)
+  # The rates the fixed LQ sets really have (same seeds, same draws), pooled
+  # over the LQ training set and the test set's LQ labels.
+  counts = {"lq_set": sampling.lq_counts(lq_truth, cfg.lq_perturb, seed=seed * 5 + 1),
+            "test_lq_set": sampling.lq_counts(test, cfg.lq_perturb, seed=seed * 5 + 2)}
+  rates = sampling.effective_rates(np.concatenate(list(counts.values())))
+  rates.update({k: sampling.effective_rates(c) for k, c in counts.items()})
+  return RepData(hq_train, hq_val, lq, lq_truth, test, test_lq, val_lq,
+                 hq_picks=splits.hq_picks, effective_rates=rates)
+
+
+def _imperfect(ds: Dataset, config: PerturbConfig, seed: int) -> Dataset:
+  """HQ labels with errors: perturbed once, then split back into instances."""
+  from skimage.measure import label as connected_components
+
+  masks = sampling.make_lq(ds, config, seed=seed).targets
+  targets = np.stack([connected_components(m, connectivity=1) for m in masks])
+  return ds.replace(targets=targets.astype(np.int32))
+
+
+def predicted_lq(cfg: PipelineConfig, data: RepData, seed: int, workdir: Path,
+                  log, context: dict | None = None) -> RepData:
+  """The case study's LQ labels: predictions of a segmentation network
+  trained on the first `predictor_hq` HQ training slices (validated on the
+  HQ validation slices), for the LQ training slices and the test slices."""
+  n = min(cfg.predictor_hq, len(data.hq_train))
+  log(f"making LQ labels from a segmentation network trained on {n} HQ slices")
+  fit = engine.fit(dataclasses.replace(cfg.segment, seed=seed),
+                   data.hq_train.subset(np.arange(n)), data.hq_val, workdir, log=log,
+                   context=context)
+
+  def predicted(ds: Dataset) -> Dataset:
+    if len(ds) == 0:
+      return ds
+    pred = engine.predict(fit.state_best, ds.images, batch_size=cfg.predict_batch,
+                          extents=ds.extents)
+    return ds.replace(targets=pred.astype(np.int32))
+
+  return dataclasses.replace(data, lq_masks=predicted(data.lq_truth),
+                             test_lq_masks=predicted(data.test),
+                             val_lq_masks=predicted(data.hq_val), effective_rates=None)
+
+
+def data_inputs(cfg: DataConfig) -> rundir.InputGuard:
+  """The user's files a run on `cfg` reads (none for synthetic data)."""
+  return rundir.InputGuard([cfg.data_dir] if cfg.source != "synthetic" else [])
+
+
+def check_counts(cfg: PipelineConfig, volumes) -> None:
+  """Raises InputError, naming the setting to change, when the loaded
+  volumes cannot give the slices the config asks for."""
+  train, test = volumes
+  n_train = sum(v.num_slices for v in train)
+  n_test = sum(v.num_slices for v in test)
+  d = cfg.data
+  if d.source == "synthetic":
+    more = (f"raise --n_volumes, or the Z of --volume_shape={','.join(map(str, d.volume_shape))}"
+            " (slices without a cell are dropped)")
+  else:
+    more = f"add data to --data_dir={d.data_dir}"
+  if n_test == 0:
+    raise InputError(f"the test set ({len(test)} volume(s)) holds no slice with a labelled "
+                     f"object: {more}")
+  if n_train < d.n_hq:
+    raise InputError(f"--n_hq={d.n_hq} HQ slices asked for, but the {len(train)} training "
+                     f"volume(s) hold {n_train} slice(s) with a labelled object: lower --n_hq "
+                     f"or {more}")
+  if d.n_lq is not None and d.n_lq > n_train - d.n_hq:
+    raise InputError(f"--n_lq={d.n_lq} LQ slices asked for, but only {n_train - d.n_hq} "
+                     f"training slice(s) are left after --n_hq={d.n_hq}: lower --n_lq (or --n_hq)")

@@ -1,0 +1,135 @@
+"""User mode: Algorithm 1 on a user's folders of real HQ and LQ annotations.
+
+  prepare_user   loads and checks the folders and the out_dir; creates nothing
+  run_user       trains u_θ on the HQ pairs and writes
+                 out_dir/upgraded/<LQ file name>.tif
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from upgrade_jax import engine, rundir
+from upgrade_jax.data import io, sampling
+from upgrade_jax.data.types import Dataset, concat
+from upgrade_jax.pipeline.config import PipelineConfig, run_key
+from upgrade_jax.pipeline.data import with_others
+from upgrade_jax.pipeline.stages import upgrade_labels, write_upgraded
+from upgrade_jax.rundir import InputError
+
+__all__ = ["UserData", "UserInputs", "OPTIMISTIC", "prepare_user", "run_user"]
+
+
+@dataclasses.dataclass(frozen=True)
+class UserData:
+  """Folders of a user's data (StarDist/Cellpose layout: same file names)."""
+  hq_images: str
+  hq_labels: str
+  lq_images: str
+  lq_labels: str
+  others_labels: str = ""   # non-target objects of the HQ images (inclusion)
+
+
+# User mode has no test set: its only score is the early-stopping set's.
+OPTIMISTIC = ("optimistic: the best over epochs on the early-stopping validation set, "
+              "which chose the epoch; not a test score")
+
+
+def _refuse_shared_images(hq_dir: Path, lq_dir: Path) -> None:
+  """InputError when an LQ image is an HQ image: the same file under any name
+  (link), or a file of the same name with identical content. Upgrading labels
+  of the very images u_θ trained on would score and train on leaked pairs."""
+  hq = {p.stem: p for p in sorted(hq_dir.iterdir()) if p.is_file()}
+  hq_ids = {(p.stat().st_dev, p.stat().st_ino): p for p in hq.values()}
+  for p in sorted(lq_dir.iterdir()):
+    if not p.is_file():
+      continue
+    q = hq_ids.get((p.stat().st_dev, p.stat().st_ino)) or hq.get(p.stem)
+    if q is not None and (p.samefile(q) or filecmp.cmp(p, q, shallow=False)):
+      raise InputError(f"--lq_images: {p} is the HQ image {q}; the LQ set must be other "
+                       "images than the HQ ones")
+
+
+@dataclasses.dataclass(frozen=True)
+class UserInputs:
+  """A user's data, loaded and checked (`prepare_user`)."""
+  hq: Dataset             # HQ images with their instance labels (targets)
+  lq: Dataset             # LQ images with their LQ masks (targets, int32 0/1)
+  train_idx: np.ndarray   # HQ samples u_θ trains on
+  val_idx: np.ndarray     # HQ samples of early stopping
+  guard: rundir.InputGuard
+
+
+def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
+  """Loads and checks a user's folders and the out_dir; creates nothing.
+
+  Raises:
+    InputError / ValueError / OSError naming the folder, file or setting.
+  """
+  folders = {k: v for k, v in dataclasses.asdict(user).items() if v}
+  for flag, path in folders.items():
+    if not Path(path).is_dir():
+      raise InputError(f"--{flag}={path} is not a folder; give the folder that holds the files")
+  guard = rundir.InputGuard(folders.values())
+  rundir.check_out_dir(out_dir, guard)
+  _refuse_shared_images(Path(user.hq_images), Path(user.lq_images))
+  hq_vols = io.folder(user.hq_images, user.hq_labels, user.others_labels or None)
+  lq_vols = io.folder(user.lq_images, user.lq_labels)
+  kw = dict(normalisation=cfg.data.normalisation)
+  hq = io.volumes_to_dataset(hq_vols, **kw)
+  lq = io.volumes_to_dataset(lq_vols, **kw)
+  if hq.channels != lq.channels:
+    raise InputError(f"the images in --hq_images have {hq.channels} channel(s) but those in "
+                     f"--lq_images {lq.channels}; give both in the same channel layout")
+  if not np.any(hq.targets > 0):
+    raise InputError(f"none of the {len(hq)} label files in --hq_labels={user.hq_labels} holds "
+                     "a labelled object (all pixels 0); label the cells with ids > 0")
+  train_idx, val_idx = sampling.train_val_split(len(hq), seed=cfg.seed)
+  if len(val_idx) == 0:
+    raise InputError(f"--hq_images={user.hq_images} holds {len(hq)} image(s); at least 2 HQ "
+                     "pairs are needed (training + validation)")
+  hq = with_others(hq, cfg.data.others, cfg.data.felzenszwalb)
+  lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
+  return UserInputs(hq, lq, train_idx, val_idx, guard)
+
+
+def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
+             log: Callable[[str], None] = print,
+             prepared: UserInputs | None = None) -> dict:
+  """Trains u_θ on the HQ pairs and writes out_dir/upgraded/<LQ file name>.tif.
+
+  With "hq_upgraded" in cfg.scenarios it also trains the segmentation network
+  on HQ ∪ upgraded and keeps its checkpoints in out_dir/seg_hq_upgraded.
+  Input folders are only read; everything is checked (`prepare_user`, or
+  `prepared`) before out_dir is created.
+  """
+  out_dir = Path(out_dir)
+  d = prepared if prepared is not None else prepare_user(cfg, user, out_dir)
+  hq_train, hq_val = d.hq.subset(d.train_idx), d.hq.subset(d.val_idx)
+  log(f"user data: {len(d.hq)} HQ images ({len(hq_train)} train / {len(hq_val)} val), "
+      f"{len(d.lq)} LQ images")
+  key = {"user": dataclasses.asdict(user), "run": run_key(cfg)}
+  with rundir.RunLock(out_dir):
+    rundir.remove_stale_temps(out_dir)
+    fit = engine.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq_train, hq_val,
+                     out_dir / "upgrade", log=log, context=key)
+    log(f"upgrade network: best validation Dice {fit.best_val_dice:.4f} ({OPTIMISTIC})")
+    masks = upgrade_labels(fit.state_best, d.lq, cfg.predict_batch)
+    paths = write_upgraded(out_dir / "upgraded", d.lq, masks, guard=d.guard)
+    log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
+    result = {"upgrade_best_val_dice": fit.best_val_dice, "val_dice_note": OPTIMISTIC,
+              "n_hq": len(d.hq), "n_lq": len(d.lq), "upgraded": [str(p) for p in paths]}
+    if "hq_upgraded" in cfg.scenarios:
+      upgraded = d.lq.replace(targets=masks.astype(np.int32))
+      seg = engine.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
+                       concat([hq_train, upgraded]), hq_val,
+                       out_dir / "seg_hq_upgraded", log=log, context=key)
+      result["segmentation_best_val_dice"] = seg.best_val_dice
+      log(f"segmentation network: best validation Dice {seg.best_val_dice:.4f} ({OPTIMISTIC})")
+    io.write_json(out_dir / "results.json", result, guard=d.guard)
+  return result
