@@ -129,6 +129,16 @@ flags.DEFINE_string("lq_images", "", "User mode: folder of LQ images.")
 flags.DEFINE_string("lq_labels", "", "User mode: folder of LQ labels.")
 flags.DEFINE_string("others_labels", "", "User mode: non-target objects of the HQ images.")
 
+# Issue 13: the saved upgrader, tiled prediction, instance labels out.
+flags.DEFINE_enum("output", "instances", ["instances", "mask"], "What the upgraded label "
+                  "files hold: instances (touching cells separate; the LQ label's instances "
+                  "seed them) or mask (connected components of the upgraded mask).")
+flags.DEFINE_integer("tile", 1024, "Prediction: images larger than this run as overlapping "
+                     "tiles of this side (a multiple of 16; memory grows with tile^2).",
+                     lower_bound=16)
+flags.DEFINE_integer("tile_margin", 64, "Prediction: context px kept around each tile's "
+                     "owned part (tiles overlap by 2x this).", lower_bound=0)
+
 flags.mark_flag_as_required("out_dir")
 
 USER_FLAGS = ("hq_images", "hq_labels", "lq_images", "lq_labels")
@@ -188,6 +198,7 @@ def build_config():
   from upgrade_jax.perturb import PerturbConfig
   from upgrade_jax.pipeline import DataConfig, PipelineConfig
   from upgrade_jax.engine import Segment, TrainConfig, Upgrade
+  from upgrade_jax.engine.tiling import TileConfig
 
   train_p = PerturbConfig(omission_rate=F.omission_rate, inclusion_rate=F.inclusion_rate,
                           bias_max=F.bias_max, per_instance_bias=F.per_instance_bias,
@@ -224,7 +235,8 @@ def build_config():
   return PipelineConfig(data=data, upgrade=upgrade, segment=segment, lq_perturb=lq_p,
                         scenarios=tuple(F.scenarios), threshold_baseline=F.threshold_baseline,
                         reps=F.reps, seed=F.seed, lq_source=F.lq_source,
-                        predictor_hq=F.predictor_hq)
+                        predictor_hq=F.predictor_hq, output=F.output,  # issue 13
+                        tiling=TileConfig(tile=F.tile, margin=F.tile_margin))
 
 
 def setup_runtime() -> None:

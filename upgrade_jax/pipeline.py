@@ -26,11 +26,12 @@ from typing import Callable
 
 import numpy as np
 
-from upgrade_jax import metrics, rundir
+from upgrade_jax import export, instances, metrics, rundir  # export, instances: issue 13
 from upgrade_jax import engine
 from upgrade_jax.baselines import threshold as threshold_lib
 from upgrade_jax.data import io, sampling
 from upgrade_jax.data.types import Dataset, concat
+from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.perturb import PerturbConfig, felzenszwalb_objects
 from upgrade_jax.rundir import InputError
 
@@ -124,6 +125,9 @@ class PipelineConfig:
       paper's case study, §3.3.4: LQ = the predictions of a segmentation
       network trained on `predictor_hq` HQ slices).
     predictor_hq: HQ training slices of that predictor.
+    output: what the upgraded files hold (issue 13): "instances" (touching
+      cells separate, LQ instances as seeds) or "mask" (connected components).
+    tiling: how prediction of the written files cuts large images.
   """
 
   data: DataConfig = DataConfig()
@@ -137,8 +141,12 @@ class PipelineConfig:
   predict_batch: int = 8
   lq_source: str = "perturb"
   predictor_hq: int = 10
+  output: str = "instances"          # issue 13
+  tiling: TileConfig = TileConfig()  # issue 13
 
   def __post_init__(self):
+    if self.output not in instances.OUTPUTS:
+      raise ValueError(f"--output={self.output!r}: choose one of {list(instances.OUTPUTS)}")
     if self.lq_source not in LQ_SOURCES:
       raise ValueError(f"PipelineConfig.lq_source {self.lq_source!r} unknown; choose one of "
                        f"{list(LQ_SOURCES)}")
@@ -337,17 +345,37 @@ def upgrade_labels(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
 
 
 def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray,
-                   guard: rundir.InputGuard | None = None) -> list[Path]:
-  """One uint16 instance-label TIFF per sample (connected components of the
-  upgraded mask), cropped to the sample's valid extent, named after it."""
-  from skimage.measure import label as connected_components
+                   guard: rundir.InputGuard | None = None, *, output: str = "mask",
+                   lq_labels: np.ndarray | None = None) -> list[Path]:
+  """One uint16/uint32 instance-label TIFF per sample, cropped to the
+  sample's valid extent, named after it.
 
+  output "mask": connected components of the upgraded mask; "instances"
+  (issue 13): touching cells split, seeded by `lq_labels` (N, H, W) where
+  they hold instances (instances.instances_from_upgrade).
+  """
   directory.mkdir(parents=True, exist_ok=True)
   paths = []
-  for name, mask, (h, w) in zip(ds.names, masks, ds.extents):
-    lab = connected_components(mask[:h, :w], connectivity=1).astype(np.uint16)
+  for i, (name, mask, (h, w)) in enumerate(zip(ds.names, masks, ds.extents)):
+    if output == "instances":
+      lq = None if lq_labels is None else lq_labels[i, :h, :w]
+      lab = instances.instances_from_upgrade(mask[:h, :w], lq)
+    else:
+      lab = instances.components(mask[:h, :w])
     paths.append(io.write_labels(directory / f"{Path(name).stem}.tif", lab, guard=guard))
   return paths
+
+
+def _export(cfg: PipelineConfig, state, out_dir: Path, ds: Dataset, fit,
+            guard) -> "export.Upgrader":
+  """Issue 13: saves out_dir/model and returns the upgrader read back from it,
+  so the run writes its files exactly as experiments.apply will."""
+  up = export.upgrader_from_state(state, image_channels=ds.channels,
+                                  normalisation=cfg.data.normalisation, tiling=cfg.tiling)
+  export.save_upgrader(out_dir / "model", up, guard=guard, train={
+      "best_val_dice": fit.best_val_dice, "best_step": fit.best_step,
+      "config": cfg.upgrade.to_json()})
+  return export.load_upgrader(out_dir / "model")
 
 
 def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
@@ -391,7 +419,18 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
           "hq_train": len(data.hq_train), "hq_val": len(data.hq_val),
           "lq": len(data.lq), "test": len(data.test)},
   }
+  # Issue 13: instance scores (StarDist matching) of the test set's LQ
+  # labels (their components) and of its upgraded labels, against GT.
+  gt_inst = [t[:h, :w] for t, (h, w) in zip(data.test.targets, data.test.extents)]
+  result["annotation_instances"] = {
+      "lq": instances.summary_scores(gt_inst, [instances.components(m[:h, :w]) for m, (h, w)
+                                               in zip(data.test_lq.targets, data.test.extents)]),
+      "upgraded": instances.summary_scores(gt_inst, [
+          instances.instances_from_upgrade(m[:h, :w], lq[:h, :w]) for m, lq, (h, w)
+          in zip(upgraded_test, data.test_lq.targets, data.test.extents)])}
   upgraded = data.lq
+  if rep == 0:  # issue 13: the saved upgrader
+    _export(cfg, fit.state_best, out_dir, data.hq_train, fit, guard)
   if len(data.lq):
     masks = upgrade_labels(fit.state_best, data.lq, cfg.predict_batch)
     upgraded = data.lq.replace(targets=masks.astype(np.int32))
@@ -399,7 +438,8 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
         "lq": metrics.pooled_dice_np(data.lq.targets, data.lq_gt.targets, data.lq.valid_mask()),
         "upgraded": metrics.pooled_dice_np(masks, data.lq_gt.targets, data.lq.valid_mask())}
     target_dir = out_dir / "upgraded" if rep == 0 else rep_dir / "upgraded"
-    write_upgraded(target_dir, data.lq, masks, guard=guard)
+    write_upgraded(target_dir, data.lq, masks, guard=guard, output=cfg.output,
+                   lq_labels=data.lq.targets)
   timings["upgrade_predict_s"] = time.perf_counter() - t0
   log(f"[rep {rep}] annotation Dice on the test set: LQ "
       f"{result['annotation_dice']['lq']:.4f} -> upgraded "
@@ -566,6 +606,7 @@ class UserInputs:
   train_idx: np.ndarray   # HQ samples u_θ trains on
   val_idx: np.ndarray     # HQ samples of early stopping
   guard: rundir.InputGuard
+  lq_instances: np.ndarray | None = None  # issue 13: (N, H, W) the LQ files' own ids
 
 
 def prepare_user(cfg: PipelineConfig, user: UserData, out_dir, *,
@@ -605,8 +646,9 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir, *,
     raise InputError(f"--hq_images={user.hq_images} holds {len(hq)} image(s); at least 2 HQ "
                      "pairs are needed (training + validation)")
   hq = _with_others(hq, cfg.data.others, felz or {})
+  lq_instances = lq.targets
   lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
-  return UserInputs(hq, lq, train_idx, val_idx, guard)
+  return UserInputs(hq, lq, train_idx, val_idx, guard, lq_instances)
 
 
 def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
@@ -628,8 +670,12 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
     rundir.remove_stale_temps(out_dir)
     fit = engine.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq_train, hq_val,
                         out_dir / "upgrade", log=log)
-    masks = upgrade_labels(fit.state_best, d.lq, cfg.predict_batch)
-    paths = write_upgraded(out_dir / "upgraded", d.lq, masks, guard=d.guard)
+    # Issue 13: export the upgrader, then upgrade through it, one image at a
+    # time (tiled), as experiments.apply does: its files equal these.
+    upgrader = _export(cfg, fit.state_best, out_dir, d.hq, fit, d.guard)
+    masks = export.upgrade_masks(upgrader, d.lq, d.lq_instances)
+    paths = write_upgraded(out_dir / "upgraded", d.lq, masks, guard=d.guard,
+                           output=cfg.output, lq_labels=d.lq_instances)
     log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
     result = {"upgrade_best_val_dice": fit.best_val_dice, "n_hq": len(d.hq),
               "n_lq": len(d.lq), "upgraded": [str(p) for p in paths]}
