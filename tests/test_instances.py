@@ -117,3 +117,18 @@ def test_binary_lq_gives_no_seeds_and_empty_input():
   assert lab.max() == 2                                    # 0/1 LQ: not one seed
   assert not instances.instances_from_upgrade(np.zeros((5, 5))).any()
   assert instances.instances_from_upgrade(gt > 0).dtype == np.int32
+
+
+def test_report_summarises_and_prints_instance_scores():
+  from upgrade_jax import report
+  reps = [{"annotation_instances": {
+      "lq": {"f1@0.5": 0.5, "f1@0.75": 0.25, "accuracy@0.5": 0.3},
+      "upgraded": {"f1@0.5": f, "f1@0.75": 0.5, "accuracy@0.5": 0.6}}} for f in (0.8, 0.9)]
+  s = report.instance_summary(reps)
+  assert s["upgraded"]["f1@0.5"]["mean"] == pytest.approx(0.85)
+  assert s["lq"]["f1@0.75"]["per_rep"] == [0.25, 0.25]
+  assert report.instance_summary([{}]) == {}
+  d = {"reps": reps, "annotation_dice": {}, "segmentation_dice": {}, "wilcoxon": {},
+       "annotation_instances": s}
+  table = report.format_table(d)
+  assert "Instances" in table and "f1@0.5" in table and "0.8500" in table

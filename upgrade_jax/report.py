@@ -41,9 +41,25 @@ def versions() -> dict:
   return out
 
 
+def instance_summary(reps: list) -> dict:
+  """Issue 13: {"lq"|"upgraded": {"f1@0.5": {mean, std, per_rep}, ...}} of
+  the reps' "annotation_instances" (test-set instance matching), or {}."""
+  from upgrade_jax.metrics import summarize
+
+  reps = [r for r in reps if "annotation_instances" in r]
+  if not reps:
+    return {}
+  first = reps[0]["annotation_instances"]
+  return {k: {m: summarize([r["annotation_instances"][k][m] for r in reps]) for m in first[k]}
+          for k in first}
+
+
 def results_dict(results, extra: dict | None = None) -> dict:
   """The content of results.json: summaries, per-rep numbers, config, versions."""
   summary = results.summary()
+  inst = instance_summary(results.reps)
+  if inst:
+    summary["annotation_instances"] = inst
   timings = dict(results.timings)
   timings["per_rep"] = [r.get("timings", {}) for r in results.reps]
   return {**summary, "reps": results.reps, "config": json_safe(results.config),
@@ -90,6 +106,14 @@ def format_table(d: dict, paper: dict | None = None) -> str:
     lines.append(row("Annotations" if i == 0 else "", k, s))
   for i, (k, s) in enumerate(d["segmentation_dice"].items()):
     lines.append(row("Segmentation" if i == 0 else "", k, s))
+  inst = d.get("annotation_instances") or {}
+  if inst:  # issue 13: instance matching of the test set's annotations
+    lines.append("")
+    cols = ("f1@0.5", "f1@0.75", "accuracy@0.5")
+    lines.append(f"{'Instances':14}{'':16}" + "".join(f"{c:>18}" for c in cols))
+    for k, s in inst.items():
+      lines.append(f"{'':14}{LABELS.get(k, k):16}" + "".join(
+          f"{s[c]['mean']:>10.4f} ± {s[c]['std']:.3f}" for c in cols))
   wil = {k: v for k, v in d["wilcoxon"].items() if v is not None}
   if wil:
     lines.append("")
