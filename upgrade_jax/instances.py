@@ -81,7 +81,7 @@ def _instance_cores(lq: np.ndarray, mask: np.ndarray, erode: int) -> np.ndarray:
 
 
 def instances_from_upgrade(prob, lq_labels=None, *, threshold: float = 0.5,
-                           seed_erosion: int = 2, peak_fraction: float = 0.5,
+                           seed_erosion: int = 2, peak_fraction: float = 0.7,
                            min_size: int = 0) -> np.ndarray:
   """Instance labels from an upgraded foreground and the LQ label.
 
