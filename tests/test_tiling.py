@@ -81,3 +81,14 @@ def test_tile_config_checks():
   for bad in (dict(tile=100), dict(tile=64, margin=30), dict(batch=0), dict(margin=-1)):
     with pytest.raises(ValueError):
       TileConfig(**bad)
+
+
+def test_tile_side_shrinks_to_the_tiles_needed():
+  from upgrade_jax.engine.tiling import _tile_side
+  cfg = TileConfig(tile=1024, margin=64)
+  assert _tile_side(2048, cfg) == 768 and _tile_side(4096, cfg) == 1024
+  assert _tile_side(300, cfg) == 320   # one tile: the bucket
+  for n in range(1025, 9000, 97):
+    side = _tile_side(n, cfg)
+    assert side <= 1024 and side % 16 == 0
+    assert len(tile_starts(n, side, 64)[0]) == len(tile_starts(n, 1024, 64)[0])

@@ -94,6 +94,18 @@ def tile_starts(n: int, size: int, margin: int) -> tuple[np.ndarray, np.ndarray]
   return starts, cuts
 
 
+def _tile_side(n: int, config: TileConfig) -> int:
+  """Tile side along an axis of n px: the bucket of n when it fits one tile;
+  else the smallest bucket that covers n with as many tiles as `config.tile`
+  would need (2048 px at tile 1024 needs 3 tiles: 3 x 768, not 3 x 1024,
+  which would compute 2.25x the pixels)."""
+  if n <= config.tile:
+    return shape_bucket(n, config.tile)
+  inner = config.tile - 2 * config.margin
+  k = 1 + -(-(n - config.tile) // inner)
+  return shape_bucket(-(-(n + (k - 1) * 2 * config.margin) // k), config.tile)
+
+
 def predict_image(model, variables, task: Task, image: np.ndarray, labels=None, *,
                   config: TileConfig = TileConfig()) -> np.ndarray:
   """Foreground probability of one image of any size.
@@ -115,7 +127,7 @@ def predict_image(model, variables, task: Task, image: np.ndarray, labels=None, 
   h, w, _ = image.shape
   x = task.prediction_inputs(image[None], None if labels is None else np.asarray(labels)[None],
                              None)[0]
-  th, tw = shape_bucket(h, config.tile), shape_bucket(w, config.tile)
+  th, tw = _tile_side(h, config), _tile_side(w, config)
   # Zero padding up to one tile (the label channel is 0 there, as for the
   # padding of a Dataset).
   x = np.pad(x, ((0, max(0, th - h)), (0, max(0, tw - w)), (0, 0)))
