@@ -30,15 +30,20 @@ import scipy.ndimage as ndi
 import tifffile
 from absl import app, flags
 
-flags.DEFINE_string("data_dir", "../shared/datasets/dsb2018", "The DSB2018 folder.")
-flags.DEFINE_string("out", None, "Output folder (outside the repository).")
-flags.DEFINE_integer("n_hq", 10, "HQ pairs.")
-flags.DEFINE_integer("n_lq", 40, "LQ images.")
-flags.DEFINE_float("omission_rate", 0.5, "Fraction of nuclei omitted per LQ image.")
-flags.DEFINE_integer("bias_max", 2, "Max px of the per-image dilation/erosion.")
-flags.DEFINE_integer("seed", 0, "Seed.")
-flags.mark_flag_as_required("out")
 F = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a script, so that importing
+  `lq_instances` (tests) does not clash with experiments.upgrade's flags."""
+  flags.DEFINE_string("data_dir", "../shared/datasets/dsb2018", "The DSB2018 folder.")
+  flags.DEFINE_string("out", None, "Output folder (outside the repository).")
+  flags.DEFINE_integer("n_hq", 10, "HQ pairs.")
+  flags.DEFINE_integer("n_lq", 40, "LQ images.")
+  flags.DEFINE_float("omission_rate", 0.5, "Fraction of nuclei omitted per LQ image.")
+  flags.DEFINE_integer("bias_max", 2, "Max px of the per-image dilation/erosion.")
+  flags.DEFINE_integer("seed", 0, "Seed.")
+  flags.mark_flag_as_required("out")
 
 
 def lq_instances(labels: np.ndarray, rng: np.random.Generator, omission_rate: float,
@@ -96,4 +101,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

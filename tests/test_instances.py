@@ -132,3 +132,21 @@ def test_report_summarises_and_prints_instance_scores():
        "annotation_instances": s}
   table = report.format_table(d)
   assert "Instances" in table and "f1@0.5" in table and "0.8500" in table
+
+
+def test_dsb_lq_script_omits_and_biases_instances():
+  from benchmarks.dsb_lq import lq_instances
+  rng = np.random.default_rng(0)
+  gt = np.zeros((60, 60), np.int32)
+  for k, (cy, cx) in enumerate([(10, 10), (10, 30), (30, 10), (30, 30), (50, 50), (10, 50)]):
+    gt[disc(gt.shape, cy, cx, 6)] = k + 1
+  seen = set()
+  for _ in range(6):
+    lq = lq_instances(gt, rng, 0.5, 2)
+    ids = set(np.unique(lq)) - {0}
+    assert len(ids) == 3 and ids <= set(range(1, 7))   # floor(0.5·6) omitted, ids kept
+    for i in ids:
+      area, gt_area = np.count_nonzero(lq == i), np.count_nonzero(gt == i)
+      seen.add(area > gt_area)
+      assert area != gt_area                            # grown or shrunk by q >= 1
+  assert seen == {True, False}                          # both directions drawn
