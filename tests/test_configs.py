@@ -23,7 +23,7 @@ def test_flagfile_builds_a_config(path):
       assert len(values) >= 2
       for v in values:  # every swept value is valid for its flag
         F[name].parser.parse(v)
-    assert cfg.upgrade.task == "upgrade"
+    assert cfg.upgrade.task.name == "upgrade" and cfg.output == "instances"
   finally:
     F.unparse_flags()
 
