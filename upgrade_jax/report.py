@@ -79,6 +79,10 @@ def write_results(out_dir, results, extra: dict | None = None) -> dict:
       w.writerow(["annotation", k, r["rep"], f"{r['annotation_dice'][k]:.6f}"])
     for k, v in r["segmentation_dice"].items():
       w.writerow(["segmentation", k, r["rep"], f"{v:.6f}"])
+  for r in results.reps:  # issue 13: instance scores as rows of kind "instances"
+    for k, scores in r.get("annotation_instances", {}).items():
+      for m, v in scores.items():
+        w.writerow(["instances", f"{k}:{m}", r["rep"], f"{v:.6f}"])
   for kind in ("annotation_dice", "segmentation_dice"):
     for k, s in d[kind].items():
       w.writerow([kind.split("_")[0], k, "mean", f"{s['mean']:.6f}"])
