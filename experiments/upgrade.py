@@ -29,6 +29,8 @@ tune_malloc()  # before jax is imported: see upgrade_jax/runtime.py
 
 from upgrade_jax.data.synthetic import PRESETS  # noqa: E402  (after tune_malloc)
 from upgrade_jax.engine import TrainConfig  # noqa: E402
+from upgrade_jax.engine.tiling import TileConfig  # noqa: E402
+from upgrade_jax.instances import OUTPUTS  # noqa: E402
 from upgrade_jax.perturb import COUNT_ROUNDINGS, FelzenszwalbConfig, PerturbConfig  # noqa: E402
 from upgrade_jax.pipeline import (LQ_SOURCES, OTHERS_MODES, SCENARIOS, SOURCES,  # noqa: E402
                                   DataConfig, PipelineConfig)
@@ -40,7 +42,7 @@ F = flags.FLAGS
 # for a laptop CPU (the library's TrainConfig defaults are paper-scale).
 CLI_DEFAULTS = {"max_steps": 400, "steps_per_epoch": 50}
 _DATA, _PIPE, _TRAIN = DataConfig(), PipelineConfig(), TrainConfig()
-_LQ, _FELZ = _PIPE.lq_perturb, FelzenszwalbConfig()
+_LQ, _FELZ, _TILE = _PIPE.lq_perturb, FelzenszwalbConfig(), TileConfig()
 
 # Data.
 flags.DEFINE_enum("data", _DATA.source, sorted(SOURCES), "Data source.")
@@ -167,6 +169,16 @@ flags.DEFINE_string("hq_labels", "", "User mode: folder of HQ instance labels.")
 flags.DEFINE_string("lq_images", "", "User mode: folder of LQ images.")
 flags.DEFINE_string("lq_labels", "", "User mode: folder of LQ labels.")
 flags.DEFINE_string("others_labels", "", "User mode: non-target objects of the HQ images.")
+
+# What the upgraded files hold, and how prediction cuts large images.
+flags.DEFINE_enum("output", _PIPE.output, list(OUTPUTS), "What the upgraded label "
+                  "files hold: instances (touching cells separate; the LQ label's instances "
+                  "seed them) or mask (connected components of the upgraded mask).")
+flags.DEFINE_integer("tile", _TILE.tile, "Prediction: images larger than this run as overlapping "
+                     "tiles of this side (a multiple of 16; memory grows with tile^2).",
+                     lower_bound=16)
+flags.DEFINE_integer("tile_margin", _TILE.margin, "Prediction: context px kept around each tile's "
+                     "owned part (tiles overlap by 2x this).", lower_bound=0)
 
 flags.mark_flag_as_required("out_dir")
 
@@ -307,7 +319,8 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
   return PipelineConfig(data=data, upgrade=upgrade, segment=segment, lq_perturb=lq_p,
                         scenarios=tuple(v.scenarios), threshold_baseline=v.threshold_baseline,
                         reps=v.reps, seed=v.seed, lq_source=v.lq_source,
-                        predictor_hq=v.predictor_hq)
+                        predictor_hq=v.predictor_hq, output=v.output,
+                        tiling=TileConfig(tile=v.tile, margin=v.tile_margin))
 
 
 def setup_runtime() -> None:

@@ -24,6 +24,7 @@ def test_flagfile_builds_a_config(path):
       for v in values:  # every swept value is valid for its flag
         F[name].parser.parse(v)
     assert cfg.upgrade.task.name == "upgrade" and cfg.segment.task.name == "segment"
+    assert cfg.output == "instances"
   finally:
     F.unparse_flags()
 

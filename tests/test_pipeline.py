@@ -65,6 +65,10 @@ def test_cli_end_to_end_and_resume(tmp_path):
   for k in ("config", "versions", "timings"):
     assert d[k]
   assert d["config"]["upgrade"]["task"]["perturb"]["omission_rate"] == 0.7
+  # Issue 13: instance scores beside Dice, and the saved upgrader of rep 0.
+  assert set(d["annotation_instances"]) == {"lq", "upgraded"}
+  assert len(d["annotation_instances"]["upgraded"]["f1@0.5"]["per_rep"]) == 2
+  assert "Instances" in proc.stdout and (out / "model" / "model.json").is_file()
   assert d["versions"]["jax"]
   # mean/std really are the statistics of the per-rep values.
   per = d["segmentation_dice"]["hq_upgraded"]["per_rep"]

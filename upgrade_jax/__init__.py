@@ -8,6 +8,8 @@ Modules:
   data          synthetic virtual microscope, TIFF I/O, the paper's slice sampling
   train         the shared training engine
   pipeline      Algorithm 1 and the scenarios
+  instances     instance labels from an upgrade; StarDist-style matching (AP/F1 at IoU)
+  export        the saved upgrader (model/: model.json + variables.npz), applied per image
 """
 
 __version__ = "0.1.0"

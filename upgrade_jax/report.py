@@ -41,9 +41,25 @@ def versions() -> dict:
   return out
 
 
+def instance_summary(reps: list) -> dict:
+  """Issue 13: {"lq"|"upgraded": {"f1@0.5": {mean, std, per_rep}, ...}} of
+  the reps' "annotation_instances" (test-set instance matching), or {}."""
+  from upgrade_jax.metrics import summarize
+
+  reps = [r for r in reps if "annotation_instances" in r]
+  if not reps:
+    return {}
+  first = reps[0]["annotation_instances"]
+  return {k: {m: summarize([r["annotation_instances"][k][m] for r in reps]) for m in first[k]}
+          for k in first}
+
+
 def results_dict(results, extra: dict | None = None) -> dict:
   """The content of results.json: summaries, per-rep numbers, config, versions."""
   summary = results.summary()
+  inst = instance_summary(results.reps)
+  if inst:
+    summary["annotation_instances"] = inst
   timings = dict(results.timings)
   timings["per_rep"] = [r.get("timings", {}) for r in results.reps]
   return {**summary, "reps": results.reps, "config": json_safe(results.config),
@@ -63,6 +79,10 @@ def write_results(out_dir, results, extra: dict | None = None) -> dict:
       w.writerow(["annotation", k, r["rep"], f"{r['annotation_dice'][k]:.6f}"])
     for k, v in r["segmentation_dice"].items():
       w.writerow(["segmentation", k, r["rep"], f"{v:.6f}"])
+  for r in results.reps:  # issue 13: instance scores as rows of kind "instances"
+    for k, scores in r.get("annotation_instances", {}).items():
+      for m, v in scores.items():
+        w.writerow(["instances", f"{k}:{m}", r["rep"], f"{v:.6f}"])
   for kind in ("annotation_dice", "segmentation_dice"):
     for k, s in d[kind].items():
       w.writerow([kind.split("_")[0], k, "mean", f"{s['mean']:.6f}"])
@@ -94,6 +114,15 @@ def format_table(d: dict, paper: dict | None = None) -> str:
     lines.append(row("Annotations" if i == 0 else "", k, s))
   for i, (k, s) in enumerate(d["segmentation_dice"].items()):
     lines.append(row("Segmentation" if i == 0 else "", k, s))
+  inst = d.get("annotation_instances") or {}
+  if inst:  # instance matching of the test set's annotations (StarDist semantics)
+    lines.append("")
+    cols = ("f1@0.5", "f1@0.75", "accuracy@0.5")
+    lines.append(f"{'Instances':14}{'':16}" + "".join(f"{c:>18}" for c in cols))
+    for k, s in inst.items():
+      lines.append(f"{'':14}{LABELS.get(k, k):16}" + "".join(
+          f"{s[c]['mean']:>10.4f} ± {s[c]['std']:.3f}" if s[c]["std"] is not None
+          else f"{s[c]['mean']:>18.4f}" for c in cols))
   rates = d.get("effective_rates") or {}
   if rates:
     lines.append("")

@@ -9,6 +9,7 @@ the rest is shared.
   state.py        TrainState, create_train_state
   step.py         the jitted, data-parallel train step and its batches
   evaluation.py   the fixed validation set, evaluate, predict / predict_proba
+  tiling.py       one image of any size: shape buckets, overlapping tiles
   checkpoints.py  Orbax checkpoints and the loop's LoopRecord
   loop.py         fit: epochs, early stopping, resume
 

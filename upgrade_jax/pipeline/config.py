@@ -11,8 +11,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from upgrade_jax import engine
+from upgrade_jax import engine, instances
 from upgrade_jax.data import io
+from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.perturb import FelzenszwalbConfig, PerturbConfig
 from upgrade_jax.pipeline.scenarios import SCENARIOS
 from upgrade_jax.pipeline.sources import SOURCES
@@ -119,6 +120,10 @@ class PipelineConfig:
       paper's case study, §3.3.4: LQ = the predictions of a segmentation
       network trained on `predictor_hq` HQ slices).
     predictor_hq: HQ training slices of that predictor.
+    output: what the upgraded files hold: "instances" (touching cells
+      separate, the LQ label's instances as seeds) or "mask" (connected
+      components of the upgraded mask); see upgrade_jax.instances.
+    tiling: how prediction of the written files cuts large images.
   """
 
   data: DataConfig = DataConfig()
@@ -132,8 +137,12 @@ class PipelineConfig:
   predict_batch: int = 8
   lq_source: str = "perturb"
   predictor_hq: int = 10
+  output: str = "instances"
+  tiling: TileConfig = TileConfig()
 
   def __post_init__(self):
+    if self.output not in instances.OUTPUTS:
+      raise ValueError(f"--output={self.output!r}: choose one of {list(instances.OUTPUTS)}")
     if self.lq_source not in LQ_SOURCES:
       raise ValueError(f"PipelineConfig.lq_source {self.lq_source!r} unknown; choose one of "
                        f"{list(LQ_SOURCES)}")

@@ -3,7 +3,9 @@
   prepare_data      the repetition's sets and fixed LQ labels
   train_upgrader    u_θ on the HQ slices, P drawn fresh each step
   upgrade_lq_sets   u_θ on the LQ labels of the test and training slices:
-                    annotation Dice, upgraded TIFFs, the overlay samples
+                    annotation Dice and instance scores, the saved upgrader
+                    (out_dir/model, repetition 0), upgraded TIFFs, the
+                    overlay samples
   train_scenarios   one segmentation network per scenario, test Dice
   score_threshold   the global-threshold baseline
 
@@ -21,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from upgrade_jax import engine, metrics, rundir
+from upgrade_jax import engine, export, instances, metrics, rundir
 from upgrade_jax.baselines import threshold as threshold_lib
 from upgrade_jax.data import io
 from upgrade_jax.data.types import Dataset, concat
@@ -30,8 +32,8 @@ from upgrade_jax.pipeline.data import RepData, predicted_lq, prepare_rep
 from upgrade_jax.pipeline.scenarios import SCENARIO_DATA
 
 __all__ = ["RepRun", "prepare_data", "train_upgrader", "upgrade_lq_sets", "train_scenarios",
-           "score_threshold", "upgrade_labels", "write_upgraded", "threshold_baseline",
-           "figure_samples"]
+           "score_threshold", "upgrade_labels", "write_upgraded", "export_upgrader",
+           "threshold_baseline", "figure_samples"]
 
 
 @dataclasses.dataclass
@@ -101,6 +103,17 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
   valid = data.test.valid_mask()
   ann = {"lq": metrics.pooled_dice_np(data.test_lq_masks.targets, data.test.targets, valid),
          "upgraded": metrics.pooled_dice_np(upgraded_test, data.test.targets, valid)}
+  # Instance scores (StarDist matching) of the test set's LQ labels (their
+  # components) and of its upgraded labels, against the ground truth.
+  crop = lambda a: [x[:h, :w] for x, (h, w) in zip(a, data.test.extents)]  # noqa: E731
+  run.result["annotation_instances"] = {
+      "lq": instances.summary_scores(crop(data.test.targets), [
+          instances.components(m) for m in crop(data.test_lq_masks.targets)]),
+      "upgraded": instances.summary_scores(crop(data.test.targets), [
+          instances.instances_from_upgrade(m, lq) for m, lq
+          in zip(crop(upgraded_test), crop(data.test_lq_masks.targets))])}
+  if run.rep == 0:
+    export_upgrader(cfg, fit, data.hq_train.channels, run.out_dir, run.guard)
   upgraded = data.lq_masks
   if len(data.lq_masks):
     masks = upgrade_labels(fit.state_best, data.lq_masks, cfg.predict_batch)
@@ -110,7 +123,8 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
         "lq": metrics.pooled_dice_np(data.lq_masks.targets, data.lq_truth.targets, lq_valid),
         "upgraded": metrics.pooled_dice_np(masks, data.lq_truth.targets, lq_valid)}
     target_dir = run.out_dir / "upgraded" if run.rep == 0 else run.rep_dir / "upgraded"
-    write_upgraded(target_dir, data.lq_masks, masks, guard=run.guard)
+    write_upgraded(target_dir, data.lq_masks, masks, guard=run.guard, output=cfg.output,
+                   lq_labels=data.lq_masks.targets)
   run.timed("upgrade_predict_s", t0)
   run.result["annotation_dice"] = ann
   run.log(f"[rep {run.rep}] annotation Dice on the test set: LQ {ann['lq']:.4f} -> "
@@ -162,17 +176,38 @@ def upgrade_labels(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
 
 
 def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray,
-                   guard: rundir.InputGuard | None = None) -> list[Path]:
-  """One uint16 instance-label TIFF per sample (connected components of the
-  upgraded mask), cropped to the sample's valid extent, named after it."""
-  from skimage.measure import label as connected_components
+                   guard: rundir.InputGuard | None = None, *, output: str = "mask",
+                   lq_labels: np.ndarray | None = None) -> list[Path]:
+  """One uint16/uint32 instance-label TIFF per sample, cropped to the
+  sample's valid extent, named after it.
 
+  output "mask": connected components of the upgraded mask; "instances":
+  touching cells split, seeded by `lq_labels` (N, H, W) where they hold
+  instances (instances.instances_from_upgrade).
+  """
   directory.mkdir(parents=True, exist_ok=True)
   paths = []
-  for name, mask, (h, w) in zip(ds.names, masks, ds.extents):
-    lab = connected_components(mask[:h, :w], connectivity=1).astype(np.uint16)
+  for i, (name, mask, (h, w)) in enumerate(zip(ds.names, masks, ds.extents)):
+    if output == "instances":
+      lq = None if lq_labels is None else lq_labels[i, :h, :w]
+      lab = instances.instances_from_upgrade(mask[:h, :w], lq)
+    else:
+      lab = instances.components(mask[:h, :w])
     paths.append(io.write_labels(directory / f"{Path(name).stem}.tif", lab, guard=guard))
   return paths
+
+
+def export_upgrader(cfg: PipelineConfig, fit: engine.FitResult, image_channels: int,
+                    out_dir: Path, guard) -> export.Upgrader:
+  """Saves out_dir/model (the best u_θ, its config, normalisation and tiling)
+  and returns the upgrader read back from it, so that a run writes its files
+  exactly as `experiments.apply` will."""
+  up = export.upgrader_from_state(fit.state_best, image_channels=image_channels,
+                                  normalisation=cfg.data.normalisation, tiling=cfg.tiling)
+  export.save_upgrader(out_dir / "model", up, guard=guard, train={
+      "best_val_dice": fit.best_val_dice, "best_step": fit.best_step,
+      "config": cfg.upgrade.to_json()})
+  return export.load_upgrader(out_dir / "model")
 
 
 def threshold_baseline(cfg: PipelineConfig, volumes, data: RepData):

@@ -14,12 +14,12 @@ from typing import Callable
 
 import numpy as np
 
-from upgrade_jax import engine, rundir
+from upgrade_jax import engine, export, rundir
 from upgrade_jax.data import io, sampling
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.pipeline.config import PipelineConfig, run_key
 from upgrade_jax.pipeline.data import with_others
-from upgrade_jax.pipeline.stages import upgrade_labels, write_upgraded
+from upgrade_jax.pipeline.stages import export_upgrader, write_upgraded
 from upgrade_jax.rundir import InputError
 
 __all__ = ["UserData", "UserInputs", "OPTIMISTIC", "prepare_user", "run_user"]
@@ -63,6 +63,7 @@ class UserInputs:
   train_idx: np.ndarray   # HQ samples u_θ trains on
   val_idx: np.ndarray     # HQ samples of early stopping
   guard: rundir.InputGuard
+  lq_instances: np.ndarray | None = None  # (N, H, W) the LQ files' own ids (seeds)
 
 
 def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
@@ -94,8 +95,9 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
     raise InputError(f"--hq_images={user.hq_images} holds {len(hq)} image(s); at least 2 HQ "
                      "pairs are needed (training + validation)")
   hq = with_others(hq, cfg.data.others, cfg.data.felzenszwalb)
+  lq_instances = lq.targets
   lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
-  return UserInputs(hq, lq, train_idx, val_idx, guard)
+  return UserInputs(hq, lq, train_idx, val_idx, guard, lq_instances)
 
 
 def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
@@ -119,8 +121,12 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
     fit = engine.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq_train, hq_val,
                      out_dir / "upgrade", log=log, context=key)
     log(f"upgrade network: best validation Dice {fit.best_val_dice:.4f} ({OPTIMISTIC})")
-    masks = upgrade_labels(fit.state_best, d.lq, cfg.predict_batch)
-    paths = write_upgraded(out_dir / "upgraded", d.lq, masks, guard=d.guard)
+    # Export the upgrader, then upgrade through it one image at a time
+    # (tiled), as experiments.apply does: its files equal these.
+    upgrader = export_upgrader(cfg, fit, d.hq.channels, out_dir, d.guard)
+    masks = export.upgrade_masks(upgrader, d.lq, d.lq_instances)
+    paths = write_upgraded(out_dir / "upgraded", d.lq, masks, guard=d.guard,
+                           output=cfg.output, lq_labels=d.lq_instances)
     log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
     result = {"upgrade_best_val_dice": fit.best_val_dice, "val_dice_note": OPTIMISTIC,
               "n_hq": len(d.hq), "n_lq": len(d.lq), "upgraded": [str(p) for p in paths]}

@@ -1,0 +1,131 @@
+r"""A saved upgrader applied to a new folder: train once, upgrade many.
+
+    python -m experiments.apply --model=RUN/model --images=DIR --labels=DIR \
+        --out_dir=DIR [--output=instances|mask] [--tile=1024 --tile_margin=64]
+
+reads each image with its LQ label file (same name, any extension) and writes
+out_dir/upgraded/<same name>.tif: uint16 (uint32 above 65535 objects)
+instance labels, touching cells separate (--output=instances, the default),
+or the connected components of the upgraded mask (--output=mask). The model
+folder is what a training run of experiments.upgrade leaves in out_dir/model.
+
+As in experiments.upgrade, nothing is created before every input is checked:
+the model folder, every file pair (decoded once, then dropped: memory holds
+one image at a time), the channel count against the model's, and the
+out_dir (never an input folder or the model folder, nor inside or around
+one). A problem is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from experiments import upgrade as upgrade_cli  # its shared flags and error handling
+
+F = flags.FLAGS
+
+flags.DEFINE_string("model", None, "The model/ folder a training run left (out_dir/model).")
+flags.DEFINE_string("images", None, "Folder of images to upgrade the labels of.")
+flags.DEFINE_string("labels", None, "Folder of their LQ labels (same file names).")
+
+# Flags of experiments.upgrade that mean something here; any other one given
+# would be silently ignored, so it is an error.
+SHARED = ("out_dir", "output", "tile", "tile_margin", "debug", "compilation_cache")
+
+
+def check_flags() -> None:
+  from upgrade_jax.rundir import InputError
+
+  for name in ("model", "images", "labels"):
+    if not getattr(F, name):
+      raise InputError(f"--{name} is required")
+  ignored = sorted(f"--{f.name}" for f in F.get_flags_for_module(upgrade_cli)
+                   if f.present and f.name not in SHARED)
+  if ignored:
+    raise InputError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply "
+                     "to experiments.apply (the model folder fixes the network); remove them")
+
+
+def plan(out_dir: Path):
+  """Checks the flags, the model, every file pair and out_dir; creates
+  nothing. Returns (upgrader, [(name, image path, label path)], guard)."""
+  from upgrade_jax import export, rundir
+  from upgrade_jax.data import io
+  from upgrade_jax.engine.tiling import TileConfig
+  from upgrade_jax.rundir import InputError
+
+  check_flags()
+  for flag in ("images", "labels"):
+    if not Path(getattr(F, flag)).is_dir():
+      raise InputError(f"--{flag}={getattr(F, flag)} is not a folder; give the folder that "
+                       "holds the files")
+  upgrader = export.load_upgrader(F.model)
+  if F["tile"].present or F["tile_margin"].present:
+    tiling = upgrader.tiling
+    upgrader = dataclasses.replace(upgrader, tiling=TileConfig(
+        tile=F.tile if F["tile"].present else tiling.tile,
+        margin=F.tile_margin if F["tile_margin"].present else tiling.margin,
+        batch=tiling.batch))
+  guard = rundir.InputGuard([F.images, F.labels, F.model])
+  rundir.check_out_dir(out_dir, guard)
+  images = io._index_folder(Path(F.images), "images")
+  labels = io._index_folder(Path(F.labels), "labels")
+  missing = sorted(set(images) - set(labels))
+  if missing:
+    raise InputError(f"{len(missing)} image(s) have no label file in --labels={F.labels}: "
+                     f"{', '.join(images[m].name for m in missing[:5])}")
+  orphans = sorted(set(labels) - set(images))
+  if orphans:
+    raise InputError(f"{len(orphans)} label file(s) have no image in --images={F.images}: "
+                     f"{', '.join(labels[m].name for m in orphans[:5])}")
+  pairs = [(stem, images[stem], labels[stem]) for stem in sorted(images)]
+  for _, image_path, label_path in pairs:  # decode and check every pair now
+    export.load_sample(image_path, label_path, upgrader)
+  return upgrader, pairs, guard
+
+
+def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
+  from upgrade_jax import export, rundir
+  from upgrade_jax.data import io
+
+  t0 = time.perf_counter()
+  target = out_dir / "upgraded"
+  with rundir.RunLock(out_dir):
+    rundir.remove_stale_temps(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, (stem, image_path, label_path) in enumerate(pairs):
+      image, lq = export.load_sample(image_path, label_path, upgrader)
+      _, labels = export.upgrade_sample(upgrader, image, lq, F.output)
+      written.append(str(io.write_labels(target / f"{stem}.tif", labels, guard=guard)))
+      upgrade_cli.log_line(f"[{k + 1}/{len(pairs)}] {stem}: {image.shape[0]}x{image.shape[1]}, "
+                       f"{int(lq.max())} LQ -> {int(labels.max())} upgraded objects")
+    record = {"model": str(Path(F.model).resolve()), "images": F.images, "labels": F.labels,
+              "output": F.output, "tiling": dataclasses.asdict(upgrader.tiling),
+              "upgraded": written, "seconds": time.perf_counter() - t0,
+              "command": " ".join(sys.argv)}
+    io.write_text(out_dir / "apply.json", json.dumps(record, indent=2), guard=guard)
+  return record
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
+    return 2
+  upgrade_cli.setup_runtime()
+  out_dir = Path(F.out_dir)
+  upgrader, pairs, guard = upgrade_cli.one_line_errors(plan, out_dir, checking=True)
+  record = upgrade_cli.one_line_errors(execute, out_dir, upgrader, pairs, guard)
+  upgrade_cli.log_line(f"wrote {len(record['upgraded'])} upgraded label files to "
+                   f"{out_dir / 'upgraded'} in {record['seconds']:.1f}s")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=upgrade_cli.parse_flags_one_line)

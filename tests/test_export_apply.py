@@ -1,0 +1,192 @@
+"""The saved upgrader (export.py) and `python -m experiments.apply`."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import toy_discs
+from upgrade_jax import export
+from upgrade_jax.engine import TrainConfig, create_train_state
+from upgrade_jax.engine.tiling import TileConfig
+from upgrade_jax.rundir import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = tempfile.mkdtemp(prefix="upgrade_jax_xla_")
+TINY = ["--width=4", "--crop=32", "--batch_size=4", "--max_steps=6", "--steps_per_epoch=3",
+        "--log_every=3", "--patience=2"]
+
+
+def tiny_upgrader(image_channels=1):
+  state = create_train_state(TrainConfig(widths=(4, 8, 8, 8, 8)), image_channels + 1,
+                             jax.random.PRNGKey(1))
+  return export.upgrader_from_state(state, image_channels=image_channels,
+                                    tiling=TileConfig(tile=64, margin=16))
+
+
+def test_save_load_round_trip(tmp_path):
+  up = tiny_upgrader()
+  export.save_upgrader(tmp_path / "model", up, train={"best_val_dice": 0.5})
+  meta = json.loads((tmp_path / "model" / "model.json").read_text())
+  assert meta["format_version"] == export.FORMAT_VERSION and meta["input"]["image_channels"] == 1
+  assert meta["task"]["name"] == "upgrade" and meta["prediction"]["tile"] == 64
+  back = export.load_upgrader(tmp_path / "model")
+  assert back.tiling == up.tiling and back.model == up.model and back.task == up.task
+  jax.tree.map(np.testing.assert_array_equal, back.variables, up.variables)
+  ds = toy_discs(1, (100, 90), seed=3)   # larger than the tile: 4 tiles
+  a = export.upgrade_sample(up, ds.images[0], ds.targets[0])
+  b = export.upgrade_sample(back, ds.images[0], ds.targets[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert a[0].shape == (100, 90) and a[1].dtype == np.int32
+
+
+@pytest.mark.parametrize("breakage,culprit", [
+    ("no_json", "holds no model.json"),
+    ("no_npz", "holds no variables.npz"),
+    ("newer", "reads format 1"),
+    ("checksum", "does not match the checksum"),
+    ("channels", "does not fit the network"),
+    ("not_json", "not readable JSON"),
+])
+def test_load_errors_are_one_line(tmp_path, breakage, culprit):
+  d = export.save_upgrader(tmp_path / "model", tiny_upgrader())
+  meta = json.loads((d / "model.json").read_text())
+  if breakage == "no_json":
+    (d / "model.json").unlink()
+  elif breakage == "no_npz":
+    (d / "variables.npz").unlink()
+  elif breakage == "newer":
+    meta["format_version"] = 2
+  elif breakage == "checksum":
+    (d / "variables.npz").write_bytes((d / "variables.npz").read_bytes()[:-10])
+  elif breakage == "channels":
+    meta["input"]["image_channels"] = 3
+  elif breakage == "not_json":
+    (d / "model.json").write_text("{")
+  if breakage in ("newer", "channels"):
+    (d / "model.json").write_text(json.dumps(meta))
+  with pytest.raises(InputError, match=culprit) as e:
+    export.load_upgrader(d)
+  assert "\n" not in str(e.value)
+
+
+def test_wrong_channel_count(tmp_path):
+  up = tiny_upgrader(image_channels=3)   # an RGB model whose policy says grey
+  tifffile.imwrite(tmp_path / "a.tif", np.zeros((20, 20), np.uint8))
+  tifffile.imwrite(tmp_path / "l.tif", np.zeros((20, 20), np.uint16))
+  with pytest.raises(InputError, match="1 channel.*takes 3"):
+    export.load_sample(tmp_path / "a.tif", tmp_path / "l.tif", up)
+
+
+# --------------------------------------------------------------------------
+# The CLI.
+
+def run(module, args, check=True):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-m", module, f"--compilation_cache={CACHE}", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+  return proc
+
+
+def make_folders(root: Path) -> None:
+  ds = toy_discs(8, (48, 48), seed=1, discs=(5, 8), radius=(4, 6))
+  for name, idx in (("hq", range(4)), ("lq", range(4, 8))):
+    for sub in ("images", "labels"):
+      (root / name / sub).mkdir(parents=True)
+    for i in idx:
+      img = (ds.images[i, ..., 0] * 1000).clip(0).astype(np.uint16)
+      tifffile.imwrite(root / name / "images" / f"{name}{i}.tif", img)
+      lab = ds.targets[i].copy()
+      if name == "lq":
+        lab[lab % 2 == 1] = 0   # the LQ label omitted half the cells
+      tifffile.imwrite(root / name / "labels" / f"{name}{i}.tif", lab.astype(np.uint16))
+
+
+def snapshot(root: Path) -> dict:
+  return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest()
+                                     if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("apply")
+  make_folders(root)
+  run("experiments.upgrade", [f"--hq_images={root}/hq/images", f"--hq_labels={root}/hq/labels",
+                              f"--lq_images={root}/lq/images", f"--lq_labels={root}/lq/labels",
+                              f"--out_dir={root}/run", "--tile=32", "--tile_margin=8", *TINY])
+  return root
+
+
+@pytest.mark.slow
+def test_apply_reproduces_the_training_run(trained):
+  root = trained
+  assert (root / "run/model/model.json").is_file()
+  proc = run("experiments.apply", [f"--model={root}/run/model", f"--images={root}/lq/images",
+                                   f"--labels={root}/lq/labels", f"--out_dir={root}/applied"])
+  names = sorted(p.name for p in (root / "run/upgraded").iterdir())
+  assert names == [f"lq{i}.tif" for i in range(4, 8)]
+  for n in names:   # bit for bit (48 px images on 32 px tiles: the tiled path)
+    assert (root / "run/upgraded" / n).read_bytes() == (root / "applied/upgraded" / n).read_bytes()
+    assert tifffile.imread(root / "applied/upgraded" / n).dtype == np.uint16
+  rec = json.loads((root / "applied/apply.json").read_text())
+  assert rec["output"] == "instances" and len(rec["upgraded"]) == 4
+  assert "wrote 4 upgraded label files" in proc.stdout
+  # --output=mask: connected components of the same mask.
+  run("experiments.apply", [f"--model={root}/run/model", f"--images={root}/lq/images",
+                            f"--labels={root}/lq/labels", f"--out_dir={root}/masks",
+                            "--output=mask"])
+  for n in names:
+    inst = tifffile.imread(root / "applied/upgraded" / n)
+    comp = tifffile.imread(root / "masks/upgraded" / n)
+    np.testing.assert_array_equal(inst > 0, comp > 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,culprit", [
+    ("missing_model_file", "holds no variables.npz"),
+    ("out_dir_is_model", "--out_dir"),
+    ("out_dir_in_images", "--out_dir"),
+    ("upgrade_flag", "--width"),
+    ("missing_label", "no label file"),
+    ("five_channels", "five.tif"),
+    ("bad_tile", "tile"),
+])
+def test_apply_bad_inputs(trained, tmp_path, case, culprit):
+  root = tmp_path / "c"
+  shutil.copytree(trained / "lq", root / "lq")
+  shutil.copytree(trained / "run/model", root / "model")
+  args = {"model": root / "model", "images": root / "lq/images", "labels": root / "lq/labels",
+          "out_dir": root / "out"}
+  extra = []
+  if case == "missing_model_file":
+    (root / "model/variables.npz").unlink()
+  elif case == "out_dir_is_model":
+    args["out_dir"] = root / "model"
+  elif case == "out_dir_in_images":
+    args["out_dir"] = root / "lq/images/out"
+  elif case == "upgrade_flag":
+    extra = ["--width=8"]
+  elif case == "missing_label":
+    (root / "lq/labels/lq4.tif").unlink()
+  elif case == "five_channels":
+    tifffile.imwrite(root / "lq/images/five.tif", np.zeros((48, 48, 5), np.uint8))
+    tifffile.imwrite(root / "lq/labels/five.tif", np.zeros((48, 48), np.uint16))
+  elif case == "bad_tile":
+    extra = ["--tile=100"]
+  before = snapshot(root)
+  proc = run("experiments.apply", [f"--{k}={v}" for k, v in args.items()] + extra, check=False)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], lines
+  assert snapshot(root) == before   # nothing created or changed

@@ -1,0 +1,296 @@
+"""A trained upgrade network saved as a tool: train once, apply to many folders.
+
+A run that trains u_θ leaves `out_dir/model/`:
+
+    model.json      what a person (and `load_upgrader`) reads: the format and
+                    package version, the network (UNet widths, conv_impl),
+                    the task with its perturbation P, the input policy
+                    (channels, normalisation, image channels), the tiling
+                    used for prediction, the training run's best validation
+                    Dice and step, and the sha256 of variables.npz
+    variables.npz   the best variables, one array per leaf, named by its
+                    path: "params/down0/Conv_0/kernel", "batch_stats/..."
+                    (numpy.load reads it; no Orbax, no training state)
+
+`load_upgrader(dir)` gives an `Upgrader`; `upgrade_sample` turns one (image,
+LQ label) into an upgraded mask and the labels written to disk. The training
+run writes its own upgraded files through the same functions, so
+`python -m experiments.apply` with its model reproduces them bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io as _bytes_io
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import upgrade_jax
+from upgrade_jax import instances, rundir
+from upgrade_jax.data import io
+from upgrade_jax.data.types import Dataset
+from upgrade_jax.engine.state import TrainState
+from upgrade_jax.engine.tasks import Task, task_from_json
+from upgrade_jax.engine.tiling import TileConfig, predict_image
+from upgrade_jax.models.unet import MULTIPLE, UNet
+from upgrade_jax.rundir import InputError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_JSON", "VARIABLES", "Upgrader",
+           "save_upgrader", "load_upgrader", "upgrader_from_state", "load_sample",
+           "upgrade_sample", "upgrade_masks"]
+
+FORMAT = "upgrade_jax.upgrader"
+# Bumped when a saved model's meaning changes; a loader refuses newer formats.
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+VARIABLES = "variables.npz"
+THRESHOLD = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Upgrader:
+  """A trained upgrade network with everything needed to apply it.
+
+  Attributes:
+    model: the UNet; variables: its {'params', 'batch_stats'}.
+    task: the training task (builds the network input from image + label).
+    image_channels: C of the images after the channel policy.
+    channels: the channel policy ("grey" or "rgb", see io.to_channels).
+    normalisation: per-image normalisation ("max", "percentile").
+    tiling: how prediction cuts large images.
+    meta: model.json as read (None for an upgrader made in memory).
+  """
+
+  model: UNet
+  variables: dict
+  task: Task
+  image_channels: int
+  channels: str = "grey"
+  normalisation: str = "max"
+  tiling: TileConfig = TileConfig()
+  meta: dict | None = dataclasses.field(default=None, compare=False)
+
+
+def upgrader_from_state(state: TrainState, *, image_channels: int, channels: str = "grey",
+                        normalisation: str = "max",
+                        tiling: TileConfig = TileConfig()) -> Upgrader:
+  """The Upgrader of a trained TrainState (its variables on the host)."""
+  variables = jax.tree.map(np.asarray, jax.device_get(state.variables))
+  return Upgrader(state.model, variables, state.task, image_channels, channels,
+                  normalisation, tiling)
+
+
+def _flatten(tree, prefix="") -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, dict):
+      out.update(_flatten(v, name))
+    else:
+      out[name] = np.asarray(v)
+  return out
+
+
+def _unflatten(flat: dict) -> dict:
+  tree: dict = {}
+  for name, v in flat.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def save_upgrader(directory, upgrader: Upgrader, *, train: dict | None = None,
+                  guard: rundir.InputGuard | None = None) -> Path:
+  """Writes `upgrader` to `directory` (model.json + variables.npz), atomically.
+
+  Args:
+    directory: the folder (created); usually out_dir/model.
+    upgrader: what to save.
+    train: facts of the training run for model.json (best_val_dice, ...).
+    guard: the run's inputs; writing over one raises InputError.
+
+  Returns:
+    The folder.
+  """
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  buf = _bytes_io.BytesIO()
+  np.savez(buf, **_flatten(upgrader.variables))
+  data = buf.getvalue()
+  path = directory / VARIABLES
+  if guard is not None:
+    guard.check_output(path)
+  io._atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+  meta = {
+      "format": FORMAT, "format_version": FORMAT_VERSION,
+      "package_version": upgrade_jax.__version__,
+      "model": {"kind": "UNet", "widths": list(upgrader.model.widths),
+                "num_classes": upgrader.model.num_classes,
+                "conv_impl": upgrader.model.conv_impl},
+      "task": upgrader.task.to_json(),
+      "input": {"image_channels": upgrader.image_channels,
+                "network_channels": upgrader.image_channels + upgrader.task.extra_channels,
+                "channels": upgrader.channels, "normalisation": upgrader.normalisation,
+                "label_input": "LQ label > 0, a 0/1 channel after the image channels"},
+      "prediction": {"threshold": THRESHOLD, **dataclasses.asdict(upgrader.tiling)},
+      "train": train or {},
+      "versions": {"jax": jax.__version__, "numpy": np.__version__},
+      "files": {VARIABLES: hashlib.sha256(data).hexdigest()},
+  }
+  # model.json last: a folder without it is an incomplete export.
+  io.write_json(directory / MODEL_JSON, meta, guard=guard)
+  return directory
+
+
+def _fail(directory, what: str) -> InputError:
+  return InputError(f"--model={directory}: {what}")
+
+
+def load_upgrader(directory) -> Upgrader:
+  """Reads a saved upgrader; every problem is an InputError of one line.
+
+  Checks: the folder and both files exist, model.json parses and is of this
+  format and a version this package reads, variables.npz matches its
+  checksum and has exactly the shapes of the network model.json describes.
+  """
+  directory = Path(directory)
+  if not directory.is_dir():
+    raise _fail(directory, "is not a folder; give the model/ folder of a training run")
+  mj = directory / MODEL_JSON
+  if not mj.is_file():
+    raise _fail(directory, f"holds no {MODEL_JSON}; give the model/ folder of a training run "
+                "(out_dir/model)")
+  try:
+    meta = json.loads(mj.read_text())
+  except (ValueError, OSError) as e:
+    raise _fail(directory, f"{MODEL_JSON} is not readable JSON ({e})") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise _fail(directory, f"{MODEL_JSON} is not an upgrade_jax upgrader (format "
+                f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+  version = meta.get("format_version")
+  if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    raise _fail(directory, f"saved by upgrade_jax {meta.get('package_version')} in format "
+                f"{version}; this upgrade_jax {upgrade_jax.__version__} reads format "
+                f"{FORMAT_VERSION}: install a matching upgrade_jax")
+  vp = directory / VARIABLES
+  if not vp.is_file():
+    raise _fail(directory, f"holds no {VARIABLES} (the network's variables); copy the whole "
+                "model/ folder")
+  data = vp.read_bytes()
+  if hashlib.sha256(data).hexdigest() != meta.get("files", {}).get(VARIABLES):
+    raise _fail(directory, f"{VARIABLES} does not match the checksum in {MODEL_JSON} "
+                "(a partial copy, or files of two models); copy the model/ folder again")
+  try:
+    m, inp, pred = meta["model"], meta["input"], meta["prediction"]
+    task = task_from_json(meta["task"])
+    model = UNet(widths=tuple(m["widths"]), num_classes=int(m["num_classes"]),
+                 conv_impl=m["conv_impl"])
+    tiling = TileConfig(tile=int(pred["tile"]), margin=int(pred["margin"]),
+                        batch=int(pred["batch"]))
+    image_channels = int(inp["image_channels"])
+    with np.load(_bytes_io.BytesIO(data)) as z:
+      variables = _unflatten({k: z[k] for k in z.files})
+  except (KeyError, TypeError, ValueError) as e:
+    raise _fail(directory, f"{MODEL_JSON} or {VARIABLES} is incomplete or invalid "
+                f"({type(e).__name__}: {e})") from None
+  want = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct((1, MULTIPLE, MULTIPLE,
+                                              image_channels + task.extra_channels), np.float32))
+  want_flat = {k: tuple(v.shape) for k, v in _flatten_shapes(want).items()}
+  have_flat = {k: tuple(v.shape) for k, v in _flatten(variables).items()}
+  if want_flat != have_flat:
+    diff = sorted(set(want_flat.items()) ^ set(have_flat.items()))[:2]
+    raise _fail(directory, f"{VARIABLES} does not fit the network in {MODEL_JSON} "
+                f"({image_channels} image channel(s)); e.g. {diff}")
+  return Upgrader(model, variables, task, image_channels, inp["channels"],
+                  inp["normalisation"], tiling, meta)
+
+
+def _flatten_shapes(tree, prefix=""):
+  out = {}
+  for k, v in dict(tree).items():
+    name = f"{prefix}/{k}" if prefix else str(k)
+    if hasattr(v, "shape") and not isinstance(v, dict):
+      out[name] = v
+    else:
+      out.update(_flatten_shapes(v, name))
+  return out
+
+
+# --------------------------------------------------------------------------
+# Applying it.
+
+def load_sample(image_path, label_path, upgrader: Upgrader) -> tuple[np.ndarray, np.ndarray]:
+  """One (image, LQ label) file pair as the network sees it.
+
+  Returns:
+    image (H, W, C) float32 after the upgrader's channel policy and
+    normalisation (exactly as a training run's Dataset holds it), labels
+    (H, W) int32 relabelled 1..n.
+
+  Raises:
+    ValueError naming the file; InputError when the channel count differs
+    from the network's.
+  """
+  labels = io.read_labels(label_path)
+  if labels.ndim != 2:
+    raise ValueError(f"{label_path}: expected a 2-D label image, got shape {labels.shape}")
+  image = io.read_image(image_path)
+  ds = io.stack_samples([(image, labels, None, f"{image_path} vs {label_path}")],
+                        normalisation=upgrader.normalisation, channels=upgrader.channels)
+  if ds.channels != upgrader.image_channels:
+    raise InputError(f"{image_path}: {ds.channels} channel(s) after the model's "
+                     f"'{upgrader.channels}' policy, but the model takes "
+                     f"{upgrader.image_channels}; use a model trained on such images")
+  return ds.images[0], ds.targets[0]
+
+
+def upgrade_sample(upgrader: Upgrader, image: np.ndarray, lq_labels: np.ndarray,
+                   output: str = "instances") -> tuple[np.ndarray, np.ndarray]:
+  """Upgrades one sample.
+
+  Args:
+    image: (H, W, C) float32 (see load_sample); lq_labels: (H, W) int LQ
+      instance labels (or a 0/1 mask).
+    output: "instances" (touching cells separate; LQ instances seed them) or
+      "mask" (connected components of the upgraded mask).
+
+  Returns:
+    (mask (H, W) bool, labels (H, W) int32).
+  """
+  if output not in instances.OUTPUTS:
+    raise ValueError(f"output must be one of {instances.OUTPUTS}, got {output!r}")
+  prob = predict_image(upgrader.model, upgrader.variables, upgrader.task, image,
+                       lq_labels > 0, config=upgrader.tiling)
+  mask = prob > THRESHOLD
+  if output == "mask":
+    return mask, instances.components(mask)
+  return mask, instances.instances_from_upgrade(mask, lq_labels)
+
+
+def upgrade_masks(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.ndarray:
+  """Upgraded masks of a Dataset, each sample predicted alone on its extent
+  (as upgrade_sample does), so they equal a folder's apply bit for bit.
+
+  Args:
+    ds: images (N, H, W, C); lq_labels: (N, H, W) int LQ labels (>0 is
+      foreground).
+
+  Returns:
+    (N, H, W) bool, False outside each sample's extent.
+  """
+  masks = np.zeros(ds.targets.shape, bool)
+  for i, (h, w) in enumerate(ds.extents):
+    prob = predict_image(upgrader.model, upgrader.variables, upgrader.task,
+                         ds.images[i, :h, :w], lq_labels[i, :h, :w] > 0,
+                         config=upgrader.tiling)
+    masks[i, :h, :w] = prob > THRESHOLD
+  return masks
