@@ -91,23 +91,23 @@ def test_make_splits():
   s = sampling.make_splits(train, test, n_hq=5, seed=0)
   assert s.hq_picks == tuple(sampling.select_slices([6, 6, 6], 5))
   assert len(s.hq_train) == 4 and len(s.hq_val) == 1
-  assert len(s.lq) == 18 - 5 and len(s.test) == 12
+  assert len(s.lq_truth) == 18 - 5 and len(s.test) == 12
   assert not set(s.hq_picks) & set(s.lq_picks)
   hq_names = set(s.hq_train.names) | set(s.hq_val.names)
   assert hq_names == {f"{train[v].name}_z{z:03d}" for v, z in s.hq_picks}
   assert s.test.targets.max() == 2 and s.test.others.max() == 1  # relabelled
   assert s.test.images.dtype == np.float32 and s.test.images.max() <= 1.0
   s2 = sampling.make_splits(train, test, n_hq=5, seed=0, n_lq=4)
-  assert len(s2.lq) == 4 and set(s2.lq_picks) <= set(s.lq_picks)
+  assert len(s2.lq_truth) == 4 and set(s2.lq_picks) <= set(s.lq_picks)
   with pytest.raises(ValueError, match="n_lq=20"):
     sampling.make_splits(train, test, n_hq=5, seed=0, n_lq=20)
   s3 = sampling.make_splits(train, test, n_hq=18, seed=0)
-  assert len(s3.lq) == 0 and s3.lq.images.shape[1:] == s3.test.images.shape[1:]
+  assert len(s3.lq_truth) == 0 and s3.lq_truth.images.shape[1:] == s3.test.images.shape[1:]
 
 
 def test_make_lq_is_seeded_and_follows_the_config():
   from upgrade_jax.perturb import PerturbConfig
-  ds = sampling.make_splits(_volumes(2), _volumes(1), n_hq=2, seed=0).lq
+  ds = sampling.make_splits(_volumes(2), _volumes(1), n_hq=2, seed=0).lq_truth
   identity = sampling.make_lq(ds, PerturbConfig(), seed=0)
   np.testing.assert_array_equal(identity.targets, (ds.targets > 0).astype(np.int32))
   np.testing.assert_array_equal(identity.images, ds.images)
@@ -151,7 +151,7 @@ def test_hq_volumes_limits_where_hq_slices_come_from():
   assert {v for v, _ in s.hq_picks} == {0}
   assert s.hq_picks == tuple(sampling.select_slices([6], 4))
   assert {v for v, _ in s.lq_picks} == {0, 1, 2}   # LQ still from every volume
-  assert len(s.lq) == 18 - 4
+  assert len(s.lq_truth) == 18 - 4
   s2 = sampling.make_splits(vols[:3], vols[3:], n_hq=4, seed=0, hq_volumes=2)
   assert {v for v, _ in s2.hq_picks} == {0, 1}
   with pytest.raises(ValueError, match="hq_volumes"):
@@ -160,7 +160,7 @@ def test_hq_volumes_limits_where_hq_slices_come_from():
 
 def test_lq_counts_are_the_draws_of_make_lq():
   from upgrade_jax.perturb import PerturbConfig
-  ds = sampling.make_splits(_volumes(2), _volumes(1), n_hq=2, seed=0).lq
+  ds = sampling.make_splits(_volumes(2), _volumes(1), n_hq=2, seed=0).lq_truth
   cfg = PerturbConfig(omission_rate=0.5, inclusion_rate=0.5)
   lq = sampling.make_lq(ds, cfg, seed=4)
   counts = sampling.lq_counts(ds, cfg, seed=4)

@@ -135,13 +135,15 @@ def empty_like(dataset: Dataset) -> Dataset:
 class Splits:
   """The paper's data splits. Datasets may hold 0 samples (e.g. no LQ left).
 
-  hq_picks / lq_picks are the (volume_idx, slice_idx) pairs in the training
-  volumes, in the order of hq_train + hq_val's source (pick order) and lq.
+  Every Dataset holds ground truth: lq_truth is the truth of the slices that
+  will get LQ labels (make_lq turns it into LQ masks). hq_picks / lq_picks are
+  the (volume_idx, slice_idx) pairs in the training volumes, in the order of
+  hq_train + hq_val's source (pick order) and lq_truth.
   """
 
   hq_train: Dataset
   hq_val: Dataset
-  lq: Dataset
+  lq_truth: Dataset
   test: Dataset
   hq_picks: tuple
   lq_picks: tuple

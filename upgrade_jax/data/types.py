@@ -49,7 +49,9 @@ class Dataset:
 
   Attributes:
     images: (N, H, W, C) float32, normalised per image (roughly [0, 1]).
-    targets: (N, H, W) int32 instance ids, relabelled to 1..n per sample.
+    targets: (N, H, W) int32 instance ids, relabelled to 1..n per sample: the
+      labels this set carries (ground truth, LQ masks or predictions; the
+      name of the variable or field holding the Dataset says which).
     others: (N, H, W) int32 non-target instance ids (zeros when none).
     extents: (N, 2) int32 valid (height, width) of each sample; pixels at
       rows >= extents[i, 0] or columns >= extents[i, 1] are padding and never

@@ -1,7 +1,8 @@
 """Algorithm 1 of the paper, end to end, and the comparison scenarios.
 
-Modules: config (DataConfig, PipelineConfig, run_key), data (sources,
-`others`, one repetition's sets), scenarios (the registry), stages (one
+Modules: config (DataConfig, PipelineConfig, run_key), sources, others (the
+registries of data sources and of what inclusion draws from), data (one
+repetition's sets), scenarios (the registry), stages (one
 repetition's steps), run (repetitions, resume, checks), user (user mode).
 
     1. train the upgrade network u_θ on the HQ set, with P drawn fresh each step;
@@ -27,9 +28,8 @@ method on a user's folders of real HQ and LQ annotations.
 from upgrade_jax.perturb import FelzenszwalbConfig
 from upgrade_jax.pipeline.config import (LQ_SOURCES, OTHERS_MODES, ConfigMismatch, DataConfig,
                                          PipelineConfig, run_key)
-from upgrade_jax.pipeline.data import (OTHERS, RepData, check_counts,
-                                       felzenszwalb_volumes, hq_picks, load_volumes,
-                                       prepare_rep, target_area_range)
+from upgrade_jax.pipeline.data import RepData, check_counts, hq_picks, load_volumes, prepare_rep
+from upgrade_jax.pipeline.others import OTHERS, felzenszwalb_volumes, target_area_range
 from upgrade_jax.pipeline.run import Results, discard_reps, prepare_run, run, run_rep
 from upgrade_jax.pipeline.scenarios import SCENARIO_DATA, SCENARIOS
 from upgrade_jax.pipeline.sources import SOURCES

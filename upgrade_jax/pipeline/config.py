@@ -15,6 +15,7 @@ from upgrade_jax import engine, instances
 from upgrade_jax.data import io
 from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.perturb import FelzenszwalbConfig, PerturbConfig
+from upgrade_jax.pipeline.others import OTHERS
 from upgrade_jax.pipeline.scenarios import SCENARIOS
 from upgrade_jax.pipeline.sources import SOURCES
 
@@ -22,8 +23,7 @@ __all__ = ["DataConfig", "PipelineConfig", "OTHERS_MODES", "LQ_SOURCES", "run_ke
            "check_rep", "ConfigMismatch"]
 
 ConfigMismatch = engine.ConfigMismatch
-# What inclusion draws from; pipeline.data.OTHERS says how each is made.
-OTHERS_MODES = ("labels", "felzenszwalb", "none")
+OTHERS_MODES = tuple(OTHERS)   # what inclusion draws from (pipeline.others)
 LQ_SOURCES = ("perturb", "predictions")
 
 

@@ -1,7 +1,6 @@
 """The data of a run: volumes from a source, `others`, one repetition's sets.
 
   load_volumes     (train, test) volumes from the source registry (sources.py)
-  with_others      what inclusion draws from (registry OTHERS)
   prepare_rep      one repetition's HQ / LQ / test sets and fixed LQ labels
   check_counts     the slices asked for exist (before anything is written)
 """
@@ -10,20 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from upgrade_jax import engine, rundir
 from upgrade_jax.data import sampling
 from upgrade_jax.data.types import Dataset
-from upgrade_jax.perturb import FelzenszwalbConfig, PerturbConfig, felzenszwalb_objects
+from upgrade_jax.perturb import PerturbConfig
 from upgrade_jax.pipeline.config import DataConfig, PipelineConfig
+from upgrade_jax.pipeline.others import with_others
 from upgrade_jax.pipeline.sources import SOURCES
 from upgrade_jax.rundir import InputError
 
-__all__ = ["OTHERS", "load_volumes", "target_area_range", "hq_picks",
-           "felzenszwalb_volumes", "with_others", "RepData", "prepare_rep", "predicted_lq",
+__all__ = ["load_volumes", "hq_picks", "RepData", "prepare_rep", "predicted_lq",
            "data_inputs", "check_counts"]
 
 
@@ -36,70 +34,11 @@ def load_volumes(cfg: DataConfig):
   return SOURCES[cfg.source](cfg)
 
 
-def target_area_range(targets, percentiles=(5, 95)) -> tuple[float, float]:
-  """Area range (pixels) of the target instances of a stack of (.., H, W) maps."""
-  areas = []
-  for t in np.asarray(targets).reshape(-1, *np.shape(targets)[-2:]):
-    a = np.bincount(t.ravel())[1:]
-    areas.append(a[a > 0])
-  areas = np.concatenate(areas) if areas else np.zeros(0)
-  if areas.size == 0:
-    return (0.0, np.inf)
-  lo, hi = np.percentile(areas, percentiles)
-  return float(lo), float(hi)
-
-
 def hq_picks(cfg: DataConfig, train_volumes) -> list[tuple[int, int]]:
   """The HQ slices (volume_idx, slice_idx) of the training volumes; the same
   for every repetition (the paper's rule has no randomness)."""
   pool = train_volumes[:cfg.hq_volumes] if cfg.hq_volumes is not None else train_volumes
   return sampling.select_slices([v.num_slices for v in pool], cfg.n_hq)
-
-
-def felzenszwalb_volumes(volumes, felz: FelzenszwalbConfig, picks, log=print):
-  """`others` of every slice = Felzenszwalb segments off the targets, sized
-  like the HQ targets (5th–95th percentile of their areas over the HQ slices
-  `picks` only: the LQ slices' true areas are what an LQ user does not know).
-  Done once per run, at the volume level, so repetitions do not recompute it."""
-  train, test = volumes
-  area_range = target_area_range(np.stack([train[v].target[z] for v, z in picks]))
-  log(f"Felzenszwalb inclusion candidates: segments of {area_range[0]:.0f}-"
-      f"{area_range[1]:.0f} px ({felz})")
-
-  def one(v):
-    img = v.image.astype(np.float32)
-    if img.ndim == 4:
-      img = img.mean(-1)
-    others = np.stack([felzenszwalb_objects(z / max(float(z.max()), 1e-12), t,
-                                            felz, area_range=area_range)
-                       for z, t in zip(img, v.target)])
-    return dataclasses.replace(v, others=others)
-
-  return [one(v) for v in train], [one(v) for v in test]
-
-
-def _felzenszwalb_others(ds: Dataset, felz: FelzenszwalbConfig) -> Dataset:
-  area_range = target_area_range(ds.targets)
-  out = np.zeros_like(ds.others)
-  for i in range(len(ds)):
-    h, w = ds.extents[i]
-    out[i, :h, :w] = felzenszwalb_objects(ds.images[i, :h, :w], ds.targets[i, :h, :w],
-                                          felz, area_range=area_range)
-  return ds.replace(others=out)
-
-
-# What inclusion draws from -> how a Dataset's `others` are made from it.
-# ("felzenszwalb" on volumes is made once per run by felzenszwalb_volumes.)
-OTHERS: dict[str, Callable] = {
-    "labels": lambda ds, felz: ds,   # the other cell type, or others/ of a folder
-    "felzenszwalb": _felzenszwalb_others,
-    "none": lambda ds, felz: ds.replace(others=np.zeros_like(ds.others)),
-}
-
-
-def with_others(ds: Dataset, mode: str, felz: FelzenszwalbConfig) -> Dataset:
-  """`ds` with the `others` of `mode` (see OTHERS)."""
-  return ds if len(ds) == 0 else OTHERS[mode](ds, felz)
 
 
 def _cap(ds: Dataset, n: int | None) -> Dataset:
@@ -141,7 +80,7 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
   mode = "labels" if cfg.data.others == "felzenszwalb" else cfg.data.others
   prep = lambda d: with_others(d, mode, cfg.data.felzenszwalb)  # noqa: E731
   hq_train, hq_val = prep(splits.hq_train), prep(splits.hq_val)
-  lq_truth, test = prep(splits.lq), prep(_cap(splits.test, cfg.data.max_test))
+  lq_truth, test = prep(splits.lq_truth), prep(_cap(splits.test, cfg.data.max_test))
   if not cfg.data.hq_perturb.is_identity:
     hq_train = _imperfect(hq_train, cfg.data.hq_perturb, seed * 5 + 4)
     hq_val = _imperfect(hq_val, cfg.data.hq_perturb, seed * 5 + 5)

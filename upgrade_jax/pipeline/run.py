@@ -20,8 +20,8 @@ from upgrade_jax import metrics, rundir
 from upgrade_jax.data import io
 from upgrade_jax.pipeline import stages
 from upgrade_jax.pipeline.config import PipelineConfig, check_rep, run_key
-from upgrade_jax.pipeline.data import (check_counts, data_inputs, felzenszwalb_volumes,
-                                       hq_picks, load_volumes)
+from upgrade_jax.pipeline.data import check_counts, data_inputs, hq_picks, load_volumes
+from upgrade_jax.pipeline.others import felzenszwalb_volumes
 from upgrade_jax.pipeline.scenarios import SCENARIOS
 
 __all__ = ["run_rep", "Results", "discard_reps", "check_finished_reps", "prepare_run", "run"]

@@ -18,7 +18,7 @@ from upgrade_jax import engine, export, rundir
 from upgrade_jax.data import io, sampling
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.pipeline.config import PipelineConfig, run_key
-from upgrade_jax.pipeline.data import with_others
+from upgrade_jax.pipeline.others import with_others
 from upgrade_jax.pipeline.stages import export_upgrader, write_upgraded
 from upgrade_jax.rundir import InputError
 
@@ -59,7 +59,7 @@ def _refuse_shared_images(hq_dir: Path, lq_dir: Path) -> None:
 class UserInputs:
   """A user's data, loaded and checked (`prepare_user`)."""
   hq: Dataset             # HQ images with their instance labels (targets)
-  lq: Dataset             # LQ images with their LQ masks (targets, int32 0/1)
+  lq_masks: Dataset       # LQ images with their LQ masks (targets, int32 0/1)
   train_idx: np.ndarray   # HQ samples u_θ trains on
   val_idx: np.ndarray     # HQ samples of early stopping
   guard: rundir.InputGuard
@@ -114,7 +114,7 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
   d = prepared if prepared is not None else prepare_user(cfg, user, out_dir)
   hq_train, hq_val = d.hq.subset(d.train_idx), d.hq.subset(d.val_idx)
   log(f"user data: {len(d.hq)} HQ images ({len(hq_train)} train / {len(hq_val)} val), "
-      f"{len(d.lq)} LQ images")
+      f"{len(d.lq_masks)} LQ images")
   key = {"user": dataclasses.asdict(user), "run": run_key(cfg)}
   with rundir.RunLock(out_dir):
     rundir.remove_stale_temps(out_dir)
@@ -124,14 +124,14 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
     # Export the upgrader, then upgrade through it one image at a time
     # (tiled), as experiments.apply does: its files equal these.
     upgrader = export_upgrader(cfg, fit, d.hq.channels, out_dir, d.guard)
-    masks = export.upgrade_masks(upgrader, d.lq, d.lq_instances)
-    paths = write_upgraded(out_dir / "upgraded", d.lq, masks, guard=d.guard,
+    masks = export.upgrade_masks(upgrader, d.lq_masks, d.lq_instances)
+    paths = write_upgraded(out_dir / "upgraded", d.lq_masks, masks, guard=d.guard,
                            output=cfg.output, lq_labels=d.lq_instances)
     log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
     result = {"upgrade_best_val_dice": fit.best_val_dice, "val_dice_note": OPTIMISTIC,
-              "n_hq": len(d.hq), "n_lq": len(d.lq), "upgraded": [str(p) for p in paths]}
+              "n_hq": len(d.hq), "n_lq": len(d.lq_masks), "upgraded": [str(p) for p in paths]}
     if "hq_upgraded" in cfg.scenarios:
-      upgraded = d.lq.replace(targets=masks.astype(np.int32))
+      upgraded = d.lq_masks.replace(targets=masks.astype(np.int32))
       seg = engine.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
                        concat([hq_train, upgraded]), hq_val,
                        out_dir / "seg_hq_upgraded", log=log, context=key)
