@@ -36,7 +36,7 @@ import platform
 import sys
 import time
 
-from upgrade_jax.runtime import tune_malloc  # no jax import: safe before jax
+from upgrade_jax.runtime import prepare_cpu_benchmark  # no jax import: safe before jax
 
 
 def parse_args(argv=None):
@@ -57,14 +57,9 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
-OMP_WAIT_POLICY = (("passive" if os.getloadavg()[0] > 1.0 else "active")
-                   if ARGS.omp_wait_policy == "auto" else ARGS.omp_wait_policy)
-if ARGS.xla_flags:
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
-os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY.upper())
-MALLOC_TUNED = False if ARGS.no_malloc_tuning else tune_malloc()
-if hasattr(os, "sched_setaffinity"):
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:ARGS.threads])
+MALLOC_TUNED = prepare_cpu_benchmark(
+    omp_wait_policy=ARGS.omp_wait_policy, xla_flags=ARGS.xla_flags,
+    malloc_tuning=not ARGS.no_malloc_tuning, threads=ARGS.threads)["malloc_tuned"]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

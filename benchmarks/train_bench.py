@@ -48,7 +48,7 @@ import platform
 import sys
 import time
 
-from upgrade_jax.runtime import tune_malloc  # no jax import: safe before jax
+from upgrade_jax.runtime import prepare_cpu_benchmark  # no jax import: safe before jax
 
 
 def parse_args(argv=None):
@@ -76,17 +76,10 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
-OMP_WAIT_POLICY = (("passive" if os.getloadavg()[0] > 1.0 else "active")
-                   if ARGS.omp_wait_policy == "auto" else ARGS.omp_wait_policy)
-if ARGS.xla_flags:
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
-# libgomp reads this when torch loads it (lazily, below).
-os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY.upper())
-MALLOC_TUNED = False if ARGS.no_malloc_tuning else tune_malloc()
 # Both libraries on the same cores: XLA:CPU sizes its pool from the affinity mask.
-if hasattr(os, "sched_setaffinity"):
-  _cpus = sorted(os.sched_getaffinity(0))[:ARGS.threads]
-  os.sched_setaffinity(0, _cpus)
+MALLOC_TUNED = prepare_cpu_benchmark(
+    omp_wait_policy=ARGS.omp_wait_policy, xla_flags=ARGS.xla_flags,
+    malloc_tuning=not ARGS.no_malloc_tuning, threads=ARGS.threads)["malloc_tuned"]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

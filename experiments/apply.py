@@ -74,17 +74,7 @@ def plan(out_dir: Path):
         batch=tiling.batch))
   guard = rundir.InputGuard([F.images, F.labels, F.model])
   rundir.check_out_dir(out_dir, guard)
-  images = io._index_folder(Path(F.images), "images")
-  labels = io._index_folder(Path(F.labels), "labels")
-  missing = sorted(set(images) - set(labels))
-  if missing:
-    raise InputError(f"{len(missing)} image(s) have no label file in --labels={F.labels}: "
-                     f"{', '.join(images[m].name for m in missing[:5])}")
-  orphans = sorted(set(labels) - set(images))
-  if orphans:
-    raise InputError(f"{len(orphans)} label file(s) have no image in --images={F.images}: "
-                     f"{', '.join(labels[m].name for m in orphans[:5])}")
-  pairs = [(stem, images[stem], labels[stem]) for stem in sorted(images)]
+  pairs = io.pair_files(F.images, F.labels)
   for _, image_path, label_path in pairs:  # decode and check every pair now
     export.load_sample(image_path, label_path, upgrader)
   return upgrader, pairs, guard

@@ -47,7 +47,7 @@ from upgrade_jax.perturb import relabel_sequential
 
 __all__ = ["IMAGE_SUFFIXES", "read_array", "read_image", "read_labels", "check_labels",
            "normalise", "to_channels", "stack_samples", "volumes_to_dataset",
-           "write_labels", "write_json", "json_safe", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
+           "write_labels", "write_json", "json_safe", "pair_files", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
            "load_source"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -358,6 +358,25 @@ def _index_folder(directory: Path, role: str) -> dict[str, Path]:
   return files
 
 
+def pair_files(images_dir, labels_dir) -> list[tuple[str, Path, Path]]:
+  """(stem, image file, label file) of a folder pair, sorted by stem.
+
+  Raises ValueError naming the files when an image has no label file of the
+  same stem or a label file no image (StarDist/Cellpose convention).
+  """
+  images = _index_folder(Path(images_dir), "images")
+  labels = _index_folder(Path(labels_dir), "labels")
+  missing = sorted(set(images) - set(labels))
+  if missing:
+    raise ValueError(f"{len(missing)} image(s) have no label file in {labels_dir}: "
+                     f"{', '.join(images[m].name for m in missing[:5])}")
+  orphans = sorted(set(labels) - set(images))
+  if orphans:
+    raise ValueError(f"{len(orphans)} label file(s) have no image in {images_dir}: "
+                     f"{', '.join(labels[m].name for m in orphans[:5])}")
+  return [(stem, images[stem], labels[stem]) for stem in sorted(images)]
+
+
 def folder(images_dir, labels_dir, others_dir=None, *, names=None) -> list[Volume]:
   """A folder pair images/ + labels/ (+ others/) as single-slice Volumes.
 
@@ -371,17 +390,10 @@ def folder(images_dir, labels_dir, others_dir=None, *, names=None) -> list[Volum
   Returns:
     One Volume per image: image (1, H, W[, C]), target and others (1, H, W).
   """
-  images = _index_folder(Path(images_dir), "images")
-  labels = _index_folder(Path(labels_dir), "labels")
+  pairs = pair_files(images_dir, labels_dir)
+  images = {stem: im for stem, im, _ in pairs}
+  labels = {stem: lab for stem, _, lab in pairs}
   others = _index_folder(Path(others_dir), "others") if others_dir is not None else None
-  missing = sorted(set(images) - set(labels))
-  if missing:
-    raise ValueError(f"{len(missing)} image(s) have no label file in {labels_dir}: "
-                     f"{', '.join(images[m].name for m in missing[:5])}")
-  orphans = sorted(set(labels) - set(images))
-  if orphans:
-    raise ValueError(f"{len(orphans)} label file(s) have no image in {images_dir}: "
-                     f"{', '.join(labels[m].name for m in orphans[:5])}")
   if others is not None:
     missing = sorted(set(images) - set(others))
     if missing:
