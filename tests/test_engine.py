@@ -1,4 +1,4 @@
-"""The training engine: crops, task pairs, learning, early stopping, resume."""
+"""The training engine (upgrade_jax.engine): crops, task pairs, learning, early stopping, resume."""
 
 import os
 import signal
