@@ -6,11 +6,22 @@ r"""Sweeps one flag of experiments.upgrade; one run directory per value.
 Each value runs in out_dir/<flag>=<value>/ (resumable like any run), then
 out_dir/sweep_<flag>.png (Dice against the swept value, like Figure 3.4) and
 out_dir/sweep.json are written. Every flag of experiments.upgrade is accepted.
+
+On a cluster, run the points as separate jobs and collect them afterwards:
+
+    python -m experiments.sweep --flagfile=F --list          # the points, 0-based
+    python -m experiments.sweep --flagfile=F --index=2       # one point
+    python -m experiments.sweep --flagfile=F --collect       # sweep.json + figure
+
+Inside a SLURM job array (`sbatch --array=0-3`) the index defaults to
+$SLURM_ARRAY_TASK_ID. The collected sweep.json equals the in-process one: both
+are made from the points' results.json files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +33,16 @@ from upgrade_jax.rundir import InputError
 
 F = flags.FLAGS
 flags.DEFINE_string("sweep", None, "FLAG=V1,V2,...: the flag to sweep and its values.")
+flags.DEFINE_integer("index", None, "Run only point INDEX (0-based, see --list); default "
+                     "$SLURM_ARRAY_TASK_ID when set, else every point in this process.",
+                     lower_bound=0)
+flags.DEFINE_bool("list", False, "Print the sweep's points (index, value, folder, done) "
+                  "and exit.")
+flags.DEFINE_bool("collect", False, "Only write sweep.json and the figure from the points "
+                  "that have finished (all must have).")
+
+# Array-job index variables of the schedulers, in the order they are read.
+ARRAY_INDEX_VARS = ("SLURM_ARRAY_TASK_ID",)
 
 
 def parse_sweep(spec: str) -> tuple[str, list[str]]:
@@ -43,19 +64,73 @@ def _numeric(v: str):
     return v
 
 
-def plan_points(out_dir: Path):
-  """Every point's checked plan, before any point runs (one bad value fails
-  the sweep before anything is written). Each point reads its own view of the
-  flags; the global FLAGS are never changed."""
+def point_dirs(out_dir: Path) -> tuple[str, list[tuple[str, Path]]]:
+  """(flag, [(value, point folder), ...]) of the sweep, in the order given."""
   name, values = parse_sweep(F.sweep)
-  plans = []
-  for v in values:
+  return name, [(v, out_dir / f"{name}={v}") for v in values]
+
+
+def plan_points(out_dir: Path, index: int | None = None):
+  """Checked plans of every point (or of point `index`), before any point runs:
+  one bad value fails the sweep before anything is written. Each point reads
+  its own view of the flags; the global FLAGS are never changed."""
+  name, points = point_dirs(out_dir)
+  if index is not None and index >= len(points):
+    raise InputError(f"--index={index}: the sweep has {len(points)} points (0.."
+                     f"{len(points) - 1}); see --list")
+  views = []
+  for v, _ in points:
     try:
-      view = upgrade.FlagView().with_value(name, v)
+      views.append(upgrade.FlagView().with_value(name, v))
     except (ValueError, flags.Error) as e:
       raise InputError(f"--sweep: bad value {v!r} for --{name}: {e}") from e
-    plans.append((v, upgrade.plan_from_flags(out_dir / f"{name}={v}", view)))
-  return name, plans
+  chosen = range(len(points)) if index is None else [index]
+  return name, [(points[k][0], upgrade.plan_from_flags(points[k][1], views[k]))
+                for k in chosen]
+
+
+def collect(out_dir: Path) -> Path:
+  """Writes out_dir/sweep.json and sweep_<flag>.png from the points' results.json."""
+  from upgrade_jax import report
+
+  name, points = point_dirs(out_dir)
+  missing = [str(d) for _, d in points if not (d / "results.json").is_file()]
+  if missing:
+    raise InputError(f"--collect: {len(missing)} point(s) have not finished (no results.json): "
+                     f"{', '.join(missing[:3])}; run them first (--index=K)")
+  done = [(_numeric(v), json.loads((d / "results.json").read_text())) for v, d in points]
+  try:
+    done.sort(key=lambda p: p[0])
+  except TypeError:
+    pass
+  figure = out_dir / f"sweep_{name}.png"
+  report.plot_sweep(done, figure, xlabel=name)
+  summary = {"flag": name, "points": [
+      {"value": x, "annotation_dice": d["annotation_dice"],
+       "segmentation_dice": d["segmentation_dice"],
+       "effective_rates": d.get("effective_rates")} for x, d in done]}
+  write_text(out_dir / "sweep.json", json.dumps(summary, indent=2))
+  return figure
+
+
+def array_index() -> int | None:
+  """--index, else the scheduler's array index, else None (every point)."""
+  if F.index is not None:
+    return F.index
+  for var in ARRAY_INDEX_VARS:
+    value = os.environ.get(var, "").strip()
+    if value:
+      if not value.isdigit():
+        raise InputError(f"${var}={value!r} is not a point index; give --index")
+      return int(value)
+  return None
+
+
+def list_points(out_dir: Path) -> None:
+  name, points = point_dirs(out_dir)
+  for k, (v, d) in enumerate(points):
+    state = "done" if (d / "results.json").is_file() else "todo"
+    print(f"{k}\t{name}={v}\t{d}\t{state}")
 
 
 def main(argv):
@@ -65,29 +140,27 @@ def main(argv):
   if not F.sweep:
     sys.stderr.write("error: --sweep=FLAG=V1,V2,... is required\n")
     return 2
-  upgrade.setup_runtime()
   out_dir = Path(F.out_dir)
-  name, plans = upgrade.one_line_errors(plan_points, out_dir, checking=True)
-  points = []
+  if F.list:
+    upgrade.one_line_errors(list_points, out_dir, checking=True)
+    return 0
+  if F.collect:
+    figure = upgrade.one_line_errors(collect, out_dir, checking=True)
+    upgrade.log_line(f"sweep collected: {figure}, {out_dir / 'sweep.json'}")
+    return 0
+  upgrade.setup_runtime()
+  index = upgrade.one_line_errors(array_index, checking=True)
+  name, plans = upgrade.one_line_errors(plan_points, out_dir, index, checking=True)
+  results = []
   for v, plan in plans:
     upgrade.log_line(f"sweep {name}={v} -> {plan.out_dir}")
-    d = upgrade.one_line_errors(upgrade.execute, plan)
-    if d is not None:
-      points.append((_numeric(v), d))
-  if not points:
+    results.append(upgrade.one_line_errors(upgrade.execute, plan))
+  if index is not None:
+    upgrade.log_line(f"sweep point {index} done; --collect when every point has run")
     return 0
-  from upgrade_jax import report
-  try:
-    points.sort(key=lambda p: p[0])
-  except TypeError:
-    pass
-  figure = out_dir / f"sweep_{name}.png"
-  report.plot_sweep(points, figure, xlabel=name)
-  summary = {"flag": name, "points": [
-      {"value": x, "annotation_dice": d["annotation_dice"],
-       "segmentation_dice": d["segmentation_dice"],
-       "effective_rates": d.get("effective_rates")} for x, d in points]}
-  write_text(out_dir / "sweep.json", json.dumps(summary, indent=2))
+  if any(d is None for d in results):  # user mode: no results.json to draw
+    return 0
+  figure = upgrade.one_line_errors(collect, out_dir)
   upgrade.log_line(f"sweep done: {figure}, {out_dir / 'sweep.json'}")
   return 0
 

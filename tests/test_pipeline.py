@@ -419,3 +419,31 @@ def test_synthetic_test_set_does_not_depend_on_n_volumes():
     assert a.num_slices > 0
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.target, b.target)
+
+
+@pytest.mark.slow
+def test_sweep_points_as_separate_jobs_collect_to_the_in_process_sweep(tmp_path):
+  # A scheduler runs each point as its own process (--index, or the array
+  # index variable), then --collect; the result equals the in-process sweep.
+  base = TINY + ["--scenarios=", "--threshold_baseline=false", "--sweep=n_hq=2,3,4"]
+  run_cli(base + [f"--out_dir={tmp_path / 'one'}"], module="experiments.sweep")
+  listed = run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--list"],
+                   module="experiments.sweep").stdout.splitlines()
+  assert [l.split("\t")[1] for l in listed] == ["n_hq=2", "n_hq=3", "n_hq=4"]
+  assert all(l.endswith("todo") for l in listed) and not (tmp_path / "jobs").exists()
+  proc = run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--collect"],
+                 module="experiments.sweep", check=False)
+  assert proc.returncode == 2 and "have not finished" in proc.stderr
+  for k in (2, 0):
+    run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", f"--index={k}"], module="experiments.sweep")
+  env_job = subprocess.run(
+      [sys.executable, "-m", "experiments.sweep", f"--compilation_cache={CACHE}", *base,
+       f"--out_dir={tmp_path / 'jobs'}"], cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "SLURM_ARRAY_TASK_ID": "1"}, timeout=600)
+  assert env_job.returncode == 0, env_job.stderr[-2000:]
+  assert not (tmp_path / "jobs" / "sweep.json").exists()   # points only, no collection
+  run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--collect"], module="experiments.sweep")
+  a = json.loads((tmp_path / "one" / "sweep.json").read_text())
+  b = json.loads((tmp_path / "jobs" / "sweep.json").read_text())
+  assert a == b and [p["value"] for p in a["points"]] == [2, 3, 4]
+  assert (tmp_path / "jobs" / "sweep_n_hq.png").stat().st_size > 1000
