@@ -1,5 +1,6 @@
 """Every shipped flagfile parses and turns into valid configs."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -10,12 +11,21 @@ from experiments import sweep, upgrade  # noqa: F401  (define every flag)
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.cfg"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_flagfile_builds_a_config(path):
+@contextlib.contextmanager
+def parsed(*args):
+  """The global FLAGS parsed from `args` for the block, and reset after it."""
   F = flags.FLAGS
   F.unparse_flags()
-  F(["prog", f"--flagfile={path}"])
+  F(["prog", *args])
   try:
+    yield F
+  finally:
+    F.unparse_flags()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_flagfile_builds_a_config(path):
+  with parsed(f"--flagfile={path}") as F:
     cfg = upgrade.build_config()
     assert F.out_dir and F.out_dir.startswith("runs/")
     if F.sweep:
@@ -25,8 +35,6 @@ def test_flagfile_builds_a_config(path):
         F[name].parser.parse(v)
     assert cfg.upgrade.task.name == "upgrade" and cfg.segment.task.name == "segment"
     assert cfg.output == "instances"
-  finally:
-    F.unparse_flags()
 
 
 def test_quickstart_is_the_readme_main_job():
@@ -42,52 +50,38 @@ PAPER_N_HQ = {"table_3_1_omission_granulocytes": 80, "table_3_1_bias_granulocyte
 
 @pytest.mark.parametrize("name", sorted(PAPER_N_HQ))
 def test_table_3_1_configs_use_the_papers_hq_sizes(name):
-  F = flags.FLAGS
-  F.unparse_flags()
-  F(["prog", f"--flagfile={CONFIGS[0].parent / (name + '.cfg')}"])
-  try:
+  with parsed(f"--flagfile={CONFIGS[0].parent / (name + '.cfg')}"):
     cfg = upgrade.build_config()
     assert cfg.data.n_hq == PAPER_N_HQ[name]
     assert cfg.data.n_volumes - cfg.data.n_test == 10   # the paper's 10 training volumes
-  finally:
-    F.unparse_flags()
 
 
 def test_fig_3_6_keeps_ten_percent_hq():
-  F = flags.FLAGS
-  F.unparse_flags()
-  F(["prog", f"--flagfile={CONFIGS[0].parent / 'fig_3_6_cost.cfg'}", "--n_hq=8"])
-  try:
+  with parsed(f"--flagfile={CONFIGS[0].parent / 'fig_3_6_cost.cfg'}", "--n_hq=8"):
     cfg = upgrade.build_config()
     assert cfg.data.n_hq / (cfg.data.n_hq + cfg.data.n_lq) == pytest.approx(0.1)
-  finally:
-    F.unparse_flags()
 
 
 def test_sweep_points_read_views_and_leave_the_flags_alone():
-  F = flags.FLAGS
-  F.unparse_flags()
-  F(["prog", "--out_dir=runs/x", "--n_hq=10", "--others=felzenszwalb",
-     "--felzenszwalb_min_size=500"])
-  view = upgrade.FlagView().with_value("n_hq", "5")
-  assert view.n_hq == 5 and F.n_hq == 10 and view.present("n_hq")
-  cfg = upgrade.build_config(view)
-  assert cfg.data.n_hq == 5 and upgrade.build_config().data.n_hq == 10
-  # The Felzenszwalb settings are part of the data config (and so of results.json).
-  assert cfg.data.felzenszwalb.min_size == 500
-  with pytest.raises(ValueError):
-    upgrade.FlagView().with_value("scenarios", "hq,bogus")
-  with pytest.raises(ValueError):
-    upgrade.FlagView().with_value("n_hq", "1")  # below the flag's lower bound
+  with parsed("--out_dir=runs/x", "--n_hq=10", "--others=felzenszwalb",
+              "--felzenszwalb_min_size=500") as F:
+    view = upgrade.FlagView().with_value("n_hq", "5")
+    assert view.n_hq == 5 and F.n_hq == 10 and view.present("n_hq")
+    cfg = upgrade.build_config(view)
+    assert cfg.data.n_hq == 5 and upgrade.build_config().data.n_hq == 10
+    # The Felzenszwalb settings are part of the data config (and so of results.json).
+    assert cfg.data.felzenszwalb.min_size == 500
+    with pytest.raises(ValueError):
+      upgrade.FlagView().with_value("scenarios", "hq,bogus")
+    with pytest.raises(ValueError):
+      upgrade.FlagView().with_value("n_hq", "1")  # below the flag's lower bound
 
 
 def test_cli_defaults_come_from_the_library_configs():
   from upgrade_jax.engine import TrainConfig
   from upgrade_jax.pipeline import DataConfig, PipelineConfig
-  F = flags.FLAGS
-  F.unparse_flags()
-  F(["prog", "--out_dir=runs/x"])
-  cfg = upgrade.build_config()
+  with parsed("--out_dir=runs/x"):
+    cfg = upgrade.build_config()
   lib = PipelineConfig()
   for f in ("n_volumes", "volume_shape", "n_test", "n_hq", "others", "data_seed",
             "normalisation", "felzenszwalb", "hq_perturb", "source", "preset"):
