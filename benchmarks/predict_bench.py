@@ -33,10 +33,9 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
-from upgrade_jax.runtime import prepare_cpu_benchmark  # no jax import: safe before jax
+from bench_common import load_torch, prepare_cpu_benchmark  # no jax import: safe before jax
 
 
 def parse_args(argv=None):
@@ -155,19 +154,6 @@ def torch_predict(torch, net, images, masks, batch: int, channels_last: bool):
   return np.concatenate(out)
 
 
-def load_torch():
-  if ARGS.no_torch:
-    return None
-  try:
-    import torch
-  except ImportError:
-    print("predict_bench: PyTorch is not installed (pip install '.[bench]'); "
-          "torch fields are null", file=sys.stderr)
-    return None
-  torch.set_num_threads(ARGS.threads)
-  return torch
-
-
 def bench_case(torch, width: int, size: int, n: int) -> dict:
   rng = np.random.default_rng(size + width)
   images, masks = make_inputs(rng, n, size)
@@ -197,7 +183,7 @@ def bench_case(torch, width: int, size: int, n: int) -> dict:
 
 
 def main():
-  torch = load_torch()
+  torch = load_torch(ARGS.threads, disabled=ARGS.no_torch, who="predict_bench")
   load_before = os.getloadavg()[0]
   widths = [int(w) for w in ARGS.widths.split(",")]
   sizes = [int(s) for s in ARGS.sizes.split(",")]

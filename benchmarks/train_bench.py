@@ -45,10 +45,9 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
-from upgrade_jax.runtime import prepare_cpu_benchmark  # no jax import: safe before jax
+from bench_common import load_torch, prepare_cpu_benchmark  # no jax import: safe before jax
 
 
 def parse_args(argv=None):
@@ -236,19 +235,6 @@ def time_blocks(runs: dict, steps: int, rounds: int) -> dict:
           for name, ts in times.items()}
 
 
-def load_torch():
-  if ARGS.no_torch:
-    return None
-  try:
-    import torch
-  except ImportError:
-    print("train_bench: PyTorch is not installed (pip install '.[bench]'); "
-          "torch fields are null", file=sys.stderr)
-    return None
-  torch.set_num_threads(ARGS.threads)
-  return torch
-
-
 def bench_width(width: int, torch, mesh, ds1: Dataset, ds2: Dataset) -> dict:
   runs, fwd = {}, {}
   runs["given"], flops, fwd["given"] = jax_step(width, "segment", ds2, mesh)
@@ -300,7 +286,7 @@ def bench_width(width: int, torch, mesh, ds1: Dataset, ds2: Dataset) -> dict:
 
 
 def main():
-  torch = load_torch()
+  torch = load_torch(ARGS.threads, disabled=ARGS.no_torch, who="train_bench")
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   ds1 = make_dataset(rng, 8, ARGS.size)
