@@ -225,6 +225,8 @@ CASES = [
     ("input_links_into_out_dir", _input_link_into_out, "--out_dir"),
     ("synthetic_too_many_hq", _synthetic("--n_hq=500"), "--n_hq"),
     ("synthetic_too_thin", _synthetic("--volume_shape=1,24,24", "--n_hq=2"), "--volume_shape"),
+    ("synthetic_hq_volumes_too_many", _synthetic("--hq_volumes=5"), "--hq_volumes"),
+    ("synthetic_hq_pool_too_small", _synthetic("--hq_volumes=1", "--n_hq=9"), "--hq_volumes"),
     ("synthetic_n_test_all", _synthetic("--n_test=3"), "--n_test"),
     ("synthetic_with_data_dir", _synthetic("--data_dir=/tmp"), "--data_dir"),
     ("folder_without_data_dir", lambda root: [f"--out_dir={root / 'out'}", "--data=folder"],

@@ -35,7 +35,7 @@ from upgrade_jax.data.io import volumes_to_dataset
 from upgrade_jax.data.types import Dataset, Volume
 from upgrade_jax.perturb import PerturbConfig, perturb, perturb_counts
 
-__all__ = ["select_slices", "hold_out", "hold_out_first", "train_val_split", "Splits",
+__all__ = ["select_slices", "select_hq", "hold_out", "hold_out_first", "train_val_split", "Splits",
            "make_splits", "make_lq", "lq_counts", "effective_rates", "empty_like"]
 
 
@@ -109,6 +109,17 @@ def hold_out_first(volumes: Sequence[Volume], n_test: int):
   return list(volumes[n_test:]), list(volumes[:n_test])
 
 
+def select_hq(train_volumes: Sequence[Volume], n_hq: int,
+              hq_volumes: int | None = None) -> list[tuple[int, int]]:
+  """The HQ slices (volume_idx, slice_idx) of the training volumes: the paper's
+  rule (`select_slices`) over the first `hq_volumes` of them (None: all)."""
+  if hq_volumes is not None and not 1 <= hq_volumes <= len(train_volumes):
+    raise ValueError(f"hq_volumes={hq_volumes} not in [1, {len(train_volumes)}] "
+                     "(the number of training volumes)")
+  pool = train_volumes[:hq_volumes] if hq_volumes is not None else train_volumes
+  return select_slices([v.num_slices for v in pool], n_hq)
+
+
 def train_val_split(n: int, *, seed: int, val_fraction: float = 0.2):
   """(train_idx, val_idx): sorted int arrays splitting range(n) from `seed`.
 
@@ -170,12 +181,8 @@ def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume],
   """
   if not train_volumes or not test_volumes:
     raise ValueError("make_splits needs at least one training and one test volume")
-  if hq_volumes is not None and not 1 <= hq_volumes <= len(train_volumes):
-    raise ValueError(f"hq_volumes={hq_volumes} not in [1, {len(train_volumes)}] "
-                     "(the number of training volumes)")
   kw = dict(normalisation=normalisation, channels=channels)
-  hq_pool = train_volumes[:hq_volumes] if hq_volumes is not None else train_volumes
-  hq_picks = select_slices([v.num_slices for v in hq_pool], n_hq)
+  hq_picks = select_hq(train_volumes, n_hq, hq_volumes)
   chosen = set(hq_picks)
   rest = [(v, z) for v, vol in enumerate(train_volumes) for z in range(vol.num_slices)
           if (v, z) not in chosen]

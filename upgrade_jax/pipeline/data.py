@@ -37,8 +37,7 @@ def load_volumes(cfg: DataConfig):
 def hq_picks(cfg: DataConfig, train_volumes) -> list[tuple[int, int]]:
   """The HQ slices (volume_idx, slice_idx) of the training volumes; the same
   for every repetition (the paper's rule has no randomness)."""
-  pool = train_volumes[:cfg.hq_volumes] if cfg.hq_volumes is not None else train_volumes
-  return sampling.select_slices([v.num_slices for v in pool], cfg.n_hq)
+  return sampling.select_hq(train_volumes, cfg.n_hq, cfg.hq_volumes)
 
 
 def _cap(ds: Dataset, n: int | None) -> Dataset:
@@ -151,10 +150,16 @@ def check_counts(cfg: PipelineConfig, volumes) -> None:
   if n_test == 0:
     raise InputError(f"the test set ({len(test)} volume(s)) holds no slice with a labelled "
                      f"object: {more}")
-  if n_train < d.n_hq:
-    raise InputError(f"--n_hq={d.n_hq} HQ slices asked for, but the {len(train)} training "
-                     f"volume(s) hold {n_train} slice(s) with a labelled object: lower --n_hq "
-                     f"or {more}")
+  if d.hq_volumes is not None and d.hq_volumes > len(train):
+    raise InputError(f"--hq_volumes={d.hq_volumes}, but there are {len(train)} training "
+                     f"volume(s): lower --hq_volumes or {more}")
+  pool = train[:d.hq_volumes] if d.hq_volumes is not None else train
+  n_pool = sum(v.num_slices for v in pool)
+  if n_pool < d.n_hq:
+    where = (f"the first --hq_volumes={d.hq_volumes} training volume(s)"
+             if d.hq_volumes is not None else f"the {len(train)} training volume(s)")
+    raise InputError(f"--n_hq={d.n_hq} HQ slices asked for, but {where} hold {n_pool} "
+                     f"slice(s) with a labelled object: lower --n_hq or {more}")
   if d.n_lq is not None and d.n_lq > n_train - d.n_hq:
     raise InputError(f"--n_lq={d.n_lq} LQ slices asked for, but only {n_train - d.n_hq} "
                      f"training slice(s) are left after --n_hq={d.n_hq}: lower --n_lq (or --n_hq)")
