@@ -268,12 +268,15 @@ def upgrade_sample(upgrader: Upgrader, image: np.ndarray, lq_labels: np.ndarray,
   """
   if output not in instances.OUTPUTS:
     raise ValueError(f"output must be one of {instances.OUTPUTS}, got {output!r}")
+  mask = _upgrade_mask(upgrader, image, lq_labels)
+  return mask, instances.labels_from_mask(mask, lq_labels, output)
+
+
+def _upgrade_mask(upgrader: Upgrader, image: np.ndarray, lq_labels: np.ndarray) -> np.ndarray:
+  """(H, W) bool: the upgraded mask of one (H, W, C) image and its LQ labels."""
   prob = predict_image(upgrader.model, upgrader.variables, upgrader.task, image,
                        lq_labels > 0, config=upgrader.tiling)
-  mask = prob > THRESHOLD
-  if output == "mask":
-    return mask, instances.components(mask)
-  return mask, instances.instances_from_upgrade(mask, lq_labels)
+  return prob > THRESHOLD
 
 
 def upgrade_masks(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.ndarray:
@@ -289,8 +292,5 @@ def upgrade_masks(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.
   """
   masks = np.zeros(ds.targets.shape, bool)
   for i, (h, w) in enumerate(ds.extents):
-    prob = predict_image(upgrader.model, upgrader.variables, upgrader.task,
-                         ds.images[i, :h, :w], lq_labels[i, :h, :w] > 0,
-                         config=upgrader.tiling)
-    masks[i, :h, :w] = prob > THRESHOLD
+    masks[i, :h, :w] = _upgrade_mask(upgrader, ds.images[i, :h, :w], lq_labels[i, :h, :w])
   return masks

@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = ["OUTPUTS", "components", "instances_from_upgrade", "has_instances",
            "relabel", "iou_matrix", "matching", "matching_dataset", "THRESHOLDS",
-           "summary_scores"]
+           "summary_scores", "labels_from_mask"]
 
 # What the upgraded files hold: "instances" (touching cells separated) or
 # "mask" (connected components of the upgraded mask: the behaviour before
@@ -51,6 +51,20 @@ def components(mask) -> np.ndarray:
   """(H, W) int32 4-connected components of a bool mask (ids 1..n)."""
   lab, _ = ndi.label(np.asarray(mask, bool))
   return lab.astype(np.int32)
+
+
+def labels_from_mask(mask, lq_labels=None, output: str = "instances") -> np.ndarray:
+  """(H, W) int32 labels to write for an upgraded (H, W) bool mask.
+
+  output "instances": touching cells separate, seeded by the (H, W) LQ
+  labels where they hold instances (instances_from_upgrade); "mask": the
+  connected components of the mask.
+  """
+  if output not in OUTPUTS:
+    raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+  if output == "mask":
+    return components(mask)
+  return instances_from_upgrade(mask, lq_labels)
 
 
 def has_instances(labels) -> bool:

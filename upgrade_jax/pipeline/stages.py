@@ -188,11 +188,8 @@ def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray,
   directory.mkdir(parents=True, exist_ok=True)
   paths = []
   for i, (name, mask, (h, w)) in enumerate(zip(ds.names, masks, ds.extents)):
-    if output == "instances":
-      lq = None if lq_labels is None else lq_labels[i, :h, :w]
-      lab = instances.instances_from_upgrade(mask[:h, :w], lq)
-    else:
-      lab = instances.components(mask[:h, :w])
+    lq = None if lq_labels is None else lq_labels[i, :h, :w]
+    lab = instances.labels_from_mask(mask[:h, :w], lq, output)
     paths.append(io.write_labels(directory / f"{Path(name).stem}.tif", lab, guard=guard))
   return paths
 
