@@ -40,3 +40,15 @@ def test_paired_difference_t_interval_and_signs():
   assert d["min_possible_p"] == 0.125
   one = metrics.paired_difference([0.9], [0.8])
   assert one["ci_low"] is None and one["mean_diff"] == pytest.approx(0.1)
+
+
+def test_gap_recovered_by_hand():
+  # hq 0.80 -> oracle 0.90; a scenario at 0.85 recovers half, 0.78 loses 20%.
+  g = metrics.gap_recovered([0.85, 0.78, 0.9], [0.8, 0.8, 0.9], [0.9, 0.9, 0.9])
+  assert g["per_rep"][0] == pytest.approx(0.5)
+  assert g["per_rep"][1] == pytest.approx(-0.2)
+  assert g["per_rep"][2] is None  # oracle == hq: no gap to recover
+  # Of the means: (0.8433 - 0.8333) / (0.9 - 0.8333) = 0.15.
+  assert g["of_means"] == pytest.approx((2.53 - 2.5) / (2.7 - 2.5))
+  with pytest.raises(ValueError, match="shape"):
+    metrics.gap_recovered([0.1], [0.1, 0.2], [0.3])

@@ -227,6 +227,33 @@ def test_scenarios_train_on_the_right_sets():
   assert names["lq"][0].names == ("lq0", "lq1", "lq2") and names["lq"][1].names == ("vlq0",)
   assert len(names["hq_lq"][0]) == 5 and names["hq_lq"][1].names == ("val0",)
   assert names["hq_upgraded"][0].names[-1] == "up2"
+  # The oracle: every training slice with its true labels (HQ truth + LQ
+  # truth), validated on the true HQ validation labels, never on LQ masks.
+  truth = _ds(3, 8, 8, name="truth")
+  d = pipeline.RepData(hq, val, lq, truth, _ds(1, 8, 8), _ds(1, 8, 8), _ds(1, 8, 8, name="vlq"),
+                       hq_train_truth=_ds(2, 8, 8, name="hqt"), hq_val_truth=_ds(1, 8, 8, name="vt"))
+  train, val_set = pipeline.SCENARIO_DATA["oracle"](d, up)
+  assert train.names == ("hqt0", "hqt1", "truth0", "truth1", "truth2")
+  assert val_set.names == ("vt0",)
+  assert "oracle" in pipeline.DEFAULT_SCENARIOS
+
+
+def test_oracle_uses_true_hq_labels_when_hq_is_imperfect():
+  from upgrade_jax.data.types import Volume
+
+  def vol(name):
+    tgt = np.zeros((4, 16, 16), np.int32)
+    tgt[:, 2:6, 2:6], tgt[:, 9:14, 9:14] = 1, 2
+    return Volume((tgt > 0).astype(np.float32) * 100 + 10, tgt, np.zeros_like(tgt), name=name)
+
+  cfg = pipeline.PipelineConfig(data=pipeline.DataConfig(
+      n_hq=4, hq_perturb=PerturbConfig(omission_rate=0.5)), scenarios=())
+  d = pipeline.prepare_rep(cfg, ([vol("a"), vol("b")], [vol("t")]), seed=0)
+  # hq_train is perturbed on purpose (one of two cells omitted per slice);
+  # the oracle's copy keeps every cell.
+  assert all(len(np.unique(t)) == 2 for t in d.hq_train.targets)
+  assert all(len(np.unique(t)) == 3 for t in d.hq_train_truth.targets)
+  np.testing.assert_array_equal(d.hq_train.images, d.hq_train_truth.images)
 
 
 def test_summary_statistics_and_wilcoxon():
@@ -247,6 +274,7 @@ def test_summary_statistics_and_wilcoxon():
   assert pd["mean_diff"] == pytest.approx(0.1 - 0.01 * 2.5)  # mean of 0.1 - 0.01·i
   assert (pd["wins"], pd["losses"], pd["ties"]) == (6, 0, 0)
   assert "6/0/0" in table and "cannot be < 0.05" not in table  # n = 6 can reach 0.03125
+  assert s["oracle_gap_recovered"] == {}  # no oracle trained, no gap
   three = pipeline.Results(pipeline.PipelineConfig(), reps[:3], {}).summary()
   t3 = report.format_table({**three, "reps": reps[:3]})
   assert "smallest possible Wilcoxon p is 0.25" in t3 and "cannot be < 0.05" in t3

@@ -125,6 +125,28 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
   return out
 
 
+def gap_recovered(scenario, floor, ceiling) -> dict:
+  """The fraction of the floor -> ceiling gap a scenario recovers, e.g. of
+  hq -> oracle by hq_upgraded: (scenario - floor) / (ceiling - floor).
+
+  1 = the scenario reaches the ceiling, 0 = no better than the floor,
+  negative = worse than the floor. Per repetition and of the means; None
+  where the ceiling does not exceed the floor (no gap to recover).
+
+  Returns:
+    {"of_means": float | None, "per_rep": [float | None, ...]}.
+  """
+  s, lo, hi = (np.asarray(x, dtype=np.float64) for x in (scenario, floor, ceiling))
+  if not s.shape == lo.shape == hi.shape:
+    raise ValueError(f"gap_recovered: samples differ in shape {s.shape}, {lo.shape}, {hi.shape}")
+
+  def frac(a, b, c):
+    return float((a - b) / (c - b)) if c > b else None
+
+  return {"of_means": frac(s.mean(), lo.mean(), hi.mean()) if s.size else None,
+          "per_rep": [frac(*v) for v in zip(s, lo, hi)]}
+
+
 def wilcoxon(a, b) -> float | None:
   """Two-sided Wilcoxon signed-rank p-value of paired samples a vs b.
 

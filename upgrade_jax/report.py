@@ -22,7 +22,8 @@ PACKAGES = ("upgrade_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
             "scipy", "scikit-image", "tifffile", "absl-py", "matplotlib")
 
 LABELS = {"lq": "LQ", "upgraded": "Upgraded", "hq": "HQ only", "hq_lq": "HQ + LQ",
-          "hq_upgraded": "HQ + upgraded", "threshold": "Threshold"}
+          "hq_upgraded": "HQ + upgraded", "threshold": "Threshold",
+          "oracle": "Oracle (all true)"}
 
 
 def versions() -> dict:
@@ -123,6 +124,14 @@ def format_table(d: dict, paper: dict | None = None) -> str:
       lines.append(f"{'':14}{LABELS.get(k, k):16}" + "".join(
           f"{s[c]['mean']:>10.4f} ± {s[c]['std']:.3f}" if s[c]["std"] is not None
           else f"{s[c]['mean']:>18.4f}" for c in cols))
+  gap = d.get("oracle_gap_recovered") or {}
+  if gap:
+    lines.append("")
+    lines.append("Fraction of the HQ only -> oracle gap recovered (of the means; per rep):")
+    pct = lambda v: "  n/a" if v is None else f"{v:+.0%}"  # noqa: E731
+    for k, v in gap.items():
+      lines.append(f"  {LABELS.get(k, k):16}{pct(v['of_means']):>6}   "
+                   + " ".join(pct(x) for x in v["per_rep"]))
   rates = d.get("effective_rates") or {}
   if rates:
     lines.append("")
@@ -250,7 +259,7 @@ def plot_sweep(points: list, path, *, xlabel: str) -> None:
             ("annotation_dice", "upgraded", "Upgraded annotations", "#4c72b0", "--")]
   series += [("segmentation_dice", k, f"Seg.: {LABELS.get(k, k)}", c, "-")
              for k, c in (("hq", "#8c8c8c"), ("lq", "#dd8452"), ("hq_lq", "#937860"),
-                          ("hq_upgraded", "#55a868"))]
+                          ("hq_upgraded", "#55a868"), ("oracle", "#222222"))]
   for group, key, label, color, style in series:
     vals = [p[1].get(group, {}).get(key) for p in points]
     if any(v is None for v in vals):

@@ -31,7 +31,7 @@ from upgrade_jax.pipeline.config import (LQ_SOURCES, OTHERS_MODES, ConfigMismatc
 from upgrade_jax.pipeline.data import RepData, check_counts, hq_picks, load_volumes, prepare_rep
 from upgrade_jax.pipeline.others import OTHERS, felzenszwalb_volumes, target_area_range
 from upgrade_jax.pipeline.run import Results, discard_reps, prepare_run, run, run_rep
-from upgrade_jax.pipeline.scenarios import SCENARIO_DATA, SCENARIOS
+from upgrade_jax.pipeline.scenarios import DEFAULT_SCENARIOS, SCENARIO_DATA, SCENARIOS
 from upgrade_jax.pipeline.sources import SOURCES
 from upgrade_jax.pipeline.stages import threshold_baseline, upgrade_labels, write_upgraded
 from upgrade_jax.pipeline.user import OPTIMISTIC, UserData, UserInputs, prepare_user, run_user
@@ -40,5 +40,5 @@ __all__ = ["FelzenszwalbConfig", "LQ_SOURCES", "OTHERS_MODES", "ConfigMismatch",
            "PipelineConfig", "run_key", "OTHERS", "SOURCES", "RepData", "check_counts",
            "felzenszwalb_volumes", "hq_picks", "load_volumes", "prepare_rep",
            "target_area_range", "Results", "discard_reps", "prepare_run", "run", "run_rep",
-           "SCENARIO_DATA", "SCENARIOS", "threshold_baseline", "upgrade_labels",
+           "DEFAULT_SCENARIOS", "SCENARIO_DATA", "SCENARIOS", "threshold_baseline", "upgrade_labels",
            "write_upgraded", "OPTIMISTIC", "UserData", "UserInputs", "prepare_user", "run_user"]

@@ -16,7 +16,7 @@ from upgrade_jax.data import io
 from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.perturb import FelzenszwalbConfig, PerturbConfig
 from upgrade_jax.pipeline.others import OTHERS
-from upgrade_jax.pipeline.scenarios import SCENARIOS
+from upgrade_jax.pipeline.scenarios import DEFAULT_SCENARIOS, SCENARIOS
 from upgrade_jax.pipeline.sources import SOURCES
 
 __all__ = ["DataConfig", "PipelineConfig", "OTHERS_MODES", "LQ_SOURCES", "run_key",
@@ -130,7 +130,7 @@ class PipelineConfig:
   upgrade: engine.TrainConfig = engine.TrainConfig(task=engine.Upgrade())
   segment: engine.TrainConfig = engine.TrainConfig(task=engine.Segment())
   lq_perturb: PerturbConfig = PerturbConfig(omission_rate=0.7)
-  scenarios: tuple[str, ...] = SCENARIOS
+  scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
   threshold_baseline: bool = True
   reps: int = 1
   seed: int = 0

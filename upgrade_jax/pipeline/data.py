@@ -55,6 +55,9 @@ class RepData:
   truth, for scoring only) and test. LQ labels as targets (int32 0/1
   masks): lq_masks (of the LQ slices), test_lq_masks (of the test slices) and
   val_lq_masks (of the HQ validation slices, for the "lq" scenario).
+  hq_train_truth / hq_val_truth are the HQ slices' true labels (the same
+  objects as hq_train / hq_val unless the HQ set is imperfect on purpose;
+  None -> hq_train / hq_val), for the "oracle" scenario.
   `hq_picks` are the HQ slices' (volume, slice) pairs; `effective_rates` the
   perturbation rates the fixed LQ sets really have (sampling.effective_rates),
   or None when the LQ labels are not perturbations."""
@@ -67,6 +70,13 @@ class RepData:
   val_lq_masks: Dataset
   hq_picks: tuple = ()
   effective_rates: dict | None = None
+  hq_train_truth: Dataset | None = None
+  hq_val_truth: Dataset | None = None
+
+  def __post_init__(self):
+    for name, same in (("hq_train_truth", self.hq_train), ("hq_val_truth", self.hq_val)):
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, same)
 
 
 def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
@@ -79,6 +89,7 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
   mode = "labels" if cfg.data.others == "felzenszwalb" else cfg.data.others
   prep = lambda d: with_others(d, mode, cfg.data.felzenszwalb)  # noqa: E731
   hq_train, hq_val = prep(splits.hq_train), prep(splits.hq_val)
+  hq_train_truth, hq_val_truth = hq_train, hq_val
   lq_truth, test = prep(splits.lq_truth), prep(_cap(splits.test, cfg.data.max_test))
   if not cfg.data.hq_perturb.is_identity:
     hq_train = _imperfect(hq_train, cfg.data.hq_perturb, seed * 5 + 4)
@@ -95,7 +106,8 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
   rates = sampling.effective_rates(np.concatenate(list(counts.values())))
   rates.update({k: sampling.effective_rates(c) for k, c in counts.items()})
   return RepData(hq_train, hq_val, lq, lq_truth, test, test_lq, val_lq,
-                 hq_picks=splits.hq_picks, effective_rates=rates)
+                 hq_picks=splits.hq_picks, effective_rates=rates,
+                 hq_train_truth=hq_train_truth, hq_val_truth=hq_val_truth)
 
 
 def _imperfect(ds: Dataset, config: PerturbConfig, seed: int) -> Dataset:

@@ -87,8 +87,10 @@ class Results:
   def summary(self) -> dict:
     """Means, stds (ddof=1) and per-rep values; for every comparison of
     hq_upgraded (and upgraded vs LQ annotations) the Wilcoxon p and the
-    paired difference (mean, t interval, wins/losses/ties); and the
-    effective LQ perturbation rates over the repetitions."""
+    paired difference (mean, t interval, wins/losses/ties); the effective
+    LQ perturbation rates over the repetitions; and, when hq and oracle were
+    trained, the fraction of the hq -> oracle gap each other scenario
+    recovers (metrics.gap_recovered)."""
     ann = {k: metrics.summarize([r["annotation_dice"][k] for r in self.reps])
            for k in ("lq", "upgraded")}
     names = [s for s in (*SCENARIOS, "threshold") if all(
@@ -107,8 +109,13 @@ class Results:
       vals = [(r.get("effective_rates") or {}).get(k) for r in self.reps]
       if vals and all(v is not None for v in vals):
         rates[k] = metrics.summarize(vals)
+    gap = {}
+    if "hq" in seg and "oracle" in seg:  # how much of hq -> oracle each scenario recovers
+      gap = {s: metrics.gap_recovered(seg[s]["per_rep"], seg["hq"]["per_rep"],
+                                      seg["oracle"]["per_rep"])
+             for s in names if s not in ("hq", "oracle")}
     return {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil,
-            "paired": paired, "effective_rates": rates}
+            "paired": paired, "effective_rates": rates, "oracle_gap_recovered": gap}
 
 
 def discard_reps(out_dir, protect=()) -> list[Path]:
