@@ -1,0 +1,325 @@
+"""docs/reproduction.md from the runs' rep.json files and paper_numbers.json.
+
+Everything here reads finished repetitions (`rep<r>/rep.json`, written only
+when a repetition is complete) and writes markdown and PNGs; nothing trains.
+An entry without finished repetitions shows as "not run yet", so the document
+can be completed over several sittings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from experiments.reproduction.entries import TABLE_3_1_ROWS, Entry
+from upgrade_jax import metrics
+from upgrade_jax.pipeline.run import Results
+
+SEG_COLUMNS = (("hq", "HQ"), ("hq_upgraded", "HQ + upg."), ("hq_lq", "HQ + LQ"),
+               ("lq", "LQ only"), ("threshold", "Thrs."), ("oracle", "Oracle"))
+
+
+# --------------------------------------------------------------------------
+# Reading.
+
+def load_reps(run_dir: Path) -> list[dict]:
+  """The finished repetitions of one run folder, in rep order."""
+  found = []
+  for p in Path(run_dir).glob("rep*/rep.json"):
+    if re.fullmatch(r"rep\d+", p.parent.name):
+      found.append(json.loads(p.read_text()))
+  return sorted(found, key=lambda r: r["rep"])
+
+
+def summary(reps: list[dict]) -> dict | None:
+  """Results.summary() of finished repetitions (None when there are none)."""
+  return Results(None, reps, {}).summary() if reps else None
+
+
+def sweep_points(run_dir: Path) -> list[tuple[str, str, Path]]:
+  """(flag, value, folder) of a sweep's point folders `<flag>=<value>/`."""
+  points = []
+  for p in sorted(Path(run_dir).glob("*=*")):
+    if p.is_dir():
+      flag, _, value = p.name.partition("=")
+      points.append((flag, value, p))
+  return sorted(points, key=lambda t: float(t[1]) if _is_number(t[1]) else t[1])
+
+
+def _is_number(v: str) -> bool:
+  try:
+    float(v)
+    return True
+  except ValueError:
+    return False
+
+
+# --------------------------------------------------------------------------
+# Formatting.
+
+def cell(s: dict | None, paper: float | None = None, bold: bool = False) -> str:
+  """'0.881 ± 0.010 (0.823)': ours mean ± std, the paper's in brackets."""
+  if s is None:
+    ours = "–"
+  else:
+    ours = f"{s['mean']:.3f}" + ("" if s["std"] is None else f" ± {s['std']:.3f}")
+    if bold:
+      ours = f"**{ours}**"
+  return ours + ("" if paper is None else f" ({paper:.3f})")
+
+
+def sign_cell(d: dict, key: str) -> str:
+  """'2/1/0, p 0.75': wins/losses/ties of a paired comparison and its p."""
+  v = d["paired"].get(key)
+  if v is None:
+    return "–"
+  p = d["wilcoxon"].get(key)
+  return f"{v['wins']}/{v['losses']}/{v['ties']}" + ("" if p is None else f", p {p:.2g}")
+
+
+def gap_cell(d: dict, key: str = "hq_upgraded") -> str:
+  g = (d.get("oracle_gap_recovered") or {}).get(key)
+  if not g or g["of_means"] is None:
+    return "–"
+  return f"{g['of_means']:+.0%}"
+
+
+def _best(seg: dict, keys) -> str | None:
+  have = {k: seg[k]["mean"] for k in keys if k in seg}
+  return max(have, key=have.get) if have else None
+
+
+# --------------------------------------------------------------------------
+# Sections.
+
+def table_3_1(entries: list[Entry], root: Path, paper: dict) -> tuple[str, dict]:
+  """The Table 3.1 section and {row: summary} of the rows that ran."""
+  rows = paper["table_3_1"]["rows"]
+  head = ("| row | n | LQ → upgraded annotations | " + " | ".join(c for _, c in SEG_COLUMNS)
+          + " | gap recovered | HQ+upg. vs HQ | HQ+upg. vs HQ+LQ |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  found = {}
+  by_row = {e.row: e for e in entries if e.table == "table_3_1"}
+  for row in TABLE_3_1_ROWS:
+    p = rows[row]
+    e = by_row.get(row)
+    reps = load_reps(root / e.id) if e else []
+    d = summary(reps)
+    if d is None:
+      lines.append(f"| {p['label']} | 0 | not run yet (paper {p['annotation']['lq']:.3f} → "
+                   f"{p['annotation']['upgraded']:.3f}) |" + " |" * (len(SEG_COLUMNS) + 3))
+      continue
+    found[row] = d
+    ann = d["annotation_dice"]
+    seg = d["segmentation_dice"]
+    best = _best(seg, ("hq", "hq_upgraded", "hq_lq", "lq", "threshold"))
+    cells = [cell(seg.get(k), p["segmentation"].get(k), bold=(k == best)) for k, _ in SEG_COLUMNS]
+    lines.append(
+        f"| {p['label']} | {len(reps)} | {cell(ann['lq'], p['annotation']['lq'])} → "
+        f"{cell(ann['upgraded'], p['annotation']['upgraded'])} | " + " | ".join(cells)
+        + f" | {gap_cell(d)} | {sign_cell(d, 'hq_upgraded_vs_hq')} | "
+        f"{sign_cell(d, 'hq_upgraded_vs_hq_lq')} |")
+  return "\n".join(lines), found
+
+
+def table_3_1_findings(found: dict, paper: dict) -> str:
+  """The paper's Table 3.1 claims, each checked row by row on ours."""
+  rows = paper["table_3_1"]["rows"]
+  claims = [
+      ("the upgrade improves the annotations (upgraded > LQ)",
+       lambda a, s: a["upgraded"] > a["lq"]),
+      ("HQ + upgraded beats HQ only",
+       lambda a, s: s["hq_upgraded"] > s["hq"]),
+      ("HQ + upgraded beats HQ + LQ",
+       lambda a, s: s["hq_upgraded"] > s["hq_lq"]),
+      ("HQ + upgraded is the best of the five columns",
+       lambda a, s: s["hq_upgraded"] >= max(s[k] for k in ("hq", "hq_lq", "lq", "threshold"))),
+      ("LQ only collapses (≥ 0.1 below HQ only)",
+       lambda a, s: s["lq"] < s["hq"] - 0.1),
+  ]
+  lines = ["| finding | paper: rows where it holds | ours: rows where it holds |",
+           "|---|---|---|"]
+  for text, holds in claims:
+    theirs = [r for r in TABLE_3_1_ROWS
+              if holds(rows[r]["annotation"], rows[r]["segmentation"])]
+    ours = []
+    for r, d in found.items():
+      a = {k: v["mean"] for k, v in d["annotation_dice"].items()}
+      s = {k: v["mean"] for k, v in d["segmentation_dice"].items()}
+      try:
+        if holds(a, s):
+          ours.append(r)
+      except KeyError:
+        pass
+    lines.append(f"| {text} | {len(theirs)}/8: {', '.join(theirs) or '—'} | "
+                 f"{len(ours)}/{len(found)}: {', '.join(ours) or '—'} |")
+  return "\n".join(lines)
+
+
+def epfl(entries: list[Entry], root: Path, paper: dict, data_dirs: dict) -> str:
+  lines = ["| perturbation | n | LQ → upgraded annotations | HQ | HQ + upg. | Oracle | "
+           "gap recovered |", "|---|---|---|---|---|---|---|"]
+  for e in (e for e in entries if e.table == "epfl"):
+    d = summary(load_reps(root / e.id))
+    if d is None:
+      why = "dataset absent" if not Path(data_dirs.get("epfl", "")).is_dir() else "not run yet"
+      lines.append(f"| {e.row} | 0 | {why} | | | | |")
+      continue
+    a, s = d["annotation_dice"], d["segmentation_dice"]
+    best = _best(s, ("hq", "hq_upgraded"))
+    lines.append(f"| {e.row} | {len(d['annotation_dice']['lq']['per_rep'])} | "
+                 f"{cell(a['lq'])} → {cell(a['upgraded'])} | "
+                 + " | ".join(cell(s.get(k), bold=k == best) for k in ("hq", "hq_upgraded", "oracle"))
+                 + f" | {gap_cell(d)} |")
+  lines.append("")
+  lines.append(f"Paper: {paper['epfl']['claim']} ({paper['epfl']['note']})")
+  return "\n".join(lines)
+
+
+def table_3_2(entries: list[Entry], root: Path, paper: dict) -> str:
+  rows = paper["table_3_2"]["rows"]
+  lines = []
+  for e in (e for e in entries if e.table == "table_3_2"):
+    points = sweep_points(root / e.id)
+    values = list(rows["hl60"][e.row])
+    done = {v: summary(load_reps(p)) for _, v, p in points}
+    lines.append(f"| u_θ trains at {e.row} = | " + " | ".join(values) + " | LQ set |")
+    lines.append("|---|" + "---|" * (len(values) + 1))
+    ours = [cell(done[v]["annotation_dice"]["upgraded"]) if done.get(v) else "not run yet"
+            for v in values]
+    lq = next((d["annotation_dice"]["lq"] for d in done.values() if d), None)
+    best = max((v for v in values if done.get(v)),
+               key=lambda v: done[v]["annotation_dice"]["upgraded"]["mean"], default=None)
+    ours = [f"**{c}**" if v == best and not c.startswith("**") else c
+            for v, c in zip(values, ours)]
+    lines.append("| ours, HL60-like | " + " | ".join(ours) + f" | {cell(lq)} |")
+    for who in ("hl60", "granulocytes"):
+      lines.append(f"| paper, {who} | " + " | ".join(f"{rows[who][e.row][v]:.3f}" for v in values)
+                   + " | |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def sweep_table(e: Entry, root: Path, columns) -> tuple[str, list]:
+  """A sweep's points as a table; returns (markdown, [(value, summary)])."""
+  pts = []
+  for _, v, p in sweep_points(root / e.id):
+    reps = load_reps(p)
+    if reps:  # the data sizes (for annotation costs) ride along with the summary
+      pts.append((v, {**summary(reps), "sizes": reps[0].get("sizes", {})}))
+  if not pts:
+    return "not run yet", []
+  lines = [f"| {e.row} | n | " + " | ".join(c for _, _, c in columns) + " |",
+           "|---|---|" + "---|" * len(columns)]
+  for v, d in pts:
+    n = len(d["annotation_dice"]["lq"]["per_rep"])
+    lines.append(f"| {v} | {n} | " + " | ".join(cell(d[g].get(k)) for g, k, _ in columns) + " |")
+  return "\n".join(lines), pts
+
+
+def plot_figure_3_4(pts, path: Path) -> None:
+  """Upgraded-annotation Dice against the number of HQ slices, with the
+  a + b·log(n) trend the paper draws and the LQ level."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  x = np.array([float(v) for v, _ in pts])
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for key, label, color in (("upgraded", "upgraded", "#4c72b0"), ("lq", "LQ", "#c44e52")):
+    per = [d["annotation_dice"][key]["per_rep"] for _, d in pts]
+    m = np.array([np.mean(p) for p in per])
+    for xi, p in zip(x, per):
+      ax.scatter([xi] * len(p), p, color=color, s=12, alpha=0.6)
+    ax.plot(x, m, "o-" if key == "upgraded" else "--", color=color, label=label)
+  if len(x) >= 2:
+    m = np.array([d["annotation_dice"]["upgraded"]["mean"] for _, d in pts])
+    b, a = np.polyfit(np.log(x), m, 1)
+    xs = np.linspace(x.min(), x.max(), 50)
+    ax.plot(xs, a + b * np.log(xs), ":", color="k", label=f"{a:.3f} + {b:.3f}·ln n")
+  ax.set_xscale("log")
+  ax.set_xticks(x, [f"{int(v)}" for v in x])
+  ax.set_xlabel("HQ slices")
+  ax.set_ylabel("annotation Dice (test set)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+
+
+def plot_figure_3_6(pts, path: Path, hq_cost: float = 5.0) -> None:
+  """Segmentation Dice against annotation cost in LQ-label units: each
+  scenario of each point is a point of its own curve."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  curves = {"hq": ("HQ only (100% HQ)", "#8c8c8c"), "lq": ("LQ only (0% HQ)", "#dd8452"),
+            "hq_upgraded": ("HQ + upgraded (10% HQ)", "#55a868")}
+  for key, (label, color) in curves.items():
+    xs, ys = [], []
+    for _, d in pts:
+      if key not in d["segmentation_dice"]:
+        continue
+      xs.append(annotation_cost(d, key, hq_cost))
+      ys.append(d["segmentation_dice"][key]["mean"])
+    if xs:
+      order = np.argsort(xs)
+      ax.plot(np.array(xs)[order], np.array(ys)[order], "o-", color=color, label=label)
+  ax.set_xscale("log")
+  ax.set_xlabel(f"annotation cost (LQ labels; an HQ label costs {hq_cost:g})")
+  ax.set_ylabel("segmentation Dice (test set)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+
+
+def annotation_cost(d: dict, scenario: str, hq_cost: float) -> float:
+  """What a scenario's training + validation labels cost in LQ-label units:
+  HQ slices (train + validation) at hq_cost each, LQ slices at 1."""
+  sizes = d["sizes"]
+  hq = sizes["hq_train"] + sizes["hq_val"]
+  if scenario == "hq":
+    return hq * hq_cost
+  if scenario == "lq":   # trains on the LQ set, validates on LQ versions of the val slices
+    return sizes["lq"] + sizes["hq_val"]
+  return hq * hq_cost + sizes["lq"]
+
+
+def _save(fig, path: Path) -> None:
+  import matplotlib.pyplot as plt
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.stem + ".tmp.png")
+  fig.tight_layout()
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  tmp.replace(path)
+
+
+def scale(entries: list[Entry], root: Path) -> str:
+  """The scale the runs actually used, read from their rep.json configs."""
+  seen = {}
+  for e in entries:
+    dirs = [p for _, _, p in sweep_points(root / e.id)] if e.sweep else [root / e.id]
+    for dd in dirs:
+      reps = load_reps(dd)
+      if reps:
+        c = reps[0]["config"]
+        seen[e.id] = c
+        break
+  if not seen:
+    return "No runs yet."
+  lines = ["| entry | data | volumes (test) | shape | HQ slices | width | crop × batch | "
+           "steps u_θ / seg. | lr |", "|---|---|---|---|---|---|---|---|---|"]
+  for k, c in seen.items():
+    dc, up, sg = c["data"], c["upgrade"], c["segment"]
+    src = dc.get("source", "synthetic")
+    preset = dc.get("preset", "")
+    shape = "×".join(str(s) for s in dc.get("volume_shape", [])) if src == "synthetic" else "files"
+    lines.append(
+        f"| {k} | {src} {preset if src == 'synthetic' else ''} | {dc.get('n_volumes', '')} "
+        f"({dc.get('n_test', '')}) | {shape} | {dc.get('n_hq')} | {up['widths'][0]} | "
+        f"{up['crop']} × {up['batch_size']} | {up['max_steps']} / {sg['max_steps']} | "
+        f"{up['lr']:g} |")
+  return "\n".join(lines)

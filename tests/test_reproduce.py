@@ -1,0 +1,80 @@
+"""docs/reproduction.md is generated from rep.json files and the paper's
+numbers (issue 11): fake finished repetitions in, markdown cells out."""
+
+import json
+
+import pytest
+
+from experiments.reproduction import entries, render
+
+
+def _rep(out, r, seg, ann=(0.5, 0.9), sizes=None):
+  d = out / f"rep{r}"
+  d.mkdir(parents=True)
+  (d / "rep.json").write_text(json.dumps({
+      "rep": r, "annotation_dice": {"lq": ann[0], "upgraded": ann[1]},
+      "segmentation_dice": seg, "sizes": sizes or {"hq_train": 8, "hq_val": 2, "lq": 90, "test": 4},
+      "config": {"data": {"source": "synthetic", "preset": "hl60", "n_volumes": 8, "n_test": 2,
+                          "volume_shape": [32, 256, 256], "n_hq": 10},
+                 "upgrade": {"widths": [16], "crop": 64, "batch_size": 8, "max_steps": 800, "lr": 1e-3},
+                 "segment": {"max_steps": 400}}}))
+
+
+def test_table_3_1_cells_hold_ours_and_the_papers_numbers(tmp_path):
+  paper = json.loads(entries.PAPER_NUMBERS.read_text())
+  run = tmp_path / "table_3_1_inclusion_hl60"
+  for r, (hq, hqu, orc) in enumerate([(0.80, 0.85, 0.90), (0.82, 0.86, 0.92), (0.81, 0.80, 0.91)]):
+    _rep(run, r, {"hq": hq, "hq_upgraded": hqu, "hq_lq": 0.7, "lq": 0.6, "threshold": 0.75,
+                  "oracle": orc})
+  md, found = render.table_3_1(list(entries.ENTRIES), tmp_path, paper)
+  row = next(line for line in md.splitlines() if line.startswith("| 70% inclusion, HL60*"))
+  # mean ± std (ddof=1) of hq: 0.81 ± 0.01, paper 0.913 in brackets; hq_upgraded is the best.
+  assert "0.810 ± 0.010 (0.913)" in row and "**0.837 ± 0.032** (0.962)" in row
+  # gap of the means: (0.8367 - 0.81) / (0.91 - 0.81) = +27%; signs 2/1/0 vs hq.
+  assert "+27%" in row and "2/1/0, p 0.5" in row and "3/0/0" in row
+  assert "| 70% omission, HL60 | 0 | not run yet" in md
+  findings = render.table_3_1_findings(found, paper)
+  assert "| HQ + upgraded beats HQ only | 7/8:" in findings
+  assert "1/1: inclusion_hl60 |" in findings.splitlines()[3]  # ours beats HQ in our one row
+
+
+def test_sweep_points_order_numerically_and_costs(tmp_path):
+  for v in ("16", "2", "4"):
+    _rep(tmp_path / "figure_3_6_cost" / f"n_hq={v}", 0, {"hq": 0.8, "lq": 0.7, "hq_upgraded": 0.9},
+         sizes={"hq_train": int(v), "hq_val": 1, "lq": 9 * int(v), "test": 4})
+  e = next(e for e in entries.ENTRIES if e.table == "figure_3_6")
+  md, pts = render.sweep_table(e, tmp_path, (("segmentation_dice", "hq", "HQ"),))
+  assert [v for v, _ in pts] == ["2", "4", "16"]
+  d = pts[0][1]
+  # n_hq=2: HQ labels (2 train + 1 val) at 5 each; LQ 18 + 1 LQ val label.
+  assert render.annotation_cost(d, "hq", 5.0) == 15
+  assert render.annotation_cost(d, "lq", 5.0) == 19
+  assert render.annotation_cost(d, "hq_upgraded", 5.0) == 33
+  render.plot_figure_3_6(pts, tmp_path / "f.png")
+  assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_entries_commands_and_selection(tmp_path):
+  e = entries.select(["table_3_1_bias_hl60"])
+  assert [x.id for x in e] == ["table_3_1_bias_hl60"]
+  cmd = e[0].command(tmp_path / "x", {})
+  assert cmd[:2] == ["-m", "experiments.upgrade"] and cmd[-1] == f"--out_dir={tmp_path / 'x'}"
+  assert cmd[3].endswith("cpu_scale.cfg")  # the CPU scale comes after the paper flagfile
+  for x in entries.ENTRIES:  # every flagfile exists
+    assert all((entries.CONFIGS / f).is_file() for f in x.flagfiles), x.id
+  with pytest.raises(ValueError, match="matches no entry"):
+    entries.select(["nonsense"])
+
+
+def test_document_renders_with_partial_results(tmp_path):
+  from experiments import reproduce
+  _rep(tmp_path / "table_3_1_bias_hl60", 0, {"hq": 0.8, "hq_upgraded": 0.9, "oracle": 0.95})
+  for v in ("5", "10"):
+    _rep(tmp_path / "figure_3_4_hq_size" / f"n_hq={v}", 0, {"hq": 0.8, "hq_upgraded": 0.9},
+         ann=(0.5, 0.85 + int(v) / 100))
+  doc = tmp_path / "docs" / "reproduction.md"
+  md = reproduce.document(tmp_path, doc, {"epfl": str(tmp_path / "absent")})
+  assert "| bias 6, HL60 | 1 |" in md and "dataset absent" in md
+  assert "![figure_3_4](reproduction/figure_3_4.png)" in md
+  assert (doc.parent / "reproduction" / "figure_3_4.png").is_file()
+  assert "2(1−r)/(2−r) = 0.462" in md  # the Dice-under-omission arithmetic at r = 0.7
