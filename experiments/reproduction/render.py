@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from experiments.reproduction.entries import TABLE_3_1_ROWS, Entry
-from upgrade_jax import metrics
 from upgrade_jax.pipeline.run import Results
 
 SEG_COLUMNS = (("hq", "HQ"), ("hq_upgraded", "HQ + upg."), ("hq_lq", "HQ + LQ"),
