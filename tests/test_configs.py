@@ -9,6 +9,9 @@ from absl import flags
 from experiments import sweep, upgrade  # noqa: F401  (define every flag)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.cfg"))
+# Overlays, only meaningful after another flagfile (tested with their base below).
+OVERLAYS = ("cpu_scale",)
+RUNS = [p for p in CONFIGS if p.stem not in OVERLAYS]
 
 
 @contextlib.contextmanager
@@ -23,9 +26,10 @@ def parsed(*args):
     F.unparse_flags()
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
 def test_flagfile_builds_a_config(path):
   with parsed(f"--flagfile={path}") as F:
+    upgrade.check_flag_combination(upgrade.FlagView())  # no flag the mode would ignore
     cfg = upgrade.build_config()
     assert F.out_dir and F.out_dir.startswith("runs/")
     if F.sweep:
@@ -35,6 +39,21 @@ def test_flagfile_builds_a_config(path):
         F[name].parser.parse(v)
     assert cfg.upgrade.task.name == "upgrade" and cfg.segment.task.name == "segment"
     assert cfg.output == "instances"
+
+
+@pytest.mark.parametrize("row", [p for p in CONFIGS if p.stem.startswith("table_3_1_")],
+                         ids=lambda p: p.stem)
+def test_cpu_scale_overrides_the_scale_and_keeps_the_row(row):
+  with parsed(f"--flagfile={row}") as F:
+    paper = upgrade.build_config()
+  with parsed(f"--flagfile={row}", f"--flagfile={row.parent / 'cpu_scale.cfg'}") as F:
+    upgrade.check_flag_combination(upgrade.FlagView())
+    cpu = upgrade.build_config()
+    assert F.reps == 3
+  assert cpu.data.volume_shape == (32, 256, 256) and cpu.upgrade.widths[0] == 16
+  assert (cpu.data.preset, cpu.data.n_hq, cpu.lq_perturb, cpu.upgrade.task) == (
+      paper.data.preset, paper.data.n_hq, paper.lq_perturb, paper.upgrade.task)
+  assert "oracle" in cpu.scenarios
 
 
 def test_quickstart_is_the_readme_main_job():
