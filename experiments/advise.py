@@ -1,0 +1,184 @@
+r"""How much would more HQ labels improve the upgrade network? (issue 14)
+
+    python -m experiments.advise --hq_images=DIR --hq_labels=DIR --out_dir=DIR
+    python -m experiments.advise --flagfile=experiments/configs/quickstart.cfg \
+        --n_hq=20 --out_dir=runs/advise        # synthetic: also scores the test set
+
+Trains u_θ on nested subsets of the HQ training pairs (--fractions, default
+25/50/100%), with the same validation pairs at every size, fits
+Dice = a + b·ln(n) to the best validation Dice (the paper's Figure 3.4 trend)
+and says in one sentence what one more HQ label is expected to add and from
+which n the gain per label falls below --gain_threshold. Writes advice.json
+and advice.png into --out_dir; a rerun resumes the trained subsets.
+
+The validation Dice is the early-stopping set's best (optimistic, and on
+P(HQ) inputs, not on your real LQ labels). On synthetic data the test set's
+upgraded-annotation Dice is measured and fitted too: the quantity Figure 3.4
+plots, so the advice can be checked against a real sweep (BUILD_NOTES.md).
+Every flag of experiments.upgrade that sets u_θ's training applies.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from experiments import upgrade  # defines the run's flags
+from upgrade_jax.data.io import write_text
+from upgrade_jax.rundir import InputError
+
+F = flags.FLAGS
+flags.DEFINE_list("fractions", ["0.25", "0.5", "1.0"], "Fractions of the HQ training pairs "
+                  "of the learning curve's points (nested subsets).")
+flags.DEFINE_float("gain_threshold", 0.002, "Dice per extra HQ label below which more labels "
+                   "are said to stop paying.", lower_bound=0.0)
+flags.DEFINE_list("predict_n", [], "Further numbers of HQ training pairs to predict the "
+                  "Dice at (e.g. 32), reported in advice.json and drawn.")
+
+
+def _fractions() -> tuple[float, ...]:
+  try:
+    fr = tuple(float(f) for f in F.fractions)
+  except ValueError:
+    raise InputError(f"--fractions={','.join(F.fractions)}: give numbers in (0, 1]") from None
+  if not fr or any(not 0 < f <= 1 for f in fr):
+    raise InputError(f"--fractions={','.join(F.fractions)}: every fraction must be in (0, 1]")
+  return fr
+
+
+def _predict_n() -> list[int]:
+  try:
+    ns = [int(n) for n in F.predict_n]
+  except ValueError:
+    raise InputError(f"--predict_n={','.join(F.predict_n)}: give whole numbers") from None
+  if any(n < 1 for n in ns):
+    raise InputError(f"--predict_n={','.join(F.predict_n)}: numbers must be >= 1")
+  return ns
+
+
+def plan(out_dir: Path):
+  """Checks the flags and loads the HQ pairs; creates nothing.
+
+  Returns (cfg, hq_train, hq_val, score_fn or None, guard)."""
+  from upgrade_jax import metrics, pipeline, rundir
+  from upgrade_jax.data import io, sampling
+  from upgrade_jax.pipeline.others import with_others
+
+  v = upgrade.FlagView()
+  if v.lq_images or v.lq_labels:
+    raise InputError("--lq_images/--lq_labels do not apply to experiments.advise: it learns "
+                     "from the HQ pairs only; remove them")
+  user_mode = bool(v.hq_images)
+  upgrade.check_flag_combination(v)
+  cfg = upgrade.build_config(v)
+  _fractions(), _predict_n()
+  if user_mode:
+    if not v.hq_labels:
+      raise InputError("--hq_images needs --hq_labels (the HQ instance labels, same file names)")
+    for flag in ("hq_images", "hq_labels"):
+      if not Path(getattr(v, flag)).is_dir():
+        raise InputError(f"--{flag}={getattr(v, flag)} is not a folder")
+    guard = rundir.InputGuard([v.hq_images, v.hq_labels])
+    rundir.check_out_dir(out_dir, guard)
+    hq = io.volumes_to_dataset(io.folder(v.hq_images, v.hq_labels),
+                               normalisation=cfg.data.normalisation)
+    if not np.any(hq.targets > 0):
+      raise InputError(f"--hq_labels={v.hq_labels}: no labelled object in any file")
+    train_idx, val_idx = sampling.train_val_split(len(hq), seed=cfg.seed)
+    if len(val_idx) == 0:
+      raise InputError(f"--hq_images holds {len(hq)} pair(s); at least 2 are needed")
+    hq = with_others(hq, cfg.data.others, cfg.data.felzenszwalb)
+    return cfg, hq.subset(train_idx), hq.subset(val_idx), None, guard
+  volumes, guard = pipeline.prepare_run(cfg, out_dir, log=upgrade.log_line)
+  data = pipeline.prepare_rep(cfg, volumes, seed=cfg.seed)
+  valid = data.test.valid_mask()
+
+  def score(fit) -> dict:  # the test set's upgraded-annotation Dice (Figure 3.4's quantity)
+    up = pipeline.upgrade_labels(fit.state_best, data.test_lq_masks, cfg.predict_batch)
+    return {"test_dice": metrics.pooled_dice_np(up, data.test.targets, valid),
+            "test_lq_dice": metrics.pooled_dice_np(data.test_lq_masks.targets,
+                                                   data.test.targets, valid)}
+
+  return cfg, data.hq_train, data.hq_val, score, guard
+
+
+def run(out_dir: Path, planned) -> dict:
+  from upgrade_jax import advise, rundir
+  from upgrade_jax.data.io import json_safe
+  from upgrade_jax.pipeline import run_key
+
+  cfg, hq_train, hq_val, score, guard = planned
+  sizes = advise.nested_sizes(len(hq_train), _fractions())
+  with rundir.RunLock(out_dir):
+    rundir.remove_stale_temps(out_dir)
+    points = advise.learning_curve(cfg.upgrade, hq_train, hq_val, sizes, out_dir / "curve",
+                                   seed=cfg.seed, score=score, log=upgrade.log_line,
+                                   context={"advise": run_key(cfg)})
+    n_now = sizes[-1]
+    out = {"n_train": len(hq_train), "n_val": len(hq_val), "points": points}
+    for key in ("val_dice", "test_dice"):
+      if key not in points[0]:
+        continue
+      trend = advise.fit_log_trend([p["n"] for p in points], [p[key] for p in points])
+      a = advise.advice(trend, n_now, F.gain_threshold)
+      a["predicted"] = {str(n): float(trend(n)) for n in _predict_n()}
+      out[key] = a
+    write_text(out_dir / "advice.json", json.dumps(out, indent=2, default=json_safe), guard=guard)
+    _plot(out, out_dir / "advice.png")
+  return out
+
+
+def _plot(out: dict, path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from upgrade_jax import advise
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  ns = np.array([p["n"] for p in out["points"]], dtype=float)
+  extra = [int(n) for k in ("val_dice", "test_dice") if k in out for n in out[k]["predicted"]]
+  xs = np.geomspace(ns.min(), max([ns.max(), *extra]), 60)
+  for key, label, color in (("val_dice", "validation (P(HQ) inputs)", "#4c72b0"),
+                            ("test_dice", "test set (real LQ inputs)", "#55a868")):
+    if key not in out:
+      continue
+    a = out[key]
+    trend = advise.Trend(a["a"], a["b"])
+    ax.scatter(ns, [p[key] for p in out["points"]], color=color, label=label, zorder=3)
+    ax.plot(xs, trend(xs), ":", color=color)
+    for n, d in a["predicted"].items():
+      ax.scatter([int(n)], [d], marker="x", color=color)
+  ax.set_xscale("log")
+  ax.set_xlabel("HQ training pairs")
+  ax.set_ylabel("u_θ Dice")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.stem + ".tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  tmp.replace(path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
+    return 2
+  upgrade.setup_runtime()
+  out_dir = Path(F.out_dir)
+  planned = upgrade.one_line_errors(plan, out_dir, checking=True)
+  out = upgrade.one_line_errors(run, out_dir, planned)
+  for key in ("val_dice", "test_dice"):
+    if key in out:
+      upgrade.log_line(f"{key}: {out[key]['sentence']}")
+  upgrade.log_line(f"advice in {out_dir / 'advice.json'}, {out_dir / 'advice.png'}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=upgrade.parse_flags_one_line)
