@@ -168,6 +168,34 @@ def test_user_mode_writes_one_label_file_per_lq_image(tmp_path):
 
 
 @pytest.mark.slow
+def test_user_mode_takes_stacks_and_writes_stacks(tmp_path):
+  # Issue 14: (Z, H, W) TIFF stacks of images and labels, beside a 2-D file.
+  from conftest import toy_discs
+  ds = toy_discs(12, (48, 56), seed=4)
+  img = (ds.images[..., 0] * 1000).clip(0).astype(np.uint16)
+  lab = ds.targets.astype(np.uint16)
+  hq, lq = tmp_path / "hq", tmp_path / "lq"
+  _write_folder(hq, [img[:5], img[5]], [lab[:5], lab[5]], ["hq_stack", "hq_plane"])
+  lq_stack = (lab[6:11] > 0).astype(np.uint8)
+  lq_stack[:, :, :20] = 0                      # the LQ label misses the left cells
+  _write_folder(lq, [img[6:11], img[11]], [lq_stack, (lab[11] > 0).astype(np.uint8)],
+                ["cells", "plane"])
+  out = _user_mode(tmp_path, hq, lq)
+  assert sorted(p.name for p in (out / "upgraded").iterdir()) == ["cells.tif", "plane.tif"]
+  stack = tifffile.imread(out / "upgraded" / "cells.tif")
+  assert stack.shape == (5, 48, 56) and stack.dtype == np.uint16
+  assert tifffile.imread(out / "upgraded" / "plane.tif").shape == (48, 56)
+  ids = [set(np.unique(s[s > 0])) for s in stack]   # 2-D instances, unique over the stack
+  assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1:])
+  import csv
+  with open(out / "review.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r["name"] for r in rows) == [f"cells_z{z:03d}" for z in range(5)] + ["plane"]
+  assert [int(r["rank"]) for r in rows] == list(range(1, 7))
+  assert len(list((out / "review").glob("*.png"))) == 6
+
+
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_user_mode_on_dsb2018_split(tmp_path):
   src = SHARED / "dsb2018"
