@@ -111,6 +111,25 @@ def test_cli_end_to_end_and_resume(tmp_path):
   assert "hq" in after["segmentation_dice"]
 
 
+@pytest.mark.slow
+def test_synthetic_run_writes_the_review_queue_z_consistent(tmp_path):
+  # Issue 14: the review queue of rep 0's LQ training set, with each slice's
+  # Dice against the truth; the LQ set made with --z_consistent.
+  out = tmp_path / "run"
+  run_cli(TINY + ["--scenarios=", "--threshold_baseline=false", "--z_consistent",
+                  "--review_top=2", f"--out_dir={out}"])
+  import csv
+  with open(out / "review.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 6 and "dice_vs_truth" in rows[0]   # one per LQ slice (--n_lq=6)
+  scores = [float(r["score"]) for r in rows]
+  assert scores == sorted(scores, reverse=True)
+  assert sorted(p.name[:4] for p in (out / "review").glob("*.png")) == ["001_", "002_"]
+  rep = json.loads((out / "rep0" / "rep.json").read_text())
+  assert rep["config"]["data"]["z_consistent"] is True
+  assert rep["effective_rates"]["targets"] > 0
+
+
 def test_cli_rejects_bad_flags(tmp_path):
   cases = [
       (["--omission_rate=1.5"], "omission_rate"),
