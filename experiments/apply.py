@@ -8,6 +8,9 @@ out_dir/upgraded/<same name>.tif: uint16 (uint32 above 65535 objects)
 instance labels, touching cells separate (--output=instances, the default),
 or the connected components of the upgraded mask (--output=mask). The model
 folder is what a training run of experiments.upgrade leaves in out_dir/model.
+It also writes the review queue: out_dir/review.csv (one row per image, most
+doubtful first; upgrade_jax/review.py) and overlays of the first
+--review_top images in out_dir/review/.
 
 As in experiments.upgrade, nothing is created before every input is checked:
 the model folder, every file pair (decoded once, then dropped: memory holds
@@ -36,7 +39,8 @@ flags.DEFINE_string("labels", None, "Folder of their LQ labels (same file names)
 
 # Flags of experiments.upgrade that mean something here; any other one given
 # would be silently ignored, so it is an error.
-SHARED = ("out_dir", "output", "tile", "tile_margin", "debug", "compilation_cache")
+SHARED = ("out_dir", "output", "tile", "tile_margin", "review_top", "debug",
+          "compilation_cache")
 
 
 def check_flags() -> None:
@@ -81,7 +85,9 @@ def plan(out_dir: Path):
 
 
 def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
-  from upgrade_jax import export, rundir
+  import numpy as np
+
+  from upgrade_jax import export, instances, review, rundir
   from upgrade_jax.data import io
 
   t0 = time.perf_counter()
@@ -89,16 +95,30 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
   with rundir.RunLock(out_dir):
     rundir.remove_stale_temps(out_dir)
     target.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, rows, packed = [], [], {}
     for k, (stem, image_path, label_path) in enumerate(pairs):
       image, lq = export.load_sample(image_path, label_path, upgrader)
-      _, labels = export.upgrade_sample(upgrader, image, lq, F.output)
+      # The probabilities once: upgrade_sample's mask is this > THRESHOLD.
+      probs = export.sample_probability(upgrader, image, lq)
+      mask = probs > export.THRESHOLD
+      labels = instances.labels_from_mask(mask, lq, F.output)
       written.append(str(io.write_labels(target / f"{stem}.tif", labels, guard=guard)))
+      rows.append(review.image_review(lq, mask, probs, stem))
+      packed[stem] = (np.packbits(mask), mask.shape)   # 1 bit a pixel for the overlays
       upgrade_cli.log_line(f"[{k + 1}/{len(pairs)}] {stem}: {image.shape[0]}x{image.shape[1]}, "
                        f"{int(lq.max())} LQ -> {int(labels.max())} upgraded objects")
+    files = {stem: (image_path, label_path) for stem, image_path, label_path in pairs}
+
+    def sample(stem):   # the top N again from disk: memory holds one image at a time
+      image, lq = export.load_sample(*files[stem], upgrader)
+      bits, shape = packed[stem]
+      return image, lq, np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape) > 0
+
+    ranked = review.write_review(out_dir, rows, sample, top_n=F.review_top, guard=guard)
     record = {"model": str(Path(F.model).resolve()), "images": F.images, "labels": F.labels,
               "output": F.output, "tiling": dataclasses.asdict(upgrader.tiling),
-              "upgraded": written, "seconds": time.perf_counter() - t0,
+              "upgraded": written, "review": [r["name"] for r in ranked],
+              "seconds": time.perf_counter() - t0,
               "command": " ".join(sys.argv)}
     io.write_text(out_dir / "apply.json", json.dumps(record, indent=2), guard=guard)
   return record

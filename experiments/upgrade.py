@@ -117,6 +117,9 @@ flags.DEFINE_integer("felzenszwalb_min_size", _FELZ.min_size, "Felzenszwalb min_
 flags.DEFINE_enum("count_rounding", _LQ.count_rounding, list(COUNT_ROUNDINGS),
                   "Cells omitted/objects included for rate r of n: floor(r·n)+Bernoulli("
                   "frac), floor(r·n), or max(1, int(r·n)) (authors' code).")
+flags.DEFINE_bool("z_consistent", _DATA.z_consistent, "LQ sets of volumes: omission and "
+                  "inclusion act on 3-D cells (a cell omitted in every slice), not per slice "
+                  "(synthetic or stack data).")
 flags.DEFINE_float("lq_per_hq", None, "Sets --n_lq = lq_per_hq * n_hq (Figure 3.6: 9 keeps "
                    "10% of the slices HQ).", lower_bound=0.0)
 
@@ -180,6 +183,9 @@ flags.DEFINE_integer("tile", _TILE.tile, "Prediction: images larger than this ru
 flags.DEFINE_integer("tile_margin", _TILE.margin, "Prediction: context px kept around each tile's "
                      "owned part (tiles overlap by 2x this).", lower_bound=0)
 
+flags.DEFINE_integer("review_top", _PIPE.review_top, "Overlays in out_dir/review/ for the "
+                     "first N rows of the review queue (out_dir/review.csv).", lower_bound=0)
+
 flags.mark_flag_as_required("out_dir")
 
 USER_FLAGS = ("hq_images", "hq_labels", "lq_images", "lq_labels")
@@ -191,7 +197,7 @@ NOT_IN_USER_MODE = (
     "n_lq", "max_test", "data_seed", "lq_omission_rate", "lq_inclusion_rate", "lq_bias_max",
     "lq_salt_pepper_prob", "lq_per_instance_bias", "hq_omission_rate", "hq_bias_max",
     "lq_source", "predictor_hq", "cost_budget", "hq_cost", "reps", "paper",
-    "threshold_baseline", "hq_volumes", "lq_per_hq", "fresh")
+    "threshold_baseline", "hq_volumes", "lq_per_hq", "fresh", "z_consistent")
 SYNTHETIC_ONLY = ("preset", "n_volumes", "volume_shape", "sim_size")
 
 
@@ -312,7 +318,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                     n_test=v.n_test, n_hq=v.n_hq, hq_volumes=v.hq_volumes, n_lq=n_lq,
                     max_test=v.max_test,
                     others=v.others, data_seed=v.data_seed, normalisation=v.normalisation,
-                    hq_perturb=hq_p,
+                    hq_perturb=hq_p, z_consistent=v.z_consistent,
                     felzenszwalb=FelzenszwalbConfig(scale=v.felzenszwalb_scale,
                                                     sigma=v.felzenszwalb_sigma,
                                                     min_size=v.felzenszwalb_min_size))
@@ -320,7 +326,8 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                         scenarios=tuple(v.scenarios), threshold_baseline=v.threshold_baseline,
                         reps=v.reps, seed=v.seed, lq_source=v.lq_source,
                         predictor_hq=v.predictor_hq, output=v.output,
-                        tiling=TileConfig(tile=v.tile, margin=v.tile_margin))
+                        tiling=TileConfig(tile=v.tile, margin=v.tile_margin),
+                        review_top=v.review_top)
 
 
 def setup_runtime() -> None:

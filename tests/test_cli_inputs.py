@@ -185,6 +185,23 @@ def _inf_image(root):
   return _user_args(root)
 
 
+def _stack_pair(folder, name, z_image, z_label, label_hw=(48, 48)):
+  def setup(root):
+    tifffile.imwrite(root / folder / "images" / f"{name}.tif",
+                     np.ones((z_image, 48, 48), np.uint16), photometric="minisblack")
+    lab = np.zeros((z_label, *label_hw), np.uint16)
+    lab[:, 5:9, 5:9] = 1
+    tifffile.imwrite(root / folder / "labels" / f"{name}.tif", lab, photometric="minisblack")
+    return _user_args(root)
+  return setup
+
+
+def _label_4d(root):
+  tifffile.imwrite(root / "hq/labels/hq1.tif", np.zeros((2, 3, 48, 48), np.uint16),
+                   photometric="minisblack")
+  return _user_args(root)
+
+
 _LAB = np.zeros((48, 48), np.uint16)
 CASES = [
     ("missing_label_partner", _rm("hq/labels/hq1.tif"), "hq1.tif"),
@@ -199,6 +216,13 @@ CASES = [
      "hq1.tif"),
     ("3d_image_in_2d_folder", _write("lq/images/lq4.tif", np.zeros((5, 48, 48), np.uint16)),
      "lq4.tif"),
+    # Issue 14: user mode takes (Z, H, W) stacks, but only as image + label pairs.
+    ("stack_z_mismatch", _stack_pair("lq", "lq4", 5, 4), "lq4.tif"),
+    ("stack_label_4d", _label_4d, "hq1.tif"),
+    ("z_consistent_in_user_mode", _flags("--z_consistent"), "--z_consistent"),
+    ("z_consistent_with_felzenszwalb", _synthetic("--z_consistent", "--others=felzenszwalb"),
+     "--z_consistent"),
+    ("stack_hw_mismatch", _stack_pair("hq", "hq0", 3, 3, label_hw=(48, 40)), "hq0.tif"),
     ("nan_pixels", _nan_image, "hq2.tif"),
     ("inf_pixels", _inf_image, "lq5.tif"),
     ("all_zero_hq_labels", _all_zero_hq, "--hq_labels"),

@@ -111,6 +111,25 @@ def test_cli_end_to_end_and_resume(tmp_path):
   assert "hq" in after["segmentation_dice"]
 
 
+@pytest.mark.slow
+def test_synthetic_run_writes_the_review_queue_z_consistent(tmp_path):
+  # Issue 14: the review queue of rep 0's LQ training set, with each slice's
+  # Dice against the truth; the LQ set made with --z_consistent.
+  out = tmp_path / "run"
+  run_cli(TINY + ["--scenarios=", "--threshold_baseline=false", "--z_consistent",
+                  "--review_top=2", f"--out_dir={out}"])
+  import csv
+  with open(out / "review.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 6 and "dice_vs_truth" in rows[0]   # one per LQ slice (--n_lq=6)
+  scores = [float(r["score"]) for r in rows]
+  assert scores == sorted(scores, reverse=True)
+  assert sorted(p.name[:4] for p in (out / "review").glob("*.png")) == ["001_", "002_"]
+  rep = json.loads((out / "rep0" / "rep.json").read_text())
+  assert rep["config"]["data"]["z_consistent"] is True
+  assert rep["effective_rates"]["targets"] > 0
+
+
 def test_cli_rejects_bad_flags(tmp_path):
   cases = [
       (["--omission_rate=1.5"], "omission_rate"),
@@ -165,6 +184,34 @@ def test_user_mode_writes_one_label_file_per_lq_image(tmp_path):
     assert lab.shape == (48, 72) and lab.dtype == np.uint16
   assert (out / "seg_hq_upgraded").is_dir()
   assert json.loads((out / "results.json").read_text())["n_lq"] == 3
+
+
+@pytest.mark.slow
+def test_user_mode_takes_stacks_and_writes_stacks(tmp_path):
+  # Issue 14: (Z, H, W) TIFF stacks of images and labels, beside a 2-D file.
+  from conftest import toy_discs
+  ds = toy_discs(12, (48, 56), seed=4)
+  img = (ds.images[..., 0] * 1000).clip(0).astype(np.uint16)
+  lab = ds.targets.astype(np.uint16)
+  hq, lq = tmp_path / "hq", tmp_path / "lq"
+  _write_folder(hq, [img[:5], img[5]], [lab[:5], lab[5]], ["hq_stack", "hq_plane"])
+  lq_stack = (lab[6:11] > 0).astype(np.uint8)
+  lq_stack[:, :, :20] = 0                      # the LQ label misses the left cells
+  _write_folder(lq, [img[6:11], img[11]], [lq_stack, (lab[11] > 0).astype(np.uint8)],
+                ["cells", "plane"])
+  out = _user_mode(tmp_path, hq, lq)
+  assert sorted(p.name for p in (out / "upgraded").iterdir()) == ["cells.tif", "plane.tif"]
+  stack = tifffile.imread(out / "upgraded" / "cells.tif")
+  assert stack.shape == (5, 48, 56) and stack.dtype == np.uint16
+  assert tifffile.imread(out / "upgraded" / "plane.tif").shape == (48, 56)
+  ids = [set(np.unique(s[s > 0])) for s in stack]   # 2-D instances, unique over the stack
+  assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1:])
+  import csv
+  with open(out / "review.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r["name"] for r in rows) == [f"cells_z{z:03d}" for z in range(5)] + ["plane"]
+  assert [int(r["rank"]) for r in rows] == list(range(1, 7))
+  assert len(list((out / "review").glob("*.png"))) == 6
 
 
 @pytest.mark.slow

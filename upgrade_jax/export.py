@@ -42,7 +42,7 @@ from upgrade_jax.rundir import InputError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_JSON", "VARIABLES", "Upgrader",
            "save_upgrader", "load_upgrader", "upgrader_from_state", "load_sample",
-           "upgrade_sample", "upgrade_masks"]
+           "upgrade_sample", "sample_probability", "upgrade_probs", "upgrade_masks"]
 
 FORMAT = "upgrade_jax.upgrader"
 # Bumped when a saved model's meaning changes; a loader refuses newer formats.
@@ -268,29 +268,38 @@ def upgrade_sample(upgrader: Upgrader, image: np.ndarray, lq_labels: np.ndarray,
   """
   if output not in instances.OUTPUTS:
     raise ValueError(f"output must be one of {instances.OUTPUTS}, got {output!r}")
-  mask = _upgrade_mask(upgrader, image, lq_labels)
+  mask = sample_probability(upgrader, image, lq_labels) > THRESHOLD
   return mask, instances.labels_from_mask(mask, lq_labels, output)
 
 
-def _upgrade_mask(upgrader: Upgrader, image: np.ndarray, lq_labels: np.ndarray) -> np.ndarray:
-  """(H, W) bool: the upgraded mask of one (H, W, C) image and its LQ labels."""
-  prob = predict_image(upgrader.model, upgrader.variables, upgrader.task, image,
+def sample_probability(upgrader: Upgrader, image: np.ndarray,
+                       lq_labels: np.ndarray) -> np.ndarray:
+  """(H, W) float32: u_θ's foreground probability for one (H, W, C) image and
+  its (H, W) LQ labels; the upgraded mask is this > THRESHOLD."""
+  return predict_image(upgrader.model, upgrader.variables, upgrader.task, image,
                        lq_labels > 0, config=upgrader.tiling)
-  return prob > THRESHOLD
 
 
-def upgrade_masks(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.ndarray:
-  """Upgraded masks of a Dataset, each sample predicted alone on its extent
-  (as upgrade_sample does), so they equal a folder's apply bit for bit.
+def upgrade_probs(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.ndarray:
+  """Foreground probabilities of a Dataset, each sample predicted alone on its
+  extent (as upgrade_sample does), so their masks equal a folder's apply bit
+  for bit.
 
   Args:
     ds: images (N, H, W, C); lq_labels: (N, H, W) int LQ labels (>0 is
       foreground).
 
   Returns:
-    (N, H, W) bool, False outside each sample's extent.
+    (N, H, W) float32, 0 outside each sample's extent.
   """
-  masks = np.zeros(ds.targets.shape, bool)
+  probs = np.zeros(ds.targets.shape, np.float32)
   for i, (h, w) in enumerate(ds.extents):
-    masks[i, :h, :w] = _upgrade_mask(upgrader, ds.images[i, :h, :w], lq_labels[i, :h, :w])
-  return masks
+    probs[i, :h, :w] = sample_probability(upgrader, ds.images[i, :h, :w],
+                                          lq_labels[i, :h, :w])
+  return probs
+
+
+def upgrade_masks(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.ndarray:
+  """(N, H, W) bool upgraded masks of a Dataset, False outside each extent
+  (`upgrade_probs` > THRESHOLD)."""
+  return upgrade_probs(upgrader, ds, lq_labels) > THRESHOLD

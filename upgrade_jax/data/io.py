@@ -47,7 +47,7 @@ from upgrade_jax.perturb import relabel_sequential
 
 __all__ = ["IMAGE_SUFFIXES", "read_array", "read_image", "read_labels", "check_labels",
            "normalise", "to_channels", "stack_samples", "volumes_to_dataset",
-           "write_labels", "write_json", "json_safe", "pair_files", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
+           "write_labels", "write_bytes", "write_json", "json_safe", "pair_files", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
            "load_source"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -314,6 +314,16 @@ def write_text(path, text: str, *, guard: rundir.InputGuard | None = None) -> Pa
   return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_bytes(path, data: bytes, *, guard: rundir.InputGuard | None = None) -> Path:
+  """Writes bytes (a PNG, an archive) atomically, creating the folder.
+  `guard` refuses paths that are inputs."""
+  path = Path(path)
+  if guard is not None:
+    guard.check_output(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def write_labels(path, labels: np.ndarray, *,
                  guard: rundir.InputGuard | None = None) -> Path:
   """Writes an instance/binary label map as a zlib TIFF, atomically.
@@ -377,8 +387,9 @@ def pair_files(images_dir, labels_dir) -> list[tuple[str, Path, Path]]:
   return [(stem, images[stem], labels[stem]) for stem in sorted(images)]
 
 
-def folder(images_dir, labels_dir, others_dir=None, *, names=None) -> list[Volume]:
-  """A folder pair images/ + labels/ (+ others/) as single-slice Volumes.
+def folder(images_dir, labels_dir, others_dir=None, *, names=None,
+           stacks: bool = False) -> list[Volume]:
+  """A folder pair images/ + labels/ (+ others/) as Volumes.
 
   Args:
     images_dir: folder of 2-D images (grey or RGB, any numeric dtype).
@@ -386,9 +397,12 @@ def folder(images_dir, labels_dir, others_dir=None, *, names=None) -> list[Volum
     others_dir: optional folder of non-target object labels, same names.
     names: optional iterable of file stems to read (e.g. a few for a test);
       default all, in sorted order.
+    stacks: also accept TIFF stacks: a (Z, H, W) label file with its (Z, H, W)
+      or (Z, H, W, C) image (user mode; the label's shape says which it is).
 
   Returns:
-    One Volume per image: image (1, H, W[, C]), target and others (1, H, W).
+    One Volume per file pair: image (Z, H, W[, C]), target and others
+    (Z, H, W); Z = 1 for a 2-D image.
   """
   pairs = pair_files(images_dir, labels_dir)
   images = {stem: im for stem, im, _ in pairs}
@@ -405,8 +419,9 @@ def folder(images_dir, labels_dir, others_dir=None, *, names=None) -> list[Volum
     if stem not in images:
       raise ValueError(f"no image named {stem!r} in {images_dir}")
     target = read_labels(labels[stem])
-    if target.ndim != 2:
-      raise ValueError(f"{labels[stem]}: expected a 2-D label image, got shape {target.shape}")
+    if target.ndim != 2 and not (stacks and target.ndim == 3):
+      raise ValueError(f"{labels[stem]}: expected a 2-D label image"
+                       f"{' or a (Z, H, W) stack' if stacks else ''}, got shape {target.shape}")
     image = read_image(images[stem])
     image = _split_channels(image, target.shape, f"{images[stem]} vs {labels[stem]}")
     other = np.zeros_like(target)
@@ -416,8 +431,9 @@ def folder(images_dir, labels_dir, others_dir=None, *, names=None) -> list[Volum
         raise ValueError(f"{others[stem]}: shape {other.shape} does not match label shape "
                          f"{target.shape} of {labels[stem]}")
     c = image.shape[-1]
-    volumes.append(Volume(image[None] if c > 1 else image[None, ..., 0], target[None],
-                          other[None], name=stem))
+    if target.ndim == 2:
+      image, target, other = image[None], target[None], other[None]
+    volumes.append(Volume(image if c > 1 else image[..., 0], target, other, name=stem))
   return volumes
 
 

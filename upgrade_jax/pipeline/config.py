@@ -61,6 +61,12 @@ class DataConfig:
     hq_perturb: imperfect HQ (the paper's Figure 3.5): the HQ labels the
       networks train on are themselves perturbed once with this config
       (identity by default). The test set keeps its ground truth.
+    z_consistent: the fixed LQ sets (LQ training, test and validation
+      slices) omit and include whole 3-D instances: a cell omitted is
+      omitted in every slice, as an annotator skipping a cell would
+      (upgrade_jax.perturb3d); salt-and-pepper and bias stay per slice. Off:
+      each slice chooses on its own (the paper's P). Needs volumes with 3-D
+      ids: synthetic or stack sources, others "labels" or "none".
   """
 
   source: str = "synthetic"
@@ -79,8 +85,17 @@ class DataConfig:
   normalisation: str = "max"
   hq_perturb: PerturbConfig = PerturbConfig()
   felzenszwalb: FelzenszwalbConfig = FelzenszwalbConfig()
+  z_consistent: bool = False
 
   def __post_init__(self):
+    if self.z_consistent and self.source in ("folder", "epfl_mito"):
+      why = ("holds 2-D images, no volumes" if self.source == "folder" else
+             "labels carry per-slice ids, not 3-D instances")
+      raise ValueError(f"--z_consistent needs volumes with 3-D instance ids; --data="
+                       f"{self.source} {why}: use --data=synthetic or --data=stack")
+    if self.z_consistent and self.others == "felzenszwalb":
+      raise ValueError("--z_consistent with --others=felzenszwalb: the segments are made per "
+                       "slice, so they have no 3-D identity; use --others=labels or none")
     if self.source not in SOURCES:
       raise ValueError(f"DataConfig.source {self.source!r} unknown; choose one of "
                        f"{sorted(SOURCES)}")
@@ -124,6 +139,8 @@ class PipelineConfig:
       separate, the LQ label's instances as seeds) or "mask" (connected
       components of the upgraded mask); see upgrade_jax.instances.
     tiling: how prediction of the written files cuts large images.
+    review_top: overlays written to review/ for the first N rows of the
+      review queue (upgrade_jax.review).
   """
 
   data: DataConfig = DataConfig()
@@ -139,8 +156,11 @@ class PipelineConfig:
   predictor_hq: int = 10
   output: str = "instances"
   tiling: TileConfig = TileConfig()
+  review_top: int = 20
 
   def __post_init__(self):
+    if self.review_top < 0:
+      raise ValueError(f"PipelineConfig.review_top must be >= 0, got {self.review_top}")
     if self.output not in instances.OUTPUTS:
       raise ValueError(f"--output={self.output!r}: choose one of {list(instances.OUTPUTS)}")
     if self.lq_source not in LQ_SOURCES:
@@ -161,7 +181,7 @@ class PipelineConfig:
 # Settings that change no number: left out of `run_key`, so changing them
 # resumes. `reps`, `scenarios` and `threshold_baseline` only say how much to
 # compute: more repetitions or scenarios extend a finished run.
-_RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch")
+_RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch", "review_top")
 _RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl")
 
 
@@ -178,6 +198,8 @@ def run_key(cfg: PipelineConfig) -> dict:
       d[net].pop(k)
   if cfg.data.others != "felzenszwalb":   # its settings change nothing then
     d["data"].pop("felzenszwalb")
+  if not cfg.data.z_consistent:   # off: the key of runs made before the option
+    d["data"].pop("z_consistent")
   # A JSON round trip, so that tuples and lists compare equal to a stored key.
   return json.loads(json.dumps(d))
 

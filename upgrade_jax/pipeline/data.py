@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from upgrade_jax import engine, rundir
+from upgrade_jax import engine, perturb3d, rundir
 from upgrade_jax.data import sampling
 from upgrade_jax.data.types import Dataset
 from upgrade_jax.perturb import PerturbConfig
@@ -96,13 +96,19 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
     hq_val = _imperfect(hq_val, cfg.data.hq_perturb, seed * 5 + 5)
   # Independent streams for the LQ training set, the test set's LQ and the
   # LQ validation set of the "lq" scenario.
-  lq = sampling.make_lq(lq_truth, cfg.lq_perturb, seed=seed * 5 + 1)
-  test_lq = sampling.make_lq(test, cfg.lq_perturb, seed=seed * 5 + 2)
-  val_lq = sampling.make_lq(hq_val, cfg.lq_perturb, seed=seed * 5 + 3)
-  # The rates the fixed LQ sets really have (same seeds, same draws), pooled
-  # over the LQ training set and the test set's LQ labels.
-  counts = {"lq_set": sampling.lq_counts(lq_truth, cfg.lq_perturb, seed=seed * 5 + 1),
-            "test_lq_set": sampling.lq_counts(test, cfg.lq_perturb, seed=seed * 5 + 2)}
+  if cfg.data.z_consistent:   # whole 3-D cells omitted / included
+    lq, c_lq = perturb3d.make_lq(lq_truth, train_vols, cfg.lq_perturb, seed=seed * 5 + 1)
+    test_lq, c_test = perturb3d.make_lq(test, test_vols, cfg.lq_perturb, seed=seed * 5 + 2)
+    val_lq, _ = perturb3d.make_lq(hq_val, train_vols, cfg.lq_perturb, seed=seed * 5 + 3)
+    counts = {"lq_set": c_lq, "test_lq_set": c_test}
+  else:
+    lq = sampling.make_lq(lq_truth, cfg.lq_perturb, seed=seed * 5 + 1)
+    test_lq = sampling.make_lq(test, cfg.lq_perturb, seed=seed * 5 + 2)
+    val_lq = sampling.make_lq(hq_val, cfg.lq_perturb, seed=seed * 5 + 3)
+    # The rates the fixed LQ sets really have (same seeds, same draws),
+    # pooled over the LQ training set and the test set's LQ labels.
+    counts = {"lq_set": sampling.lq_counts(lq_truth, cfg.lq_perturb, seed=seed * 5 + 1),
+              "test_lq_set": sampling.lq_counts(test, cfg.lq_perturb, seed=seed * 5 + 2)}
   rates = sampling.effective_rates(np.concatenate(list(counts.values())))
   rates.update({k: sampling.effective_rates(c) for k, c in counts.items()})
   return RepData(hq_train, hq_val, lq, lq_truth, test, test_lq, val_lq,

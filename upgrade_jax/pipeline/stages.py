@@ -5,7 +5,7 @@
   upgrade_lq_sets   u_θ on the LQ labels of the test and training slices:
                     annotation Dice and instance scores, the saved upgrader
                     (out_dir/model, repetition 0), upgraded TIFFs, the
-                    overlay samples
+                    review queue (review.csv, review/), the overlay samples
   train_scenarios   one segmentation network per scenario, test Dice
   score_threshold   the global-threshold baseline
 
@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from upgrade_jax import engine, export, instances, metrics, rundir
+from upgrade_jax import engine, export, instances, metrics, review, rundir
 from upgrade_jax.baselines import threshold as threshold_lib
 from upgrade_jax.data import io
 from upgrade_jax.data.types import Dataset, concat
@@ -32,7 +32,7 @@ from upgrade_jax.pipeline.data import RepData, predicted_lq, prepare_rep
 from upgrade_jax.pipeline.scenarios import SCENARIO_DATA
 
 __all__ = ["RepRun", "prepare_data", "train_upgrader", "upgrade_lq_sets", "train_scenarios",
-           "score_threshold", "upgrade_labels", "write_upgraded", "export_upgrader",
+           "score_threshold", "upgrade_probs", "upgrade_labels", "write_upgraded", "export_upgrader",
            "threshold_baseline", "figure_samples"]
 
 
@@ -97,7 +97,9 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
                     run: RepRun) -> Dataset:
   """Scores the upgrade on the test slices' LQ labels, upgrades the LQ
   training set (TIFFs of repetition 0 in out_dir/upgraded, others in
-  rep_dir/upgraded) and returns it as a Dataset of upgraded masks."""
+  rep_dir/upgraded; beside them review.csv and review/, the review queue
+  with each slice's Dice against the truth) and returns it as a Dataset of
+  upgraded masks."""
   t0 = time.perf_counter()
   upgraded_test = upgrade_labels(fit.state_best, data.test_lq_masks, cfg.predict_batch)
   valid = data.test.valid_mask()
@@ -116,7 +118,10 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
     export_upgrader(cfg, fit, data.hq_train.channels, run.out_dir, run.guard)
   upgraded = data.lq_masks
   if len(data.lq_masks):
-    masks = upgrade_labels(fit.state_best, data.lq_masks, cfg.predict_batch)
+    # The probabilities once, thresholded as engine.predict does: the masks
+    # are those of upgrade_labels, and the review queue gets their doubt.
+    probs = upgrade_probs(fit.state_best, data.lq_masks, cfg.predict_batch)
+    masks = probs > THRESHOLD
     upgraded = data.lq_masks.replace(targets=masks.astype(np.int32))
     lq_valid = data.lq_masks.valid_mask()
     ann["lq_train_set"] = {
@@ -125,6 +130,10 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
     target_dir = run.out_dir / "upgraded" if run.rep == 0 else run.rep_dir / "upgraded"
     write_upgraded(target_dir, data.lq_masks, masks, guard=run.guard, output=cfg.output,
                    lq_labels=data.lq_masks.targets)
+    # review.csv + review/ beside upgraded/; simulated data know the truth.
+    review.write_dataset_review(target_dir.parent, data.lq_masks, masks, probs,
+                                truth=data.lq_truth.targets, top_n=cfg.review_top,
+                                guard=run.guard)
   run.timed("upgrade_predict_s", t0)
   run.result["annotation_dice"] = ann
   run.log(f"[rep {run.rep}] annotation Dice on the test set: LQ {ann['lq']:.4f} -> "
@@ -169,10 +178,20 @@ def score_threshold(cfg: PipelineConfig, volumes, data: RepData, run: RepRun) ->
 # --------------------------------------------------------------------------
 # Helpers of the stages.
 
+# engine.predict's threshold: a mask is foreground probability > 0.5.
+THRESHOLD = 0.5
+
+
+def upgrade_probs(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
+  """(N, H, W) float32: u_θ's foreground probability for every sample of
+  `ds` (LQ targets as the label input), 0 outside each extent."""
+  return engine.predict_proba(state, ds.images, ds.targets > 0, batch_size=batch_size,
+                              extents=ds.extents)
+
+
 def upgrade_labels(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
   """(N, H, W) bool: u_θ(image, LQ mask) for every sample of `ds` (LQ targets)."""
-  return engine.predict(state, ds.images, ds.targets > 0, batch_size=batch_size,
-                           extents=ds.extents)
+  return upgrade_probs(state, ds, batch_size) > THRESHOLD
 
 
 def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray,

@@ -2,7 +2,14 @@
 
   prepare_user   loads and checks the folders and the out_dir; creates nothing
   run_user       trains u_θ on the HQ pairs and writes
-                 out_dir/upgraded/<LQ file name>.tif
+                 out_dir/upgraded/<LQ file name>.tif and the review queue
+                 (out_dir/review.csv, out_dir/review/)
+
+Files may be 2-D images or TIFF stacks (Z, H, W[, C]) with (Z, H, W) labels.
+A stack is upgraded slice by slice (each slice a sample, as in training) and
+written back as one (Z, H, W) stack under its own name, instance ids unique
+over the stack (2-D instances per slice: no linking across slices). The
+review queue has one row per slice, named <stack>_z<slice>.
 """
 
 from __future__ import annotations
@@ -14,15 +21,16 @@ from typing import Callable
 
 import numpy as np
 
-from upgrade_jax import engine, export, rundir
+from upgrade_jax import engine, export, instances, review, rundir
 from upgrade_jax.data import io, sampling
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.pipeline.config import PipelineConfig, run_key
 from upgrade_jax.pipeline.others import with_others
-from upgrade_jax.pipeline.stages import export_upgrader, write_upgraded
+from upgrade_jax.pipeline.stages import export_upgrader
 from upgrade_jax.rundir import InputError
 
-__all__ = ["UserData", "UserInputs", "OPTIMISTIC", "prepare_user", "run_user"]
+__all__ = ["UserData", "UserInputs", "OPTIMISTIC", "prepare_user", "run_user", "stack_labels",
+           "write_user_labels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +72,12 @@ class UserInputs:
   val_idx: np.ndarray     # HQ samples of early stopping
   guard: rundir.InputGuard
   lq_instances: np.ndarray | None = None  # (N, H, W) the LQ files' own ids (seeds)
+  # (file stem, slices) of each LQ file, in sample order: a file of Z > 1
+  # slices is a stack, written back as one; () = one sample per file.
+  lq_files: tuple = ()
+
+  def files(self) -> tuple:
+    return self.lq_files or tuple((n, 1) for n in self.lq_masks.names)
 
 
 def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
@@ -79,8 +93,8 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
   guard = rundir.InputGuard(folders.values())
   rundir.check_out_dir(out_dir, guard)
   _refuse_shared_images(Path(user.hq_images), Path(user.lq_images))
-  hq_vols = io.folder(user.hq_images, user.hq_labels, user.others_labels or None)
-  lq_vols = io.folder(user.lq_images, user.lq_labels)
+  hq_vols = io.folder(user.hq_images, user.hq_labels, user.others_labels or None, stacks=True)
+  lq_vols = io.folder(user.lq_images, user.lq_labels, stacks=True)
   kw = dict(normalisation=cfg.data.normalisation)
   hq = io.volumes_to_dataset(hq_vols, **kw)
   lq = io.volumes_to_dataset(lq_vols, **kw)
@@ -88,7 +102,7 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
     raise InputError(f"the images in --hq_images have {hq.channels} channel(s) but those in "
                      f"--lq_images {lq.channels}; give both in the same channel layout")
   if not np.any(hq.targets > 0):
-    raise InputError(f"none of the {len(hq)} label files in --hq_labels={user.hq_labels} holds "
+    raise InputError(f"none of the {len(hq_vols)} label files in --hq_labels={user.hq_labels} holds "
                      "a labelled object (all pixels 0); label the cells with ids > 0")
   train_idx, val_idx = sampling.train_val_split(len(hq), seed=cfg.seed)
   if len(val_idx) == 0:
@@ -97,7 +111,37 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
   hq = with_others(hq, cfg.data.others, cfg.data.felzenszwalb)
   lq_instances = lq.targets
   lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
-  return UserInputs(hq, lq, train_idx, val_idx, guard, lq_instances)
+  return UserInputs(hq, lq, train_idx, val_idx, guard, lq_instances,
+                    tuple((v.name, v.num_slices) for v in lq_vols))
+
+
+def stack_labels(slices) -> np.ndarray:
+  """(Z, H, W) int32 from Z (H, W) instance maps, the ids of slice z offset
+  past those of the slices before it: ids are unique over the stack, so no
+  tool reads two slices' 2-D instances as one 3-D object."""
+  out, top = [], 0
+  for lab in slices:
+    out.append(np.where(lab > 0, lab + top, 0).astype(np.int32))
+    top += int(lab.max(initial=0))
+  return np.stack(out)
+
+
+def write_user_labels(directory: Path, d: UserInputs, masks: np.ndarray,
+                      output: str) -> list[Path]:
+  """One label file per LQ file: (H, W) for an image, (Z, H, W) for a stack
+  (see `stack_labels`), uint16/uint32 via io.write_labels, named after it."""
+  directory.mkdir(parents=True, exist_ok=True)
+  paths, start = [], 0
+  for stem, z in d.files():
+    labs = []
+    for i in range(start, start + z):
+      h, w = d.lq_masks.extents[i]
+      lq = None if d.lq_instances is None else d.lq_instances[i, :h, :w]
+      labs.append(instances.labels_from_mask(masks[i, :h, :w], lq, output))
+    start += z
+    arr = labs[0] if z == 1 else stack_labels(labs)
+    paths.append(io.write_labels(directory / f"{stem}.tif", arr, guard=d.guard))
+  return paths
 
 
 def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
@@ -124,10 +168,15 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
     # Export the upgrader, then upgrade through it one image at a time
     # (tiled), as experiments.apply does: its files equal these.
     upgrader = export_upgrader(cfg, fit, d.hq.channels, out_dir, d.guard)
-    masks = export.upgrade_masks(upgrader, d.lq_masks, d.lq_instances)
-    paths = write_upgraded(out_dir / "upgraded", d.lq_masks, masks, guard=d.guard,
-                           output=cfg.output, lq_labels=d.lq_instances)
+    probs = export.upgrade_probs(upgrader, d.lq_masks, d.lq_instances)
+    masks = probs > export.THRESHOLD
+    paths = write_user_labels(out_dir / "upgraded", d, masks, cfg.output)
     log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
+    ranked = review.write_dataset_review(out_dir, d.lq_masks, masks, probs,
+                                         top_n=cfg.review_top, guard=d.guard)
+    log(f"review queue: {out_dir / 'review.csv'} (most doubtful first: "
+        f"{ranked[0]['name']}), overlays of the first {min(len(ranked), cfg.review_top)} "
+        f"in {out_dir / 'review'}")
     result = {"upgrade_best_val_dice": fit.best_val_dice, "val_dice_note": OPTIMISTIC,
               "n_hq": len(d.hq), "n_lq": len(d.lq_masks), "upgraded": [str(p) for p in paths]}
     if "hq_upgraded" in cfg.scenarios:

@@ -1,0 +1,231 @@
+"""The review queue: which upgraded labels an expert should check first.
+
+Every upgrade run writes `review.csv` (one row per upgraded image, most
+doubtful first) and `review/` (an overlay PNG for each of the first N):
+
+  image_review    one image's numbers: pixels changed, objects added and
+                  removed, entropy of u_θ's probabilities, the doubt score
+  rank_rows       rows sorted most doubtful first, with their rank
+  review_csv      the rows as CSV text
+  write_review    review.csv and the overlays of the top N, atomically
+
+The score is the mean binary entropy (bits) of u_θ's foreground probability
+over the pixels that are foreground in the LQ label or the upgraded mask
+("foreground entropy"). Chosen by measurement (benchmarks/review_rank.py,
+NOTES_issue14.md): Spearman correlation with the upgraded slice's Dice
+against the truth -0.84 on the seed it was chosen on and -0.82 on another
+(first quarter of the queue Dice 0.47, last quarter 0.90), where the mean
+entropy over the changed pixels only gave -0.34 / -0.12 and the changed
+fraction +0.26 / -0.05. The changed-only mean ignores an image whose
+upgrade changed little but whose cells are all uncertain, and an image
+with a few confidently added cells is not doubtful however much changed.
+
+All functions are pure except `write_review`, which writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from upgrade_jax import rundir
+from upgrade_jax.data import io
+from upgrade_jax.data.types import Dataset
+
+__all__ = ["SCORE", "COLUMNS", "binary_entropy", "image_review", "rank_rows", "review_csv",
+           "write_review", "dataset_rows", "write_dataset_review", "TOP_N"]
+
+# The column the queue is sorted by (see the module docstring for why).
+SCORE = "mean_entropy_foreground"
+COLUMNS = ("rank", "name", "score", "changed_fraction", "pixels_added", "pixels_removed",
+           "objects_added", "objects_removed", "mean_entropy_changed",
+           "mean_entropy_foreground", "expected_dice")
+TOP_N = 20
+_EPS = 1e-7
+_PNG = re.compile(r"^\d{3,}_.*\.png$")   # the overlays this module writes
+
+
+def binary_entropy(p) -> np.ndarray:
+  """Entropy in bits of Bernoulli(p), elementwise: 0 at p = 0 or 1, 1 at 0.5.
+
+  Args: p: float array in [0, 1]. Returns: float64 array of its shape.
+  """
+  p = np.clip(np.asarray(p, np.float64), _EPS, 1 - _EPS)
+  return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
+def _unmatched(a: np.ndarray, b: np.ndarray) -> int:
+  """Connected components (4-connectivity) of mask `a` that touch no pixel of `b`."""
+  lab, n = ndi.label(a)
+  if n == 0:
+    return 0
+  hit = np.bincount(lab[b & a].ravel(), minlength=n + 1)[1:]
+  return int(np.count_nonzero(hit == 0))
+
+
+def image_review(lq, upgraded, probs, name: str, truth=None) -> dict:
+  """The review numbers of one upgraded image, on its valid extent only.
+
+  Args:
+    lq: (H, W) LQ label (int ids or 0/1; > 0 is foreground).
+    upgraded: (H, W) bool upgraded mask (probs > 0.5).
+    probs: (H, W) float32 foreground probabilities of u_θ.
+    name: the image's name.
+    truth: optional (H, W) ground truth (simulated data): adds `dice_vs_truth`.
+
+  Returns:
+    {name, changed_fraction, pixels_added, pixels_removed, objects_added (upgraded
+    components touching no LQ pixel), objects_removed (LQ components touching no
+    upgraded pixel), mean_entropy_changed, mean_entropy_foreground,
+    expected_dice (the soft Dice of the probabilities against their own
+    threshold: what Dice u_θ expects of itself), score (= the SCORE column)}.
+  """
+  lq = np.asarray(lq) > 0
+  up = np.asarray(upgraded, bool)
+  probs = np.asarray(probs, np.float64)
+  if not lq.shape == up.shape == probs.shape:
+    raise ValueError(f"{name}: shapes differ: LQ {lq.shape}, upgraded {up.shape}, "
+                     f"probabilities {probs.shape}")
+  ent = binary_entropy(probs)
+  added, removed = up & ~lq, lq & ~up
+  changed = added | removed
+  fg = lq | up
+  soft = 2 * float(np.sum(probs * up)) / max(float(np.sum(probs) + np.sum(up)), _EPS)
+  row = {"name": str(name),
+         "changed_fraction": float(changed.mean()) if changed.size else 0.0,
+         "pixels_added": int(added.sum()), "pixels_removed": int(removed.sum()),
+         "objects_added": _unmatched(up, lq), "objects_removed": _unmatched(lq, up),
+         "mean_entropy_changed": float(ent[changed].mean()) if changed.any() else 0.0,
+         "mean_entropy_foreground": float(ent[fg].mean()) if fg.any() else 0.0,
+         "expected_dice": soft if up.any() or probs.sum() > _EPS else 1.0}
+  row["score"] = row[SCORE]
+  if truth is not None:
+    t = np.asarray(truth) > 0
+    denom = int(t.sum() + up.sum())
+    row["dice_vs_truth"] = 2 * int((t & up).sum()) / denom if denom else 1.0
+  return row
+
+
+def rank_rows(rows: Sequence[dict]) -> list[dict]:
+  """Rows sorted by score, highest (most doubtful) first, ties by name;
+  each gets its 1-based `rank`."""
+  ordered = sorted(rows, key=lambda r: (-r["score"], r["name"]))
+  return [{"rank": i + 1, **r} for i, r in enumerate(ordered)]
+
+
+def review_csv(ranked: Sequence[dict]) -> str:
+  """CSV text of ranked rows: COLUMNS (plus dice_vs_truth when known)."""
+  cols = list(COLUMNS) + (["dice_vs_truth"] if ranked and "dice_vs_truth" in ranked[0] else [])
+  buf = _io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(cols)
+  for r in ranked:
+    w.writerow([f"{r[c]:.6f}" if isinstance(r[c], float) else r[c] for c in cols])
+  return buf.getvalue()
+
+
+def _overlay_png(image, lq, upgraded, title: str) -> bytes:
+  """PNG bytes: the image with the LQ contour (red), the upgraded contour
+  (cyan), added pixels (green) and removed pixels (magenta)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  img = np.asarray(image, np.float32)
+  img = img.mean(-1) if img.ndim == 3 else img
+  lq, up = np.asarray(lq) > 0, np.asarray(upgraded, bool)
+  lo, hi = np.percentile(img, [1, 99.8])
+  tint = np.zeros(img.shape + (4,), np.float32)
+  tint[up & ~lq] = (0.1, 0.9, 0.1, 0.45)    # added by the upgrade
+  tint[lq & ~up] = (0.95, 0.1, 0.9, 0.45)   # removed by the upgrade
+  h, w = img.shape
+  scale = 6.0 / max(h, w)
+  fig, ax = plt.subplots(figsize=(max(2.5, w * scale), max(2.5, h * scale) + 0.4))
+  ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+  ax.imshow(tint)
+  for m, color in ((lq, "red"), (up, "cyan")):
+    if m.any() and not m.all():
+      ax.contour(m.astype(float), levels=[0.5], colors=color, linewidths=0.8)
+  ax.set_title(title, fontsize=8)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_xlabel("red: LQ  cyan: upgraded  green: added  magenta: removed", fontsize=7)
+  buf = _io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def write_review(directory, rows: Sequence[dict],
+                 sample: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                 top_n: int = TOP_N, guard: rundir.InputGuard | None = None) -> list[dict]:
+  """Writes directory/review.csv (ranked rows) and directory/review/ (one
+  overlay PNG per image of the top `top_n`, named <rank>_<name>.png).
+
+  Args:
+    rows: `image_review` dicts, any order.
+    sample: name -> (image (H, W[, C]), LQ (H, W), upgraded (H, W)) on the
+      valid extent, called for the top `top_n` only (so a caller may reload
+      them from disk instead of holding every image).
+    guard: the run's inputs; writing over one raises InputError.
+
+  Returns:
+    The ranked rows.
+  """
+  directory = Path(directory)
+  ranked = rank_rows(rows)
+  io.write_text(directory / "review.csv", review_csv(ranked), guard=guard)
+  folder = directory / "review"
+  if guard is not None:
+    guard.check_output(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  for p in folder.iterdir():   # an earlier run's overlays (its ranking may differ)
+    if p.is_file() and _PNG.match(p.name):
+      p.unlink()
+  for r in ranked[:top_n]:
+    image, lq, up = sample(r["name"])
+    title = (f"#{r['rank']} {r['name']}: score {r['score']:.3f}, "
+             f"{r['changed_fraction']:.1%} changed, +{r['objects_added']}/"
+             f"-{r['objects_removed']} objects")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", r["name"])
+    io.write_bytes(folder / f"{r['rank']:03d}_{safe}.png", _overlay_png(image, lq, up, title),
+                   guard=guard)
+  return ranked
+
+
+def dataset_rows(lq: Dataset, masks: np.ndarray, probs: np.ndarray,
+                 truth: np.ndarray | None = None) -> list[dict]:
+  """`image_review` of every sample of a Dataset, cropped to its extent.
+
+  Args:
+    lq: Dataset whose targets are the LQ labels (> 0 is foreground).
+    masks: (N, H, W) bool upgraded masks; probs: (N, H, W) float32.
+    truth: optional (N, H, W) ground truth ids (simulated data).
+  """
+  rows = []
+  for i, (name, (h, w)) in enumerate(zip(lq.names, lq.extents)):
+    t = None if truth is None else truth[i, :h, :w]
+    rows.append(image_review(lq.targets[i, :h, :w], masks[i, :h, :w], probs[i, :h, :w],
+                             name, truth=t))
+  return rows
+
+
+def write_dataset_review(directory, lq: Dataset, masks: np.ndarray, probs: np.ndarray, *,
+                         truth: np.ndarray | None = None, top_n: int = TOP_N,
+                         guard: rundir.InputGuard | None = None) -> list[dict]:
+  """`write_review` of a Dataset held in memory (see `dataset_rows`)."""
+  index = {n: i for i, n in enumerate(lq.names)}
+
+  def sample(name):
+    i = index[name]
+    h, w = lq.extents[i]
+    return lq.images[i, :h, :w], lq.targets[i, :h, :w], masks[i, :h, :w]
+
+  return write_review(directory, dataset_rows(lq, masks, probs, truth), sample,
+                      top_n=top_n, guard=guard)
