@@ -3,7 +3,7 @@ r"""Runs the paper's experiments at CPU scale and writes docs/reproduction.md.
     python -m experiments.reproduce                       # run what is missing, then write
     python -m experiments.reproduce --only=table_3_1_inc  # some entries (id prefixes)
     python -m experiments.reproduce --norun               # only rewrite the document
-    python -m experiments.reproduce --list                # the entries and their state
+    python -m experiments.reproduce --status              # the entries and their state
 
 Each entry (experiments/reproduction/entries.py) is an experiments.upgrade or
 experiments.sweep command run in its own process into out_root/<id>/, with
@@ -40,7 +40,7 @@ flags.DEFINE_string("doc", "docs/reproduction.md", "The markdown to write (its f
 flags.DEFINE_list("only", [], "Entry id prefixes to run (default: all); the document always "
                   "covers every entry.")
 flags.DEFINE_bool("run", True, "Run the missing entries before writing (--norun: only write).")
-flags.DEFINE_bool("list", False, "Print the entries, their finished repetitions and exit.")
+flags.DEFINE_bool("status", False, "Print the entries, their finished repetitions and exit.")
 flags.DEFINE_string("epfl_dir", "../shared/datasets/epfl_mito", "EPFL mitochondria folder "
                     "(entries that need it are skipped when it is absent).")
 
@@ -192,7 +192,7 @@ def main(argv):
   doc = Path(F.doc)
   data_dirs = _data_dirs()
   entries = select(F.only)
-  if F.list:
+  if F.status:
     for e in entries:
       print(f"{e.id}\t{_finished(e, root)} finished rep(s)\t{' '.join(e.command(root / e.id, data_dirs))}")
     return 0

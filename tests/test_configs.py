@@ -112,3 +112,11 @@ def test_cli_defaults_come_from_the_library_configs():
   assert cfg.upgrade.max_steps == upgrade.CLI_DEFAULTS["max_steps"]
   assert cfg.upgrade.steps_per_epoch == upgrade.CLI_DEFAULTS["steps_per_epoch"]
   assert (cfg.scenarios, cfg.reps, cfg.seed) == (lib.scenarios, lib.reps, lib.seed)
+
+
+def test_every_entry_point_imports_in_one_process():
+  # Flags are global: two entry points defining the same flag name would make
+  # the second import fail (DuplicateFlagError) in tests and notebooks.
+  import importlib
+  for m in ("upgrade", "sweep", "apply", "reproduce", "advise"):
+    importlib.import_module(f"experiments.{m}")
