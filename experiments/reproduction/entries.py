@@ -85,6 +85,11 @@ ENTRIES: tuple[Entry, ...] = (
           ("table_3_1_omission_hl60.cfg", _CPU),
           ("--scenarios=lq", "--lr=0.00001", "--batch_size=4", "--crop=256",
            "--max_steps=50", "--seg_max_steps=1000", "--reps=1")),
+    # Is the CPU segmentation recipe the ceiling? The oracle and HQ-only
+    # networks of the inclusion row with 4x the segmentation steps.
+    Entry("check_seg_steps", "check", "inclusion_hl60",
+          ("table_3_1_inclusion_hl60.cfg", _CPU),
+          ("--scenarios=hq,oracle", "--seg_max_steps=1600", "--patience=12", "--reps=1")),
 )
 
 

@@ -81,8 +81,10 @@ def sign_cell(d: dict, key: str) -> str:
 
 def gap_cell(d: dict, key: str = "hq_upgraded") -> str:
   g = (d.get("oracle_gap_recovered") or {}).get(key)
-  if not g or g["of_means"] is None:
+  if not g:
     return "–"
+  if g["of_means"] is None:  # the ceiling is not above HQ only: nothing to recover
+    return "no gap (oracle ≤ HQ)"
   return f"{g['of_means']:+.0%}"
 
 
