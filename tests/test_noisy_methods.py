@@ -83,6 +83,21 @@ def test_without_labelled_foreground_only_the_supervised_term_acts():
   assert float(out["pseudo"]) == 0.0 and float(out["separation"]) == 0.0
 
 
+def test_gradient_is_finite_where_features_are_zero():
+  # ReLU features are often exactly 0 (and with no foreground, the
+  # centroids too): the loss's gradient must stay finite there.
+  codes = jnp.array([[[1, 1, 0, -1, -1, -1]]])
+  valid = jnp.ones((1, 1, 6), bool)
+
+  def loss(logits, feats):
+    out = partial.partial_losses(jax.random.PRNGKey(0), logits, feats, codes, valid)
+    return out["supervised"] + 0.1 * out["pseudo"] + 0.15 * out["separation"]
+
+  for feats in (jnp.zeros((1, 1, 6, 3)), jnp.zeros((1, 1, 6, 3)).at[0, 0, 0].set(1.0)):
+    grads = jax.grad(loss, argnums=(0, 1))(jnp.zeros((1, 1, 6, 2)), feats)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
 def test_ramp():
   got = [float(partial.ramp(s, 10, 20)) for s in (0, 10, 15, 20, 99)]
   np.testing.assert_allclose(got, [0, 0, 0.5, 1, 1])

@@ -42,10 +42,16 @@ def _masked_ce(logits, cls, mask):
   return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def _norm(x):
+  """Euclidean norm over the last axis, with a finite gradient at 0: ReLU
+  features are often exactly 0, where the gradient of jnp.linalg.norm is
+  NaN (and a ramp weight of 0 times NaN is still NaN)."""
+  return jnp.sqrt(jnp.sum(x * x, axis=-1) + _EPS * _EPS)
+
+
 def _cosine(f, c):
   """(...,) cosine similarity of features f (..., F) to a centroid c (F,)."""
-  num = jnp.sum(f * c, axis=-1)
-  return num / (jnp.linalg.norm(f, axis=-1) * jnp.linalg.norm(c) + _EPS)
+  return jnp.sum(f * c, axis=-1) / (_norm(f) * _norm(c) + _EPS)
 
 
 def ramp(step, start: int, end: int):
@@ -94,7 +100,7 @@ def partial_losses(key, logits, features, codes, valid, *, gamma: float = 0.9) -
   pseudo_mask = pseudo_mask & (jnp.maximum(s_fg, s_bg) > gamma)
   pseudo = jnp.where(both, _masked_ce(logits, pseudo_cls, pseudo_mask), 0.0)
 
-  between = jnp.sum(c_fg * c_bg) / (jnp.linalg.norm(c_fg) * jnp.linalg.norm(c_bg) + _EPS)
+  between = _cosine(c_fg, c_bg)
   within = (jnp.sum(_cosine(f, c_fg) * fg) + jnp.sum(_cosine(f, c_bg) * bg)) / jnp.maximum(
       jnp.sum(sup), 1.0)
   separation = jnp.where(both, between / jnp.maximum(within, _EPS), 0.0)
