@@ -70,7 +70,8 @@ class Task:
     raise NotImplementedError
 
   def loss(self, logits, target, valid):
-    """() f32 loss of (B,h,w,2) logits against the (B,h,w) bool target."""
+    """() f32 soft Dice of (B,h,w,2) logits against the (B,h,w) target:
+    bool, or soft f32 in [0, 1] (Confident Learning's corrected pixels)."""
     return dice_loss_from_logits(logits, target, valid)
 
   def feature_loss(self, logits, features, target, valid, *, step, key):
