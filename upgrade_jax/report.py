@@ -23,7 +23,8 @@ PACKAGES = ("upgrade_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
 
 LABELS = {"lq": "LQ", "upgraded": "Upgraded", "hq": "HQ only", "hq_lq": "HQ + LQ",
           "hq_upgraded": "HQ + upgraded", "threshold": "Threshold",
-          "oracle": "Oracle (all true)"}
+          "oracle": "Oracle (all true)", "confident_learning": "Confident learn.",
+          "partial_labelling": "Partial labels"}
 
 
 def versions() -> dict:

@@ -6,6 +6,7 @@ the rest is shared.
 
   config.py       TrainConfig (the run) and StepConfig (what the step reads)
   tasks.py        Task, Upgrade, Segment: the registry of tasks
+  noisy_tasks.py  ConfidentLearning, PartialLabelling (Table 3.3's methods)
   state.py        TrainState, create_train_state
   step.py         the jitted, data-parallel train step and its batches
   evaluation.py   the fixed validation set, evaluate, predict / predict_proba
@@ -27,6 +28,7 @@ from upgrade_jax.engine.state import (TrainState, create_train_state, init_varia
 from upgrade_jax.engine.step import (Batch, crop_and_flip, gather_samples, make_train_step,
                                      sample_crops)
 from upgrade_jax.engine.tasks import TASKS, Segment, Task, Upgrade, make_task, task_from_json
+from upgrade_jax.engine.noisy_tasks import ConfidentLearning, PartialLabelling
 
 __all__ = ["Checkpoints", "ConfigMismatch", "LoopRecord", "check_resumable", "config_diff",
            "data_digest", "StepConfig", "TrainConfig",
@@ -34,4 +36,4 @@ __all__ = ["Checkpoints", "ConfigMismatch", "LoopRecord", "check_resumable", "co
            "FitResult", "fit", "TrainState", "create_train_state", "init_variables",
            "network_channels", "Batch", "crop_and_flip", "gather_samples", "make_train_step",
            "sample_crops", "TASKS", "Segment", "Task", "Upgrade", "make_task",
-           "task_from_json"]
+           "task_from_json", "ConfidentLearning", "PartialLabelling"]

@@ -58,6 +58,9 @@ def make_val_set(config: TrainConfig, val: Dataset, max_label: int,
   inputs, target = pair(key, jnp.asarray(val.images, jnp.float32),
                         jnp.asarray(val.targets, jnp.int32),
                         jnp.asarray(val.others, jnp.int32), valid=jnp.asarray(valid))
+  target = np.asarray(target)
+  if target.dtype != bool:   # a soft or coded target: foreground is > 0.5
+    target = target > 0.5
   n = len(val)
   nb = -(-n // b)
 
@@ -69,7 +72,7 @@ def make_val_set(config: TrainConfig, val: Dataset, max_label: int,
   sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
   return ValSet(*(parallel.put(batched(x), sharding)
-                  for x in (inputs, np.asarray(target), valid)))
+                  for x in (inputs, target, valid)))
 
 
 @functools.partial(jax.jit, static_argnums=0)

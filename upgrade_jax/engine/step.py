@@ -138,17 +138,26 @@ def _build_train_step(config: StepConfig, mesh, max_label: int):
     inputs, target, valid = parallel.shard_batch((inputs, target, valid), mesh)
 
     def loss_fn(params):
-      logits, updates = state.model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, inputs,
-          train=True, mutable=["batch_stats"])
-      loss = task.loss(logits, target, valid)
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      if task.uses_features:  # e.g. Partial Labelling's centroids
+        (logits, features), updates = state.model.apply(
+            variables, inputs, train=True, return_features=True, mutable=["batch_stats"])
+        # A key of its own, folded from the pair's, so the other tasks'
+        # random streams stay as they were.
+        loss = task.feature_loss(logits, features, target, valid, step=state.step,
+                                 key=jax.random.fold_in(k_pair, 1))
+      else:
+        logits, updates = state.model.apply(
+            variables, inputs, train=True, mutable=["batch_stats"])
+        loss = task.loss(logits, target, valid)
       return loss, (updates["batch_stats"], logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    counts = dice_counts(logits[..., 1] > logits[..., 0], target, valid)
+    hard = target if target.dtype == jnp.bool_ else target > 0.5  # soft or coded targets
+    counts = dice_counts(logits[..., 1] > logits[..., 0], hard, valid)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, {"loss": loss, "dice_counts": counts}

@@ -48,14 +48,20 @@ class Task:
       (True when it depends on the instances present, as P's omission does:
       omitting floor(r·n) of the n cells of a crop omits nothing from a crop
       that holds one cell).
+    uses_features: the loss reads the UNet's last decoder features too; the
+      step then calls `feature_loss` instead of `loss`.
   """
 
   name: ClassVar[str] = ""
   extra_channels: ClassVar[int] = 0
   whole_samples: ClassVar[bool] = False
+  uses_features: ClassVar[bool] = False
 
   def pair(self, key, images, targets, others, *, max_label: int, valid, train: bool):
-    """(inputs (B,h,w,C+extra) f32, target (B,h,w) bool) of a batch.
+    """(inputs (B,h,w,C+extra) f32, target (B,h,w)) of a batch.
+
+    The target is bool, or what the task's own loss reads (a soft f32
+    target, or int codes); the train and validation Dice read it as > 0.5.
 
     Args: key, a PRNG key; images (B,h,w,C) f32; targets, others (B,h,w)
     int32 instance ids; valid (B,h,w) bool; max_label, a static bound on the
@@ -64,8 +70,14 @@ class Task:
     raise NotImplementedError
 
   def loss(self, logits, target, valid):
-    """() f32 loss of (B,h,w,2) logits against the (B,h,w) bool target."""
+    """() f32 soft Dice of (B,h,w,2) logits against the (B,h,w) target:
+    bool, or soft f32 in [0, 1] (Confident Learning's corrected pixels)."""
     return dice_loss_from_logits(logits, target, valid)
+
+  def feature_loss(self, logits, features, target, valid, *, step, key):
+    """() f32 loss of a task with `uses_features`: also the (B,h,w,F)
+    decoder features, the () int32 step (for ramps) and a PRNG key."""
+    raise NotImplementedError
 
   def prediction_inputs(self, images: np.ndarray, labels, valid) -> np.ndarray:
     """(N,H,W,C+extra) float32 network input for prediction (host side).

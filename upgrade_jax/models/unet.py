@@ -120,7 +120,12 @@ class UNet(nn.Module):
   conv_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, return_features: bool = False):
+    """Logits (B, H, W, num_classes) f32; with return_features, also the
+    last decoder block's features (B, H, W, widths[0]) f32 (after its ReLU,
+    so >= 0), which Partial Labelling's pseudo-labels and separation term
+    read. The flag only adds an output: the same parameters and the same
+    logits either way."""
     if len(self.widths) != POOL_LEVELS + 1:
       raise ValueError(f"UNet widths must have {POOL_LEVELS + 1} entries "
                        f"(4 encoder blocks + bottleneck), got {self.widths}")
@@ -140,7 +145,10 @@ class UNet(nn.Module):
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = ConvBlock(self.widths[level], self.conv_impl,
                     name=f"up{level}")(x, train=train)
+    features = x
     conv = get_conv(self.conv_impl)
     x = conv(features=self.num_classes, kernel_size=(1, 1), padding="SAME",
              use_bias=True, name="head")(x)
+    if return_features:
+      return crop_to(x, hw), crop_to(features, hw)
     return crop_to(x, hw)

@@ -141,6 +141,9 @@ class PipelineConfig:
     tiling: how prediction of the written files cuts large images.
     review_top: overlays written to review/ for the first N rows of the
       review queue (upgrade_jax.review).
+    confident_learning: the task (and folds) of the "confident_learning"
+      scenario; trained with segment's other settings.
+    partial_labelling: the task of the "partial_labelling" scenario.
   """
 
   data: DataConfig = DataConfig()
@@ -157,6 +160,8 @@ class PipelineConfig:
   output: str = "instances"
   tiling: TileConfig = TileConfig()
   review_top: int = 20
+  confident_learning: engine.ConfidentLearning = engine.ConfidentLearning()
+  partial_labelling: engine.PartialLabelling = engine.PartialLabelling()
 
   def __post_init__(self):
     if self.review_top < 0:
@@ -174,6 +179,10 @@ class PipelineConfig:
         or not isinstance(self.segment.task, engine.Segment)):
       raise ValueError("PipelineConfig: upgrade.task must be an engine.Upgrade and "
                        "segment.task an engine.Segment")
+    if (not isinstance(self.confident_learning, engine.ConfidentLearning)
+        or not isinstance(self.partial_labelling, engine.PartialLabelling)):
+      raise ValueError("PipelineConfig: confident_learning and partial_labelling must be "
+                       "engine.ConfidentLearning and engine.PartialLabelling tasks")
     if self.reps < 1:
       raise ValueError(f"PipelineConfig.reps must be >= 1, got {self.reps}")
 
@@ -183,6 +192,7 @@ class PipelineConfig:
 # compute: more repetitions or scenarios extend a finished run.
 _RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch", "review_top")
 _RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl")
+_METHOD_FIELDS = ("confident_learning", "partial_labelling")
 
 
 def run_key(cfg: PipelineConfig) -> dict:
@@ -200,6 +210,11 @@ def run_key(cfg: PipelineConfig) -> dict:
     d["data"].pop("felzenszwalb")
   if not cfg.data.z_consistent:   # off: the key of runs made before the option
     d["data"].pop("z_consistent")
+  # The methods' options at their defaults are left out, so the keys of runs
+  # made before they existed still match; other values are in the key.
+  for name in _METHOD_FIELDS:
+    if getattr(cfg, name) == getattr(PipelineConfig, name):
+      d.pop(name)
   # A JSON round trip, so that tuples and lists compare equal to a stored key.
   return json.loads(json.dumps(d))
 

@@ -6,7 +6,8 @@
                     annotation Dice and instance scores, the saved upgrader
                     (out_dir/model, repetition 0), upgraded TIFFs, the
                     review queue (review.csv, review/), the overlay samples
-  train_scenarios   one segmentation network per scenario, test Dice
+  train_scenarios   one segmentation network per scenario (trained as
+                    methods.TRAINERS says), test Dice
   score_threshold   the global-threshold baseline
 
 Each stage takes the config, what earlier stages made and the repetition's
@@ -29,6 +30,7 @@ from upgrade_jax.data import io
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.pipeline.config import PipelineConfig
 from upgrade_jax.pipeline.data import RepData, predicted_lq, prepare_rep
+from upgrade_jax.pipeline.methods import TRAINERS, fit_segment
 from upgrade_jax.pipeline.scenarios import SCENARIO_DATA
 
 __all__ = ["RepRun", "prepare_data", "train_upgrader", "upgrade_lq_sets", "train_scenarios",
@@ -154,8 +156,11 @@ def train_scenarios(cfg: PipelineConfig, data: RepData, upgraded: Dataset,
     train_ds, val_ds = SCENARIO_DATA[scenario](data, upgraded)
     run.log(f"[rep {run.rep}] training the segmentation network: {scenario} "
             f"({len(train_ds)} training slices)")
-    seg = engine.fit(dataclasses.replace(cfg.segment, seed=run.seed), train_ds, val_ds,
-                     run.rep_dir / f"seg_{scenario}", log=run.log, context=run.key)
+    trainer = TRAINERS.get(scenario, fit_segment)
+    seg, info = trainer(cfg, train_ds, val_ds, run.rep_dir / f"seg_{scenario}",
+                        seed=run.seed, log=run.log, context=run.key)
+    if info:
+      run.result.setdefault("methods", {})[scenario] = info
     pred = engine.predict(seg.state_best, data.test.images, batch_size=cfg.predict_batch,
                           extents=data.test.extents)
     seg_dice[scenario] = metrics.pooled_dice_np(pred, data.test.targets, valid)

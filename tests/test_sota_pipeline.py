@@ -1,0 +1,87 @@
+"""Table 3.3's competing methods as pipeline scenarios: their sets, the run
+key, and a tiny CLI run that carries them into results.json and the table."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from upgrade_jax import engine, pipeline
+from upgrade_jax.data.types import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ds(n, h, w, name):
+  t = np.zeros((n, h, w), np.int32)
+  t[:, 2:5, 2:5] = 1
+  return Dataset(np.ones((n, h, w, 1), np.float32), t, np.zeros_like(t),
+                 np.tile([h, w], (n, 1)).astype(np.int32), tuple(f"{name}{i}" for i in range(n)))
+
+
+class _Forbidden:
+  """Stands for the LQ slices' true labels: reading them fails the test."""
+
+  def __getattr__(self, name):
+    raise AssertionError(f"a competing method read the LQ truth ({name})")
+
+
+def test_methods_train_on_hq_and_lq_as_labelled_never_on_lq_truth():
+  hq, val, lq = _ds(2, 8, 8, "hq"), _ds(1, 8, 8, "val"), _ds(3, 8, 8, "lq")
+  d = pipeline.RepData(hq, val, lq, _Forbidden(), _ds(1, 8, 8, "t"), _ds(1, 8, 8, "tl"),
+                       _ds(1, 8, 8, "vl"))
+  train, v = pipeline.SCENARIO_DATA["confident_learning"](d, None)
+  assert train.names == ("hq0", "hq1", "lq0", "lq1", "lq2") and v.names == ("val0",)
+  np.testing.assert_array_equal(train.targets[2:], lq.targets)
+  train, v = pipeline.SCENARIO_DATA["partial_labelling"](d, None)
+  assert train.names == ("hq0", "hq1", "lq0", "lq1", "lq2") and v.names == ("val0",)
+  # HQ slices are fully labelled; the LQ slices' background is unlabelled.
+  assert (train.targets[:2] >= 0).all()
+  np.testing.assert_array_equal(train.targets[2:] == -1, lq.targets == 0)
+
+
+def test_methods_are_opt_in_and_their_default_options_leave_the_run_key_alone():
+  for s in ("confident_learning", "partial_labelling"):
+    assert s in pipeline.SCENARIOS and s not in pipeline.DEFAULT_SCENARIOS
+  cfg = pipeline.PipelineConfig()
+  key = pipeline.run_key(cfg)
+  assert "confident_learning" not in key and "partial_labelling" not in key
+  other = pipeline.PipelineConfig(confident_learning=engine.ConfidentLearning(folds=3))
+  assert pipeline.run_key(other)["confident_learning"]["folds"] == 3
+  with pytest.raises(ValueError, match="confident_learning"):
+    pipeline.PipelineConfig(confident_learning=engine.Segment())
+
+
+TINY = ["--n_volumes=5", "--volume_shape=6,96,96", "--n_test=1", "--n_hq=4", "--max_test=4",
+        "--n_lq=6", "--width=4", "--crop=32", "--batch_size=4", "--max_steps=6",
+        "--steps_per_epoch=3", "--log_every=3", "--patience=2"]
+
+
+@pytest.mark.slow
+def test_cli_runs_both_methods_into_results_and_table(tmp_path):
+  out = tmp_path / "run"
+  cache = tempfile.mkdtemp(prefix="upgrade_jax_xla_")
+  args = TINY + ["--scenarios=hq_upgraded,confident_learning,partial_labelling",
+                 "--threshold_baseline=false", f"--out_dir={out}", f"--compilation_cache={cache}"]
+  proc = subprocess.run([sys.executable, "-m", "experiments.upgrade", *args], cwd=ROOT,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  d = json.loads((out / "results.json").read_text())
+  assert set(d["segmentation_dice"]) == {"hq_upgraded", "confident_learning",
+                                         "partial_labelling"}
+  assert {"hq_upgraded_vs_confident_learning",
+          "hq_upgraded_vs_partial_labelling"} <= set(d["paired"])
+  assert "Confident learn." in proc.stdout and "Partial labels" in proc.stdout
+  rep = json.loads((out / "rep0" / "rep.json").read_text())
+  info = rep["methods"]["confident_learning"]
+  assert len(info["q"]) == 2 and info["pixels"] > 0
+  assert rep["methods"]["partial_labelling"]["unlabelled_pixels"] > 0
+  for sub in ("teacher0", "teacher1", "student"):
+    assert (out / "rep0" / "seg_confident_learning" / sub).is_dir()
+  assert (out / "scenarios.png").stat().st_size > 1000
