@@ -77,6 +77,14 @@ ENTRIES: tuple[Entry, ...] = (
           ("--reps=2", "--scenarios="), sweep=True),
     Entry("figure_3_6_cost", "figure_3_6", "n_hq", ("fig_3_6_cost.cfg",), ("--reps=2",),
           sweep=True),
+    # Table 3.3: the competing methods (issue 12) on combined_hl60, 20 HQ slices.
+    Entry("table_3_3_omission", "table_3_3", "omission", ("table_3_3_sota.cfg",)),
+    Entry("table_3_3_inclusion", "table_3_3", "inclusion", ("table_3_3_sota.cfg",),
+          ("--omission_rate=0.0", "--inclusion_rate=0.7",
+           "--paper=hq_upgraded=0.962,confident_learning=0.888,partial_labelling=0.859")),
+    Entry("table_3_3_bias", "table_3_3", "bias", ("table_3_3_sota.cfg",),
+          ("--omission_rate=0.0", "--bias_max=6",
+           "--paper=hq_upgraded=0.916,confident_learning=0.947,partial_labelling=0.803")),
     # The Dice-under-omission explanation, checked: LQ-only trained with the
     # paper's recipe (Adam 1e-5, batch 4, whole 256x256 slices; width stays
     # 16 on CPU) on the omission row. u_θ is not looked at here, so it gets
