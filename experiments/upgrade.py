@@ -439,7 +439,7 @@ def plan_from_flags(out_dir: Path, v: FlagView | None = None) -> Plan:
 def execute(plan: Plan) -> dict | None:
   """Runs a checked plan; returns the results.json dict (None in user mode,
   whose results.json holds the upgraded file list)."""
-  from upgrade_jax import pipeline, report
+  from upgrade_jax import pipeline, report, rundir
 
   t0 = time.perf_counter()
   out_dir = plan.out_dir
@@ -453,6 +453,8 @@ def execute(plan: Plan) -> dict | None:
   paper = _paper(plan.flags.paper)
   d = report.write_results(out_dir, results, extra={"paper": paper,
                                                     "command": " ".join(sys.argv)})
+  if not rundir.is_primary_process():  # several processes: process 0 reports
+    return d
   figures = report.write_figures(out_dir, d, paper or None)
   print()
   print(report.format_table(d, paper or None))
