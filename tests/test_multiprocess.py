@@ -23,10 +23,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny pipeline run of test_pipeline.py, upgrade network only: 3 epochs of
-# 3 steps (patience high enough that none stops early), global batch 4.
+# 2 steps (patience high enough that none stops early), global batch 4.
 TINY = ["--n_volumes=5", "--volume_shape=6,96,96", "--n_test=1", "--n_hq=4", "--max_test=4",
-        "--n_lq=6", "--width=4", "--crop=32", "--batch_size=4", "--max_steps=9",
-        "--steps_per_epoch=3", "--log_every=3", "--patience=5", "--scenarios=",
+        "--n_lq=6", "--width=4", "--crop=32", "--batch_size=4", "--max_steps=6",
+        "--steps_per_epoch=2", "--log_every=2", "--patience=5", "--scenarios=",
         "--threshold_baseline=false"]
 
 # One persistent XLA cache for the runs of this module (not ~/.cache).
@@ -81,7 +81,7 @@ def runs(tmp_path_factory):
   two = launch(dirs["two"], 2, 2)
   logs = {"one": finish(one), "two": finish(two)}
   # Kill both processes (SIGKILL) as soon as process 0 reports epoch 1: its
-  # checkpoint (step 3) is committed, training goes on towards step 9.
+  # checkpoint (step 2) is committed, training goes on towards step 6.
   killed = launch(dirs["killed"], 2, 2)
   for line in killed[0].stdout:
     if " epoch 1 " in line:
