@@ -39,9 +39,11 @@ LOCK_NAME = ".upgrade_jax.lock"
 def is_primary_process() -> bool:
   """Whether this process writes the run's files: always for one process;
   with several JAX processes (upgrade_jax.parallel) only process 0, so they
-  never race on one path (every process runs the same program)."""
+  never race on one path (every process runs the same program). Asks JAX
+  only after jax.distributed.initialize: a single process never starts a
+  JAX backend (e.g. takes a GPU) just to write a file."""
   import jax  # here, not at the top: checking paths needs no JAX
-  return jax.process_index() == 0
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 class InputError(ValueError):
