@@ -9,6 +9,7 @@ collectives on CPU).
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,9 +35,19 @@ CACHE = tempfile.mkdtemp(prefix="upgrade_jax_xla_mp_")
 
 
 def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  """A free port below Linux's ephemeral range (32768-60999), so no socket
+  the system hands out meanwhile (e.g. gloo's, or another test's) takes it
+  before the coordinator binds it."""
+  rng = random.Random()
+  for _ in range(100):
+    port = rng.randrange(20000, 32000)
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError("no free port in 20000-32000")
 
 
 def launch(out_dir: Path, processes: int, devices: int, extra=()) -> list[subprocess.Popen]:
@@ -83,13 +94,15 @@ def runs(tmp_path_factory):
   # Kill both processes (SIGKILL) as soon as process 0 reports epoch 1: its
   # checkpoint (step 2) is committed, training goes on towards step 6.
   killed = launch(dirs["killed"], 2, 2)
+  seen = []
   for line in killed[0].stdout:
+    seen.append(line)
     if " epoch 1 " in line:
       break
   for p in killed:
     p.send_signal(signal.SIGKILL)
-  for p in killed:
-    p.communicate(timeout=60)
+  rest = [p.communicate(timeout=60) for p in killed]
+  assert " epoch 1 " in seen[-1], f"no epoch 1 before the kill:\n{''.join(seen)}\n{rest}"
   assert not (dirs["killed"] / "results.json").exists()
   logs["resumed"] = finish(launch(dirs["killed"], 2, 2))
   logs["seconds"] = time.perf_counter() - t0
@@ -121,7 +134,8 @@ def test_two_processes_train_what_one_process_trains(runs):
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_same_result(runs):
   dirs, logs = runs
-  assert all("resuming from step" in out for out in logs["resumed"])
+  for out in logs["resumed"]:
+    assert "resuming from step" in out, out
   a, b = model_vars(dirs["two"]), model_vars(dirs["killed"])
   for k in a:  # the same programs on the same devices replay the same steps
     np.testing.assert_array_equal(b[k], a[k], err_msg=k)
