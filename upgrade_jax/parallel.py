@@ -18,9 +18,9 @@ inputs; `maybe_initialize_distributed` runs before any other JAX call, then
 `make_mesh()` spans the devices of all processes and `put` builds global
 arrays from each process's identical host copy. Results that are sharded
 over devices of other processes come back with `fetch` (an all-gather).
-Files are written by the primary process (process 0) only (`is_primary`;
-data.io's writers skip the others), with a `barrier` where another process
-reads what it wrote. tests/test_multiprocess.py runs 2 processes x 2 CPU
+Files are written by process 0 only (`rundir.is_primary_process`; data.io's
+writers skip the others), with a `barrier` where another process reads what
+it wrote. tests/test_multiprocess.py runs 2 processes x 2 CPU
 devices on localhost (gloo collectives) against 1 process x 4 devices.
 """
 
@@ -58,11 +58,6 @@ def maybe_initialize_distributed(enabled: bool, *, coordinator_address: str | No
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
              "process_id": process_id}
     jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
-
-
-def is_primary() -> bool:
-  """Whether this is process 0, the one that writes the run's files."""
-  return jax.process_index() == 0
 
 
 def barrier(name: str) -> None:
