@@ -162,7 +162,16 @@ flags.DEFINE_list("paper", [], "Paper figures for the table, e.g. lq=0.48,upgrad
 flags.DEFINE_string("compilation_cache", str(Path.home() / ".cache" / "upgrade_jax" / "xla"),
                     "Persistent XLA compilation cache directory ('' = off): reruns, resumes "
                     "and sweep points skip most compilation.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_bool("distributed", False, "Run as one of several processes (multi-host, or several "
+                  "processes on one machine): calls jax.distributed.initialize(), with the "
+                  "three flags below or, without them, JAX's cluster auto-detection "
+                  "(SLURM, Cloud TPU, JAX_COORDINATOR_ADDRESS/...). Process 0 writes the files.")
+flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0's "
+                    "coordinator, e.g. 127.0.0.1:12345 (default: auto-detected).")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of processes (default: "
+                     "auto-detected).", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index in "
+                     "[0, num_processes) (default: auto-detected).", lower_bound=0)
 flags.DEFINE_bool("debug", False, "Show the Python traceback of input errors too "
                   "(they are one line on stderr otherwise).")
 
@@ -338,11 +347,38 @@ def setup_runtime() -> None:
     # that follows names the file, so the warning would only be a second line.
     import logging as py_logging
     py_logging.getLogger("tifffile").setLevel(py_logging.ERROR)
+  one_line_errors(check_distributed_flags, checking=True)
   import jax
   if F.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", F.compilation_cache)
   from upgrade_jax import parallel
-  parallel.maybe_initialize_distributed(F.distributed)
+  parallel.maybe_initialize_distributed(F.distributed, coordinator_address=F.coordinator_address,
+                                        num_processes=F.num_processes,
+                                        process_id=F.process_id)
+
+
+def check_distributed_flags() -> None:
+  """Refuses process flags that would be ignored or cannot work (one line),
+  before JAX starts or anything is written."""
+  from upgrade_jax.rundir import InputError
+
+  given = [f"--{n}" for n in ("coordinator_address", "num_processes", "process_id")
+           if getattr(F, n) is not None]
+  if given and not F.distributed:
+    raise InputError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only "
+                     "with --distributed; add it")
+  if (F.num_processes is None) != (F.process_id is None):
+    raise InputError("--num_processes and --process_id go together: give both (or neither, "
+                     "for JAX's cluster auto-detection)")
+  if F.process_id is not None and F.process_id >= F.num_processes:
+    raise InputError(f"--process_id={F.process_id} must be below "
+                     f"--num_processes={F.num_processes} (ids count from 0)")
+  address = F.coordinator_address
+  if address is not None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise InputError(f"--coordinator_address={address} must be host:port, e.g. "
+                       "127.0.0.1:12345")
 
 
 def check_flag_combination(v: FlagView) -> None:
@@ -410,7 +446,7 @@ def plan_from_flags(out_dir: Path, v: FlagView | None = None) -> Plan:
 def execute(plan: Plan) -> dict | None:
   """Runs a checked plan; returns the results.json dict (None in user mode,
   whose results.json holds the upgraded file list)."""
-  from upgrade_jax import pipeline, report
+  from upgrade_jax import pipeline, report, rundir
 
   t0 = time.perf_counter()
   out_dir = plan.out_dir
@@ -424,6 +460,8 @@ def execute(plan: Plan) -> dict | None:
   paper = _paper(plan.flags.paper)
   d = report.write_results(out_dir, results, extra={"paper": paper,
                                                     "command": " ".join(sys.argv)})
+  if not rundir.is_primary_process():  # several processes: process 0 reports
+    return d
   figures = report.write_figures(out_dir, d, paper or None)
   print()
   print(report.format_table(d, paper or None))

@@ -257,6 +257,16 @@ CASES = [
      "data_dir"),
     ("others_labels_without_user_mode", _synthetic("--others_labels=/tmp"), "--others_labels"),
     ("cost_budget_below_hq_cost", _synthetic("--cost_budget=10", "--n_hq=4"), "--cost_budget"),
+    # Process flags: checked before JAX starts (a bad one would hang or fail later).
+    ("process_flags_without_distributed", _synthetic("--num_processes=2", "--process_id=1"),
+     "--distributed"),
+    ("process_id_without_count", _synthetic("--distributed", "--process_id=0"),
+     "--num_processes"),
+    ("process_id_out_of_range", _synthetic("--distributed", "--num_processes=2",
+                                           "--process_id=2"), "--process_id=2"),
+    ("coordinator_address_without_port", _synthetic(
+        "--distributed", "--coordinator_address=localhost", "--num_processes=2",
+        "--process_id=0"), "--coordinator_address"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Device mesh, shardings, and placing a Dataset on the devices.
+"""Device mesh, shardings, placing a Dataset on the devices, and processes.
 
 Data parallelism is expressed with `jax.jit` and `NamedSharding` over a 1-D
 mesh whose single axis is `data`: the train step is written for the global
@@ -12,11 +12,16 @@ The HQ training set is small (tens of 2-D slices), so it is replicated on
 every device once (`place_dataset`) and each step gathers its crops on the
 device: nothing crosses from the host in the hot loop.
 
-Multi-host (e.g. a TPU pod slice or several GPU nodes): every process runs the
-same program; call `maybe_initialize_distributed(True)` before any other JAX
-call, then `make_mesh()` spans the devices of all processes and
-`place_dataset` builds global arrays from each process's (identical) copy of
-the data. This path is documented, not tested here (one host only).
+Several processes (a TPU pod slice, several GPU nodes, or several CPU
+processes on one machine): every process runs the same program on the same
+inputs; `maybe_initialize_distributed` runs before any other JAX call, then
+`make_mesh()` spans the devices of all processes and `put` builds global
+arrays from each process's identical host copy. Results that are sharded
+over devices of other processes come back with `fetch` (an all-gather).
+Files are written by process 0 only (`rundir.is_primary_process`; data.io's
+writers skip the others), with a `barrier` where another process reads what
+it wrote. tests/test_multiprocess.py runs 2 processes x 2 CPU
+devices on localhost (gloo collectives) against 1 process x 4 devices.
 """
 
 from __future__ import annotations
@@ -26,21 +31,57 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Calls jax.distributed.initialize() when `enabled` (multi-host runs).
+def maybe_initialize_distributed(enabled: bool, *, coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Calls jax.distributed.initialize() when `enabled` (several processes).
 
-  Must run before any other JAX call in the process. The coordinator address,
-  process count and id come from the cluster environment (SLURM, Cloud TPU,
-  or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
-  variables that jax.distributed reads itself). Not testable on one host.
+  Must run before any other JAX call in the process. Arguments left None come
+  from the cluster environment (SLURM, Cloud TPU, or the
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables
+  that jax.distributed reads itself). On CPU the processes talk over gloo,
+  JAX's default CPU collectives (jax_cpu_collectives_implementation).
+
+  Args:
+    enabled: False: a single process; nothing is called.
+    coordinator_address: "host:port" of process 0's coordinator service.
+    num_processes: how many processes the run has.
+    process_id: this process's index in [0, num_processes).
   """
   if enabled:
-    jax.distributed.initialize()
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `barrier(name)` (no-op for one process).
+
+  Used where a process reads a file the primary process has just written.
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def fetch(tree):
+  """jax.device_get that also takes arrays spanning other processes' devices.
+
+  Such an array (e.g. a prediction batch sharded over the global `data`
+  axis) is all-gathered first, so every process gets the whole value; a
+  fully addressable or fully replicated array is fetched as device_get
+  would (one process: exactly device_get).
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(get, tree)
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from upgrade_jax import rundir
 from upgrade_jax.data.io import json_safe, write_text
 
 PACKAGES = ("upgrade_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
@@ -165,6 +166,8 @@ def format_table(d: dict, paper: dict | None = None) -> str:
 # Figures.
 
 def _savefig(fig, path: Path) -> None:
+  if not rundir.is_primary_process():  # several JAX processes: process 0 writes
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.stem + ".tmp.png")
   fig.savefig(tmp, dpi=110, bbox_inches="tight")

@@ -181,6 +181,8 @@ def write_review(directory, rows: Sequence[dict],
   directory = Path(directory)
   ranked = rank_rows(rows)
   io.write_text(directory / "review.csv", review_csv(ranked), guard=guard)
+  if not rundir.is_primary_process():  # several JAX processes: process 0 writes
+    return ranked
   folder = directory / "review"
   if guard is not None:
     guard.check_output(folder)

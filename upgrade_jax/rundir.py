@@ -28,12 +28,22 @@ from pathlib import Path
 from typing import Iterable
 
 __all__ = ["InputError", "InputGuard", "check_out_dir", "RunLock", "remove_stale_temps",
-           "TEMP_SUFFIX", "temp_path_for", "output_mode"]
+           "TEMP_SUFFIX", "temp_path_for", "output_mode", "is_primary_process"]
 
 # Temporary files of atomic writes end in this; a rerun deletes the ones a
 # killed run left in its own out_dir, and no other file.
 TEMP_SUFFIX = ".upgrade_jax.tmp"
 LOCK_NAME = ".upgrade_jax.lock"
+
+
+def is_primary_process() -> bool:
+  """Whether this process writes the run's files: always for one process;
+  with several JAX processes (upgrade_jax.parallel) only process 0, so they
+  never race on one path (every process runs the same program). Asks JAX
+  only after jax.distributed.initialize: a single process never starts a
+  JAX backend (e.g. takes a GPU) just to write a file."""
+  import jax  # here, not at the top: checking paths needs no JAX
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 class InputError(ValueError):
@@ -156,7 +166,9 @@ class RunLock:
   """An exclusive lock on a run's out_dir, held while the run lives.
 
   fcntl locks belong to the process: a killed run releases its lock, so a
-  rerun is never blocked by a stale lock file.
+  rerun is never blocked by a stale lock file. With several JAX processes
+  only process 0 takes it (the others write no files; a second run's
+  process 0 is refused, and its other processes fail with it).
   """
 
   def __init__(self, out_dir):
@@ -165,6 +177,8 @@ class RunLock:
 
   def __enter__(self) -> "RunLock":
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_primary_process():
+      return self
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,8 +207,11 @@ def remove_stale_temps(out_dir) -> list[Path]:
   """Deletes the temporary files (`*TEMP_SUFFIX`) a killed run left in out_dir.
 
   Call only while holding the out_dir's RunLock. Links are not followed.
+  With several JAX processes only process 0 (the one holding the lock) does.
   """
   removed = []
+  if not is_primary_process():
+    return removed
   for dirpath, _, filenames in os.walk(out_dir):
     for name in filenames:
       p = Path(dirpath) / name

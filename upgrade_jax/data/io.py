@@ -290,7 +290,13 @@ def _atomic_write(path: Path, write) -> Path:
   """Calls write(tmp_name) on a temporary file beside `path`, then renames it
   onto `path` in one step: readers never see a partial file, a failure leaves
   none, and a killed run's leftover is removed by `rundir.remove_stale_temps`.
-  The file gets the mode `open` would give it (umask), not mkstemp's 0600."""
+  The file gets the mode `open` would give it (umask), not mkstemp's 0600.
+
+  With several JAX processes (upgrade_jax.parallel) every process runs the
+  same program and would write the same file: only process 0 writes, so they
+  never race on one path; the others return `path` at once."""
+  if not rundir.is_primary_process():
+    return path
   fd, tmp = rundir.temp_path_for(path)
   try:
     os.close(fd)

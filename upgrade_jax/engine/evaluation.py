@@ -164,7 +164,8 @@ def predict_proba(state, images, labels=None, *, batch_size: int = 8,
   x = np.pad(x, ((0, nb * batch_size - n), (0, hb - h), (0, wb - w), (0, 0)))
   outs = [_forward_probs(model, variables, put(x[i * batch_size:(i + 1) * batch_size]))
           for i in range(nb)]  # dispatched asynchronously, fetched once
-  probs = np.concatenate(jax.device_get(outs))[:n, :h, :w]
+  # fetch: with several processes a batch spans devices of the others.
+  probs = np.concatenate(parallel.fetch(outs))[:n, :h, :w]
   if valid is not None:
     probs = np.where(valid, probs, 0.0).astype(np.float32)
   return probs

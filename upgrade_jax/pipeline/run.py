@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from upgrade_jax import metrics, rundir
+from upgrade_jax import metrics, parallel, rundir
 from upgrade_jax.data import io
 from upgrade_jax.pipeline import stages
 from upgrade_jax.pipeline.config import PipelineConfig, check_rep, run_key
@@ -191,11 +191,14 @@ def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
       f"volumes), loaded in {load_s:.1f}s")
   with rundir.RunLock(out_dir):
     rundir.remove_stale_temps(out_dir)
-    if fresh:
+    if fresh and rundir.is_primary_process():  # several processes: process 0 deletes
       gone = discard_reps(out_dir, protect=[cfg.data.data_dir] if cfg.data.data_dir else [])
       if gone:
         log(f"fresh start: discarded {len(gone)} old repetition folders / upgraded files "
             f"in {out_dir}")
+    # Several processes: none reads out_dir (rep.json, checkpoints) before
+    # process 0 has cleaned it up.
+    parallel.barrier("upgrade_jax:run_start")
     reps = [run_rep(cfg, volumes, r, out_dir, log=log, guard=guard)
             for r in range(cfg.reps)]
   return Results(cfg, reps, {"load_s": load_s, "total_s": time.perf_counter() - t0})

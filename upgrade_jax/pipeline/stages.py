@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from upgrade_jax import engine, export, instances, metrics, review, rundir
+from upgrade_jax import engine, export, instances, metrics, parallel, review, rundir
 from upgrade_jax.baselines import threshold as threshold_lib
 from upgrade_jax.data import io
 from upgrade_jax.data.types import Dataset, concat
@@ -140,7 +140,8 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
   run.result["annotation_dice"] = ann
   run.log(f"[rep {run.rep}] annotation Dice on the test set: LQ {ann['lq']:.4f} -> "
           f"upgraded {ann['upgraded']:.4f}")
-  np.savez_compressed(run.rep_dir / "samples.npz", **figure_samples(data, upgraded_test))
+  if rundir.is_primary_process():  # several JAX processes: process 0 writes
+    np.savez_compressed(run.rep_dir / "samples.npz", **figure_samples(data, upgraded_test))
   return upgraded
 
 
@@ -228,6 +229,9 @@ def export_upgrader(cfg: PipelineConfig, fit: engine.FitResult, image_channels: 
   export.save_upgrader(out_dir / "model", up, guard=guard, train={
       "best_val_dice": fit.best_val_dice, "best_step": fit.best_step,
       "config": cfg.upgrade.to_json()})
+  # Several processes: process 0 alone wrote the files; the others read them
+  # only once they are complete.
+  parallel.barrier("upgrade_jax:export_upgrader")
   return export.load_upgrader(out_dir / "model")
 
 
