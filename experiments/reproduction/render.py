@@ -242,6 +242,7 @@ def plot_figure_3_4(pts, path: Path) -> None:
     ax.plot(xs, a + b * np.log(xs), ":", color="k", label=f"{a:.3f} + {b:.3f}·ln n")
   ax.set_xscale("log")
   ax.set_xticks(x, [f"{int(v)}" for v in x])
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel("HQ slices")
   ax.set_ylabel("annotation Dice (test set)")
   ax.grid(alpha=0.3)
