@@ -1,8 +1,14 @@
-"""Shared test data: a toy Dataset of bright discs on a noisy background."""
+"""Shared test data: a toy Dataset of bright discs on a noisy background; and
+one persistent XLA compilation cache for every CLI subprocess of the session
+(the tiny runs share shapes, so later runs skip most compilation)."""
+
+import tempfile
 
 import numpy as np
 
 from upgrade_jax.data.types import Dataset
+
+XLA_CACHE = tempfile.mkdtemp(prefix="upgrade_jax_xla_")
 
 
 def toy_discs(n: int, size=(48, 48), *, seed: int = 0, discs=(3, 6),

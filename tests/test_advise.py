@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import XLA_CACHE
 
 from upgrade_jax import advise
 
@@ -45,7 +46,8 @@ def test_advise_cli_on_tiny_synthetic_data(tmp_path):
   out = tmp_path / "advise"
   args = ["--n_volumes=5", "--volume_shape=6,96,96", "--n_test=1", "--n_hq=5", "--max_test=4",
           "--width=4", "--crop=32", "--batch_size=4", "--max_steps=4", "--steps_per_epoch=2",
-          "--patience=2", "--compilation_cache=", "--predict_n=8", f"--out_dir={out}"]
+          "--patience=2", "--fractions=0.5,1.0", f"--compilation_cache={XLA_CACHE}",
+          "--predict_n=8", f"--out_dir={out}"]
   proc = subprocess.run([sys.executable, "-m", "experiments.advise", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]

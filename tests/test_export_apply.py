@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.rundir import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = tempfile.mkdtemp(prefix="upgrade_jax_xla_")
+from conftest import XLA_CACHE as CACHE  # noqa: E402
 TINY = ["--width=4", "--crop=32", "--batch_size=4", "--max_steps=6", "--steps_per_epoch=3",
         "--log_every=3", "--patience=2"]
 

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ TINY = ["--n_volumes=5", "--volume_shape=6,96,96", "--n_test=1", "--n_hq=4", "--
 
 
 # One persistent XLA cache for every CLI run of this session (not ~/.cache).
-CACHE = tempfile.mkdtemp(prefix="upgrade_jax_xla_")
+from conftest import XLA_CACHE as CACHE  # noqa: E402
 
 
 def run_cli(args, module="experiments.upgrade", check=True):

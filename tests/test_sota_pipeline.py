@@ -5,11 +5,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import XLA_CACHE
 
 from upgrade_jax import engine, pipeline
 from upgrade_jax.data.types import Dataset
@@ -65,9 +65,8 @@ TINY = ["--n_volumes=5", "--volume_shape=6,96,96", "--n_test=1", "--n_hq=4", "--
 @pytest.mark.slow
 def test_cli_runs_both_methods_into_results_and_table(tmp_path):
   out = tmp_path / "run"
-  cache = tempfile.mkdtemp(prefix="upgrade_jax_xla_")
   args = TINY + ["--scenarios=hq_upgraded,confident_learning,partial_labelling",
-                 "--threshold_baseline=false", f"--out_dir={out}", f"--compilation_cache={cache}"]
+                 "--threshold_baseline=false", f"--out_dir={out}", f"--compilation_cache={XLA_CACHE}"]
   proc = subprocess.run([sys.executable, "-m", "experiments.upgrade", *args], cwd=ROOT,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
                         text=True, timeout=600)
