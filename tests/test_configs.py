@@ -120,3 +120,15 @@ def test_every_entry_point_imports_in_one_process():
   import importlib
   for m in ("upgrade", "sweep", "apply", "reproduce", "advise"):
     importlib.import_module(f"experiments.{m}")
+
+
+def test_quickstart_is_the_omission_row_at_cpu_scale():
+  # The reproduction's omission_hl60 entry then holds the quickstart's own seeds.
+  from upgrade_jax.pipeline import run_key
+  with parsed(f"--flagfile={CONFIGS[0].parent / 'quickstart.cfg'}"):
+    quick = upgrade.build_config()
+  row = CONFIGS[0].parent / "table_3_1_omission_hl60.cfg"
+  with parsed(f"--flagfile={row}", f"--flagfile={row.parent / 'cpu_scale.cfg'}"):
+    cpu = upgrade.build_config()
+  assert run_key(quick) == run_key(cpu)
+  assert quick.scenarios == cpu.scenarios
