@@ -120,3 +120,21 @@ def test_eval_and_predict_agree_across_device_counts(result):
   p1, p8 = np.array(result["one_pred"]), np.array(result["eight_pred"])
   assert p1.shape == (5, 40, 40)
   assert np.mean(p1 != p8) < 1e-3
+
+
+def test_labels_are_placed_in_the_smallest_signed_type():
+  from upgrade_jax import parallel
+  z = np.zeros((2, 3), np.int32)
+  assert parallel.label_dtype(z, z + 127) == np.int8
+  assert parallel.label_dtype(z - 2, z + 5) == np.int8     # the methods' negative codes
+  assert parallel.label_dtype(z, z + 128) == np.int16
+  assert parallel.label_dtype(z, z + 70000) == np.int32
+  with pytest.raises(ValueError, match="int32"):
+    parallel.label_dtype(np.array([2 ** 40]))
+  sys.path.insert(0, str(REPO / "tests"))
+  from conftest import toy_discs
+  ds = toy_discs(3, (16, 16))
+  data = parallel.place_dataset(ds, parallel.make_mesh())
+  assert data.targets.dtype == np.int8 and data.images.dtype == np.float32
+  assert parallel.bytes_per_pixel(data) == 4 + 1 + 1   # was 4 + 4 + 4
+  np.testing.assert_array_equal(np.asarray(data.targets), ds.targets)

@@ -69,8 +69,9 @@ def gather_samples(key, data: parallel.DeviceData, batch_size: int) -> Batch:
   n, h, w = data.targets.shape
   idx = jax.random.randint(key, (batch_size,), 0, n)
   ext = data.extents[idx]
-  batch = Batch(data.images[idx], data.targets[idx], data.others[idx],
-                extent_mask(ext, h, w, xp=jnp))
+  # Labels are stored compactly (parallel.label_dtype); the tasks see int32.
+  batch = Batch(data.images[idx], data.targets[idx].astype(jnp.int32),
+                data.others[idx].astype(jnp.int32), extent_mask(ext, h, w, xp=jnp))
   return batch, ext
 
 
