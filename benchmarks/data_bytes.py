@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 
 from upgrade_jax import parallel, pipeline
 from upgrade_jax.data.types import concat
