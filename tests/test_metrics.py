@@ -52,3 +52,9 @@ def test_gap_recovered_by_hand():
   assert g["of_means"] == pytest.approx((2.53 - 2.5) / (2.7 - 2.5))
   with pytest.raises(ValueError, match="shape"):
     metrics.gap_recovered([0.1], [0.1, 0.2], [0.3])
+
+
+def test_gap_recovered_ignores_a_gap_below_min_gap():
+  g = metrics.gap_recovered([0.886], [0.8757], [0.8766], min_gap=0.01)
+  assert g["of_means"] is None and g["per_rep"] == [None]   # not +1103%
+  assert g["gap"] == pytest.approx(0.0009)

@@ -125,26 +125,29 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
   return out
 
 
-def gap_recovered(scenario, floor, ceiling) -> dict:
+def gap_recovered(scenario, floor, ceiling, min_gap: float = 0.0) -> dict:
   """The fraction of the floor -> ceiling gap a scenario recovers, e.g. of
   hq -> oracle by hq_upgraded: (scenario - floor) / (ceiling - floor).
 
   1 = the scenario reaches the ceiling, 0 = no better than the floor,
   negative = worse than the floor. Per repetition and of the means; None
-  where the ceiling does not exceed the floor (no gap to recover).
+  where the ceiling exceeds the floor by no more than `min_gap` (no gap to
+  recover, or one so small that the ratio would only amplify noise).
 
   Returns:
-    {"of_means": float | None, "per_rep": [float | None, ...]}.
+    {"of_means": float | None, "per_rep": [float | None, ...],
+     "gap": mean ceiling - mean floor}.
   """
   s, lo, hi = (np.asarray(x, dtype=np.float64) for x in (scenario, floor, ceiling))
   if not s.shape == lo.shape == hi.shape:
     raise ValueError(f"gap_recovered: samples differ in shape {s.shape}, {lo.shape}, {hi.shape}")
 
   def frac(a, b, c):
-    return float((a - b) / (c - b)) if c > b else None
+    return float((a - b) / (c - b)) if c - b > min_gap else None
 
   return {"of_means": frac(s.mean(), lo.mean(), hi.mean()) if s.size else None,
-          "per_rep": [frac(*v) for v in zip(s, lo, hi)]}
+          "per_rep": [frac(*v) for v in zip(s, lo, hi)],
+          "gap": float(hi.mean() - lo.mean()) if s.size else None}
 
 
 def wilcoxon(a, b) -> float | None:

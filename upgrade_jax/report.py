@@ -129,7 +129,9 @@ def format_table(d: dict, paper: dict | None = None) -> str:
   gap = d.get("oracle_gap_recovered") or {}
   if gap:
     lines.append("")
-    lines.append("Fraction of the HQ only -> oracle gap recovered (of the means; per rep):")
+    size = next(iter(gap.values())).get("gap")
+    lines.append(f"HQ only -> oracle gap: {size:+.4f} Dice. Fraction of it recovered "
+                 "(of the means; per rep; n/a where the gap is < 0.01):")
     pct = lambda v: "  n/a" if v is None else f"{v:+.0%}"  # noqa: E731
     for k, v in gap.items():
       lines.append(f"  {LABELS.get(k, k):16}{pct(v['of_means']):>6}   "

@@ -83,8 +83,8 @@ def gap_cell(d: dict, key: str = "hq_upgraded") -> str:
   g = (d.get("oracle_gap_recovered") or {}).get(key)
   if not g:
     return "–"
-  if g["of_means"] is None:  # the ceiling is not above HQ only: nothing to recover
-    return "no gap (oracle ≤ HQ)"
+  if g["of_means"] is None:  # the ceiling is not (or barely) above HQ only
+    return f"no gap (oracle − HQ {g['gap']:+.3f})" if g.get("gap") is not None else "no gap"
   return f"{g['of_means']:+.0%}"
 
 

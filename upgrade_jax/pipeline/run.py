@@ -77,6 +77,11 @@ def _select(result: dict, cfg: PipelineConfig) -> dict:
                                           if k in wanted}}
 
 
+# Below this (Dice) the oracle's lead over HQ only is treated as no gap: a
+# ratio over a smaller denominator only amplifies the repetitions' noise.
+MIN_ORACLE_GAP = 0.01
+
+
 @dataclasses.dataclass
 class Results:
   """Per-repetition numbers and their summaries (see `summary`)."""
@@ -112,7 +117,7 @@ class Results:
     gap = {}
     if "hq" in seg and "oracle" in seg:  # how much of hq -> oracle each scenario recovers
       gap = {s: metrics.gap_recovered(seg[s]["per_rep"], seg["hq"]["per_rep"],
-                                      seg["oracle"]["per_rep"])
+                                      seg["oracle"]["per_rep"], min_gap=MIN_ORACLE_GAP)
              for s in names if s not in ("hq", "oracle")}
     return {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil,
             "paired": paired, "effective_rates": rates, "oracle_gap_recovered": gap}
