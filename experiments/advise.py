@@ -65,8 +65,7 @@ def plan(out_dir: Path):
 
   Returns (cfg, hq_train, hq_val, score_fn or None, guard)."""
   from upgrade_jax import metrics, pipeline, rundir
-  from upgrade_jax.data import io, sampling
-  from upgrade_jax.pipeline.others import with_others
+  from upgrade_jax.pipeline.user import load_hq_pairs
 
   v = upgrade.FlagView()
   if v.lq_images or v.lq_labels:
@@ -84,14 +83,7 @@ def plan(out_dir: Path):
         raise InputError(f"--{flag}={getattr(v, flag)} is not a folder")
     guard = rundir.InputGuard([v.hq_images, v.hq_labels])
     rundir.check_out_dir(out_dir, guard)
-    hq = io.volumes_to_dataset(io.folder(v.hq_images, v.hq_labels),
-                               normalisation=cfg.data.normalisation)
-    if not np.any(hq.targets > 0):
-      raise InputError(f"--hq_labels={v.hq_labels}: no labelled object in any file")
-    train_idx, val_idx = sampling.train_val_split(len(hq), seed=cfg.seed)
-    if len(val_idx) == 0:
-      raise InputError(f"--hq_images holds {len(hq)} pair(s); at least 2 are needed")
-    hq = with_others(hq, cfg.data.others, cfg.data.felzenszwalb)
+    hq, train_idx, val_idx = load_hq_pairs(cfg, v.hq_images, v.hq_labels)
     return cfg, hq.subset(train_idx), hq.subset(val_idx), None, guard
   volumes, guard = pipeline.prepare_run(cfg, out_dir, log=upgrade.log_line)
   data = pipeline.prepare_rep(cfg, volumes, seed=cfg.seed)
@@ -137,6 +129,7 @@ def _plot(out: dict, path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from upgrade_jax import advise
+  from upgrade_jax.report import save_figure
 
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   ns = np.array([p["n"] for p in out["points"]], dtype=float)
@@ -158,11 +151,8 @@ def _plot(out: dict, path: Path) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.stem + ".tmp.png")
-  fig.savefig(tmp, dpi=110)
+  save_figure(fig, path)
   plt.close(fig)
-  tmp.replace(path)
 
 
 def main(argv):

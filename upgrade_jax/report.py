@@ -167,7 +167,8 @@ def format_table(d: dict, paper: dict | None = None) -> str:
 # --------------------------------------------------------------------------
 # Figures.
 
-def _savefig(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+  """Writes a figure as PNG atomically (process 0 only); the caller closes it."""
   if not rundir.is_primary_process():  # several JAX processes: process 0 writes
     return
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +207,7 @@ def plot_overlays(samples: dict, path) -> None:
       ax.set_yticks([])
     axes[i, 0].set_ylabel(str(samples["names"][i]), fontsize=8)
   fig.tight_layout()
-  _savefig(fig, Path(path))
+  save_figure(fig, Path(path))
   plt.close(fig)
 
 
@@ -245,7 +246,7 @@ def plot_scenarios(d: dict, path, paper: dict | None = None) -> None:
     axes[0, -1].plot([], [], "k--", lw=1, label="paper")
     axes[0, -1].legend(loc="lower right", fontsize=8)
   fig.tight_layout()
-  _savefig(fig, Path(path))
+  save_figure(fig, Path(path))
   plt.close(fig)
 
 
@@ -280,7 +281,7 @@ def plot_sweep(points: list, path, *, xlabel: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout()
-  _savefig(fig, Path(path))
+  save_figure(fig, Path(path))
   plt.close(fig)
 
 

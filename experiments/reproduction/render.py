@@ -16,6 +16,7 @@ import numpy as np
 
 from experiments.reproduction.entries import TABLE_3_1_ROWS, Entry
 from upgrade_jax.pipeline.run import Results
+from upgrade_jax.report import save_figure
 
 SEG_COLUMNS = (("hq", "HQ"), ("hq_upgraded", "HQ + upg."), ("hq_lq", "HQ + LQ"),
                ("lq", "LQ only"), ("threshold", "Thrs."), ("oracle", "Oracle"))
@@ -291,12 +292,9 @@ def annotation_cost(d: dict, scenario: str, hq_cost: float) -> float:
 
 def _save(fig, path: Path) -> None:
   import matplotlib.pyplot as plt
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.stem + ".tmp.png")
   fig.tight_layout()
-  fig.savefig(tmp, dpi=110)
+  save_figure(fig, path)
   plt.close(fig)
-  tmp.replace(path)
 
 
 def scale(entries: list[Entry], root: Path) -> str:

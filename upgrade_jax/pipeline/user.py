@@ -80,6 +80,28 @@ class UserInputs:
     return self.lq_files or tuple((n, 1) for n in self.lq_masks.names)
 
 
+def load_hq_pairs(cfg: PipelineConfig, hq_images, hq_labels, others_labels=""):
+  """A user's HQ pairs (2-D files or stacks), checked, with their `others`,
+  and the seeded train / early-stopping split.
+
+  Returns:
+    (hq Dataset, train_idx, val_idx).
+  Raises:
+    InputError naming the folder when no file holds a labelled object or
+    fewer than 2 pairs exist; io's errors for unreadable or mismatched files.
+  """
+  vols = io.folder(hq_images, hq_labels, others_labels or None, stacks=True)
+  hq = io.volumes_to_dataset(vols, normalisation=cfg.data.normalisation)
+  if not np.any(hq.targets > 0):
+    raise InputError(f"none of the {len(vols)} label files in --hq_labels={hq_labels} holds "
+                     "a labelled object (all pixels 0); label the cells with ids > 0")
+  train_idx, val_idx = sampling.train_val_split(len(hq), seed=cfg.seed)
+  if len(val_idx) == 0:
+    raise InputError(f"--hq_images={hq_images} holds {len(hq)} image(s); at least 2 HQ "
+                     "pairs are needed (training + validation)")
+  return with_others(hq, cfg.data.others, cfg.data.felzenszwalb), train_idx, val_idx
+
+
 def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
   """Loads and checks a user's folders and the out_dir; creates nothing.
 
@@ -93,22 +115,13 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
   guard = rundir.InputGuard(folders.values())
   rundir.check_out_dir(out_dir, guard)
   _refuse_shared_images(Path(user.hq_images), Path(user.lq_images))
-  hq_vols = io.folder(user.hq_images, user.hq_labels, user.others_labels or None, stacks=True)
+  hq, train_idx, val_idx = load_hq_pairs(cfg, user.hq_images, user.hq_labels,
+                                         user.others_labels)
   lq_vols = io.folder(user.lq_images, user.lq_labels, stacks=True)
-  kw = dict(normalisation=cfg.data.normalisation)
-  hq = io.volumes_to_dataset(hq_vols, **kw)
-  lq = io.volumes_to_dataset(lq_vols, **kw)
+  lq = io.volumes_to_dataset(lq_vols, normalisation=cfg.data.normalisation)
   if hq.channels != lq.channels:
     raise InputError(f"the images in --hq_images have {hq.channels} channel(s) but those in "
                      f"--lq_images {lq.channels}; give both in the same channel layout")
-  if not np.any(hq.targets > 0):
-    raise InputError(f"none of the {len(hq_vols)} label files in --hq_labels={user.hq_labels} holds "
-                     "a labelled object (all pixels 0); label the cells with ids > 0")
-  train_idx, val_idx = sampling.train_val_split(len(hq), seed=cfg.seed)
-  if len(val_idx) == 0:
-    raise InputError(f"--hq_images={user.hq_images} holds {len(hq)} image(s); at least 2 HQ "
-                     "pairs are needed (training + validation)")
-  hq = with_others(hq, cfg.data.others, cfg.data.felzenszwalb)
   lq_instances = lq.targets
   lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
   return UserInputs(hq, lq, train_idx, val_idx, guard, lq_instances,
