@@ -1,6 +1,8 @@
 """Device bytes per training pixel, before (float32 + int32 + int32) and after
-compact labels (parallel.label_dtype), on the quickstart's training sets; and
-what that means per device for the issue's larger sets. Prints one JSON line.
+compact labels (parallel.label_dtype) and compact images (source dtype,
+normalised on the device: DataConfig.compact_images), on the quickstart's
+training sets; and what that means per device for the issue's larger sets.
+Prints one JSON line.
 
     python -m benchmarks.data_bytes
 """
@@ -26,8 +28,10 @@ def main() -> None:
     c = ds.images.shape[-1]
     dt = parallel.label_dtype(ds.targets, ds.others)
     out[name] = {"slices": len(ds), "label_dtype": dt.name, "max_id": int(ds.targets.max()),
+                 "image_dtype": ds.images.dtype.name,
                  "bytes_per_pixel_before": 4 * c + 4 + 4,
-                 "bytes_per_pixel_after": 4 * c + 2 * dt.itemsize}
+                 "bytes_per_pixel_compact_labels": 4 * c + 2 * dt.itemsize,
+                 "bytes_per_pixel_after": parallel.bytes_per_pixel(ds)}
   after = out["oracle"]["bytes_per_pixel_after"]
   gb = lambda n, h, w, b: round(n * h * w * b / 2 ** 30, 2)  # noqa: E731
   out["per_device_GiB"] = {

@@ -177,7 +177,9 @@ def _checks(entries, root: Path) -> str:
       lines.append(f"- `{e.id}` ({flags_text}): not run yet.")
       continue
     seg = ", ".join(f"{k} {render.cell(v)}" for k, v in d["segmentation_dice"].items())
-    lines.append(f"- `{e.id}` on row {e.row} ({flags_text}): segmentation Dice {seg}.")
+    n = len(render.load_reps(root / e.id))
+    lines.append(f"- `{e.id}` on row {e.row} ({flags_text}; {n} rep.): segmentation Dice "
+                 f"{seg}.")
   r = 0.7
   lines.append(
       f"- Soft Dice under pure omission (arithmetic): with a fraction r = {r} of "

@@ -70,8 +70,13 @@ flags.DEFINE_enum("others", _DATA.others, list(OTHERS_MODES),
                   "Felzenszwalb segments, or nothing.")
 flags.DEFINE_integer("data_seed", _DATA.data_seed, "Seed of the simulator and of the test "
                      "hold-out.")
-flags.DEFINE_enum("normalisation", _DATA.normalisation, ["max", "percentile"],
-                  "Per-image normalisation.")
+flags.DEFINE_bool("compact_images", _DATA.compact_images, "Keep 8/16-bit single-channel "
+                  "images in their source dtype, normalised on the device (2-4x less "
+                  "memory, the same results); --nocompact_images: float32 on the host.")
+flags.DEFINE_enum("normalisation", _DATA.normalisation, ["max", "percentile", "volume"],
+                  "Network input normalisation: per image by its max (the paper's) or "
+                  "percentiles, or by the max of each 3-D volume (stacks and synthetic "
+                  "volumes; a 2-D image is a one-slice volume).")
 
 # The perturbation u_θ trains with, and the one that makes the LQ set; both
 # default to the pipeline's LQ perturbation (PipelineConfig.lq_perturb).
@@ -128,6 +133,11 @@ flags.DEFINE_integer("width", _TRAIN.widths[0], "UNet base width: widths w,2w,4w
                      "(paper: 64).", lower_bound=1)
 flags.DEFINE_string("conv_impl", _TRAIN.conv_impl, "Convolution implementation "
                     "(models/conv.py).")
+flags.DEFINE_enum("data_placement", _TRAIN.data_placement,
+                  ["auto", "replicate", "shard", "stream"],
+                  "Where a training set lives: a copy on every device, its samples sharded "
+                  "over the devices, streamed from the host one batch a step, or auto (the "
+                  "first that fits in half a device's memory). Same results in each.")
 flags.DEFINE_integer("crop", _TRAIN.crop, "Square training crop side.", lower_bound=16)
 flags.DEFINE_integer("batch_size", _TRAIN.batch_size, "Global batch size.", lower_bound=1)
 flags.DEFINE_float("lr", _TRAIN.lr, "Adam learning rate.", lower_bound=0.0)
@@ -316,7 +326,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
   w = v.width
   common = dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), conv_impl=v.conv_impl, crop=v.crop,
                 batch_size=v.batch_size, lr=v.lr, steps_per_epoch=v.steps_per_epoch,
-                patience=v.patience, log_every=v.log_every)
+                patience=v.patience, log_every=v.log_every, data_placement=v.data_placement)
   upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=v.label_dropout,
                                      strength_mix=v.strength_mix),
                         max_steps=v.max_steps, **common)
@@ -327,6 +337,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                     n_test=v.n_test, n_hq=v.n_hq, hq_volumes=v.hq_volumes, n_lq=n_lq,
                     max_test=v.max_test,
                     others=v.others, data_seed=v.data_seed, normalisation=v.normalisation,
+                    compact_images=v.compact_images,
                     hq_perturb=hq_p, z_consistent=v.z_consistent,
                     felzenszwalb=FelzenszwalbConfig(scale=v.felzenszwalb_scale,
                                                     sigma=v.felzenszwalb_sigma,

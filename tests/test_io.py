@@ -144,6 +144,27 @@ def test_normalise():
     io.normalise(img, "zscore")
 
 
+def test_volume_normalisation_divides_by_the_volume_max():
+  # Two volumes; the first one's dim slice 0 must keep its volume's scale.
+  img = np.array([[[10, 20], [0, 40]], [[100, 200], [50, 0]]], np.uint16)   # (2, 2, 2)
+  lab = np.zeros((2, 2, 2), np.int32)
+  vols = [Volume(img, lab, lab, "a"), Volume(img * 3, lab, lab, "b")]
+  ds = io.volumes_to_dataset(vols, [(0, 0), (0, 1), (1, 0)], normalisation="volume")
+  np.testing.assert_allclose(ds.images[0, ..., 0], img[0] / 200.0)   # not / 40
+  np.testing.assert_allclose(ds.images[1, ..., 0], img[1] / 200.0)
+  np.testing.assert_allclose(ds.images[2, ..., 0], img[0] * 3 / 600.0)
+  per_image = io.volumes_to_dataset(vols, [(0, 0)], normalisation="max")
+  np.testing.assert_allclose(per_image.images[0, ..., 0], img[0] / 40.0)
+  # RGB volumes: the scale is taken after the channel policy (luma).
+  rgb = np.stack([img, img, img], -1)
+  grey = io.volumes_to_dataset([Volume(rgb, lab, lab, "c")], normalisation="volume")
+  np.testing.assert_allclose(grey.images[..., 0], img / 200.0, rtol=1e-5)
+  # One image is a one-slice volume; an all-zero volume stays zero.
+  np.testing.assert_allclose(io.normalise(img[0], "volume"), io.normalise(img[0], "max"))
+  zero = io.volumes_to_dataset([Volume(img * 0, lab, lab, "z")], normalisation="volume")
+  assert not zero.images.any()
+
+
 def test_write_labels_atomic_and_refuses_inputs(tmp_path):
   lab = _labels((5, 5)).astype(np.int32)
   out = io.write_labels(tmp_path / "out.tif", lab)

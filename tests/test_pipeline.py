@@ -108,6 +108,17 @@ def test_cli_end_to_end_and_resume(tmp_path):
   after = json.loads((out / "rep0" / "rep.json").read_text())
   assert after["segmentation_dice"]["hq_upgraded"] == before["segmentation_dice"]["hq_upgraded"]
   assert "hq" in after["segmentation_dice"]
+  # Issue 15: the synthetic uint16 images are kept compact by default; the
+  # float32 host form gives the same numbers and masks, bit for bit.
+  flt = tmp_path / "float"
+  run_cli(TINY + ["--scenarios=hq_upgraded", "--reps=1", "--nocompact_images",
+                  f"--out_dir={flt}"])
+  rep_f = json.loads((flt / "rep0" / "rep.json").read_text())
+  for k in ("annotation_dice", "segmentation_dice", "upgrade_best_val_dice"):
+    assert rep_f[k] == before[k], k
+  assert rep_f["config"] == before["config"]   # the run key leaves the form out
+  for tif in tifs:
+    assert (flt / "upgraded" / tif.name).read_bytes() == tif.read_bytes()
 
 
 @pytest.mark.slow

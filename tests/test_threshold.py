@@ -104,7 +104,7 @@ def test_pipeline_threshold_is_one_global_threshold_on_raw_intensities():
   cfg = pipeline.PipelineConfig(data=pipeline.DataConfig(n_hq=4), scenarios=())
   volumes = ([_two_slice_volume("a"), _two_slice_volume("b")], [_two_slice_volume("t")])
   data = pipeline.prepare_rep(cfg, volumes, seed=0)
-  assert data.hq_train.images.max() <= 1.0   # the networks still see normalised images
+  assert data.hq_train.normalised().max() <= 1.0   # the networks still see normalised images
   result = pipeline.threshold_baseline(cfg, volumes, data)
   # Hand count on the test volume: both cells found (TP 32), the 2×2 bright
   # non-cell is the only error (FP 4); the lowest threshold above 120 is 5%

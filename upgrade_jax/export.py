@@ -61,7 +61,8 @@ class Upgrader:
     task: the training task (builds the network input from image + label).
     image_channels: C of the images after the channel policy.
     channels: the channel policy ("grey" or "rgb", see io.to_channels).
-    normalisation: per-image normalisation ("max", "percentile").
+    normalisation: the input normalisation ("max", "percentile", "volume": on one
+      image as "max"; see io.normalise).
     tiling: how prediction cuts large images.
     meta: model.json as read (None for an upgrader made in memory).
   """
@@ -286,7 +287,7 @@ def upgrade_probs(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.
   for bit.
 
   Args:
-    ds: images (N, H, W, C); lq_labels: (N, H, W) int LQ labels (>0 is
+    ds: images (N, H, W, C), float32 or compact; lq_labels: (N, H, W) int LQ labels (>0 is
       foreground).
 
   Returns:
@@ -294,7 +295,7 @@ def upgrade_probs(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.
   """
   probs = np.zeros(ds.targets.shape, np.float32)
   for i, (h, w) in enumerate(ds.extents):
-    probs[i, :h, :w] = sample_probability(upgrader, ds.images[i, :h, :w],
+    probs[i, :h, :w] = sample_probability(upgrader, ds.normalised([i])[0, :h, :w],
                                           lq_labels[i, :h, :w])
   return probs
 

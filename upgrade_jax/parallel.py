@@ -8,9 +8,16 @@ BatchNorm statistics over the global batch (the cross-device mean). The same
 code runs on 1 CPU, on 8 simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8) or on a GPU/TPU host.
 
-The HQ training set is small (tens of 2-D slices), so it is replicated on
-every device once (`place_dataset`) and each step gathers its crops on the
-device: nothing crosses from the host in the hot loop.
+A training set that fits (`choose_placement`) is replicated on every device
+once (`place_dataset`) and each step gathers its samples on the device:
+nothing crosses from the host in the hot loop. One that fits only in pieces
+is sharded over `data` (1/D a device; XLA turns the gather into a masked
+local gather and an all-reduce of the batch). Labels are stored in the
+smallest integer type, and compact images (Dataset.image_scale) in their
+source dtype, normalised on the device. A set too large for a device stays
+on the host, and each step is sent the B whole samples it draws (`put_batch`,
+sharded over `data`); the host draws them with the step's own keys
+(step.draw_indices), so both placements train identically.
 
 Several processes (a TPU pod slice, several GPU nodes, or several CPU
 processes on one machine): every process runs the same program on the same
@@ -26,6 +33,7 @@ devices on localhost (gloo collectives) against 1 process x 4 devices.
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -120,17 +128,24 @@ def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 class DeviceData(NamedTuple):
-  """A Dataset's arrays resident on the devices (replicated).
+  """A Dataset's arrays on the devices: the whole set (replicated, or its
+  samples sharded over `data`), or one streamed batch of it (`put_batch`).
 
-  images: (N, H, W, C) float32; targets, others: (N, H, W) in the smallest
-  signed integer type that holds their values (`label_dtype`: int8 for up to
-  127 ids, else int16, else int32), widened to int32 by the train step after
-  it gathers a batch; extents: (N, 2) int32 valid (height, width).
+  images: (N, H, W, C) float32, or compact: the source integers (uint8,
+  uint16) with `scale` (N,) float32, normalised on the device as
+  images / scale (Dataset.image_scale); targets, others: (N, H, W) in the
+  smallest signed integer type that holds their values (`label_dtype`: int8
+  for up to 127 ids, else int16, else int32), widened to int32 by the train
+  step after it gathers a batch; extents: (N, 2) int32 valid (height, width);
+  count: () int32, the number of real samples (a sharded set's N is padded
+  to a multiple of the devices with samples never drawn).
   """
   images: Any
   targets: Any
   others: Any
   extents: Any
+  scale: Any = None
+  count: Any = None
 
 
 def label_dtype(*arrays) -> np.dtype:
@@ -147,23 +162,124 @@ def label_dtype(*arrays) -> np.dtype:
   raise ValueError(f"label ids {lo}..{hi} do not fit in int32")
 
 
-def bytes_per_pixel(data: DeviceData) -> float:
-  """Device bytes a training pixel costs (images + targets + others), per copy."""
-  n_px = int(np.prod(data.targets.shape))
-  return sum(int(np.prod(a.shape)) * a.dtype.itemsize
-             for a in (data.images, data.targets, data.others)) / n_px
+def bytes_per_pixel(data) -> float:
+  """Bytes a training pixel costs (images + targets + others) in a
+  DeviceData, or in a Dataset as place_dataset would store it."""
+  if isinstance(data, DeviceData):
+    arrays = (data.images, data.targets, data.others)
+    n_px = int(np.prod(data.targets.shape))
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays) / n_px
+  dt = label_dtype(data.targets, data.others)
+  return data.images.dtype.itemsize * data.channels + 2 * dt.itemsize
 
 
-def place_dataset(dataset, mesh: Mesh) -> DeviceData:
-  """Copies a data.types.Dataset once to every device of the mesh; labels in
-  `label_dtype` (12 -> 6 bytes a pixel for a 1-channel set with < 128 ids)."""
-  rep = replicated(mesh)
-  dt = label_dtype(dataset.targets, dataset.others)
+def dataset_bytes(dataset) -> int:
+  """Bytes one copy of `dataset` takes on a device (place_dataset's layout)."""
+  return int(np.prod(dataset.targets.shape) * bytes_per_pixel(dataset))
+
+
+def _host_arrays(dataset, index=None, labels_as=None) -> DeviceData:
+  """The arrays place_dataset / put_batch send, on the host (labels as
+  `labels_as`, default: the set's label_dtype)."""
+  pick = (lambda x: x) if index is None else (lambda x: x[index])  # noqa: E731
+  dt = label_dtype(dataset.targets, dataset.others) if labels_as is None else labels_as
+  images = pick(dataset.images)
+  compact = dataset.image_scale is not None
   return DeviceData(
-      images=put(dataset.images.astype(np.float32), rep),
-      targets=put(dataset.targets.astype(dt), rep),
-      others=put(dataset.others.astype(dt), rep),
-      extents=put(dataset.extents.astype(np.int32), rep))
+      images=images if compact else images.astype(np.float32, copy=False),
+      targets=pick(dataset.targets).astype(dt, copy=False),
+      others=pick(dataset.others).astype(dt, copy=False),
+      extents=pick(dataset.extents).astype(np.int32),
+      scale=pick(dataset.image_scale).astype(np.float32) if compact else None,
+      count=np.int32(len(dataset) if index is None else len(index)))
+
+
+def _pad_samples(x: np.ndarray, n: int) -> np.ndarray:
+  """x with its leading axis zero-padded to n."""
+  if x.ndim == 0 or x.shape[0] == n:
+    return x
+  return np.concatenate([x, np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)])
+
+
+def place_dataset(dataset, mesh: Mesh, *, shard: bool = False) -> DeviceData:
+  """Copies a data.types.Dataset once to the devices of the mesh; labels in
+  `label_dtype`, compact images in their source dtype (12 -> 4 bytes a pixel
+  for a uint16, 1-channel set with < 128 ids).
+
+  shard=False: a whole copy on every device. shard=True: the samples split
+  over `data` (N padded to a multiple of the devices), 1/D of the set a
+  device; the step's gather of global indices is then partitioned by XLA as
+  a masked local gather and an all-reduce of the batch (exact: one device
+  contributes each sample, the others zeros), so it trains as replicated.
+  """
+  host = _host_arrays(dataset)
+  if not shard:
+    return jax.tree.map(lambda x: put(x, replicated(mesh)), host)
+  d = mesh.shape[DATA_AXIS]
+  n = -(-len(dataset) // d) * d
+  arrays = host._replace(count=None)
+  placed = jax.tree.map(lambda x: put(_pad_samples(x, n), batch_sharding(mesh)), arrays)
+  return placed._replace(count=put(host.count, replicated(mesh)))
+
+
+def put_batch(dataset, index: np.ndarray, mesh: Mesh, labels_as=None) -> DeviceData:
+  """The samples `index` (B,) of a host Dataset as one batch on the devices,
+  its leading axis split over `data` (the streaming placement: the set stays
+  on the host, each step sends B whole samples). `labels_as`: the set's
+  label_dtype, computed once by the caller (a scan of the whole set)."""
+  host = _host_arrays(dataset, index, labels_as)
+  placed = jax.tree.map(lambda x: put(x, batch_sharding(mesh)), host._replace(count=None))
+  return placed._replace(count=put(host.count, replicated(mesh)))
+
+
+# The placements of a training set (TrainConfig.data_placement).
+PLACEMENTS = ("auto", "replicate", "shard", "stream")
+
+
+def device_memory(device) -> int:
+  """Bytes a training set may use on `device`: its allocator's limit where
+  it reports one (GPU, TPU); on CPU, where every device and the host share
+  the host's RAM, physical memory divided by (local devices + 1): the host's
+  copy of the set counts too."""
+  try:
+    stats = device.memory_stats()
+  except Exception:   # noqa: BLE001 -- backends without allocator statistics raise
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return int(phys // (jax.local_device_count() + 1))
+
+
+# Share of a device's memory the training set may take; the rest is for the
+# model, activations and XLA's buffers.
+DEVICE_SET_FRACTION = 0.5
+
+
+def choose_placement(requested: str, dataset, mesh: Mesh) -> str:
+  """The placement of `dataset`: `requested` unless "auto", which takes the
+  first that fits in DEVICE_SET_FRACTION of a device's memory:
+  "replicate" (a copy on every device: no traffic), "shard" (1/D of the set a
+  device, several devices: an all-reduce of the batch each step), "stream"
+  (the set on the host, the batch sent each step). All three train
+  identically (tests/test_large_sets.py, test_parallel.py)."""
+  if requested not in PLACEMENTS:
+    raise ValueError(f"data_placement must be one of {PLACEMENTS}, got {requested!r}")
+  if requested != "auto":
+    return requested
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  budget = DEVICE_SET_FRACTION * device_memory(local[0] if local else jax.local_devices()[0])
+  size, d = dataset_bytes(dataset), mesh.shape[DATA_AXIS]
+  if size <= budget:
+    choice = "replicate"
+  elif d > 1 and -(-len(dataset) // d) * size / len(dataset) <= budget:
+    choice = "shard"
+  else:
+    choice = "stream"
+  if jax.process_count() > 1:   # every process must run the same program: process 0 decides
+    pick = multihost_utils.broadcast_one_to_all(np.int32(PLACEMENTS.index(choice)))
+    choice = PLACEMENTS[int(pick)]
+  return choice
 
 
 def shard_batch(tree, mesh: Mesh):

@@ -227,7 +227,7 @@ def write_dataset_review(directory, lq: Dataset, masks: np.ndarray, probs: np.nd
   def sample(name):
     i = index[name]
     h, w = lq.extents[i]
-    return lq.images[i, :h, :w], lq.targets[i, :h, :w], masks[i, :h, :w]
+    return lq.normalised([i])[0, :h, :w], lq.targets[i, :h, :w], masks[i, :h, :w]
 
   return write_review(directory, dataset_rows(lq, masks, probs, truth), sample,
                       top_n=top_n, guard=guard)

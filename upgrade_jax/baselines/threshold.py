@@ -34,7 +34,7 @@ class ThresholdResult:
 
 def _intensity(dataset: Dataset) -> np.ndarray:
   """(N, H, W) float32: the channel mean of the images."""
-  return dataset.images.mean(axis=-1, dtype=np.float32)
+  return dataset.normalised().mean(axis=-1, dtype=np.float32)
 
 
 def threshold_candidates(max_intensity: float, steps: int = 100) -> np.ndarray:

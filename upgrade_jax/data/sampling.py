@@ -163,7 +163,7 @@ class Splits:
 def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume], *,
                 n_hq: int, seed: int, n_lq: int | None = None, val_fraction: float = 0.2,
                 normalisation: str = "max", channels: str = "grey",
-                hq_volumes: int | None = None) -> Splits:
+                hq_volumes: int | None = None, compact: bool | str = False) -> Splits:
   """HQ / LQ / test Datasets and the 80/20 train/validation split of HQ.
 
   Args:
@@ -174,14 +174,14 @@ def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume],
     n_lq: number of LQ slices drawn (seeded) from the remaining training
       slices; None takes them all.
     val_fraction: fraction of HQ slices held out for validation.
-    normalisation, channels: see `upgrade_jax.data.io.stack_samples`.
+    normalisation, channels, compact: see `upgrade_jax.data.io.stack_samples`.
     hq_volumes: the HQ slices come from the first `hq_volumes` training
       volumes only (the paper's Figure 3.4 axis); None: from all of them. LQ
       slices still come from every training volume.
   """
   if not train_volumes or not test_volumes:
     raise ValueError("make_splits needs at least one training and one test volume")
-  kw = dict(normalisation=normalisation, channels=channels)
+  kw = dict(normalisation=normalisation, channels=channels, compact=compact)
   hq_picks = select_hq(train_volumes, n_hq, hq_volumes)
   chosen = set(hq_picks)
   rest = [(v, z) for v, vol in enumerate(train_volumes) for z in range(vol.num_slices)

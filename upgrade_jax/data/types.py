@@ -48,8 +48,10 @@ class Dataset:
   """A stack of 2-D samples padded on the host to one shape.
 
   Attributes:
-    images: (N, H, W, C) float32, normalised per image (roughly [0, 1]).
-    targets: (N, H, W) int32 instance ids, relabelled to 1..n per sample: the
+    images: (N, H, W, C) float32, normalised (roughly [0, 1]); or, compact,
+      the source integers (e.g. uint8, uint16) with `image_scale` set.
+    targets: (N, H, W) int32 instance ids (or a smaller integer type, for a
+      set too large for int32 on the host), relabelled to 1..n per sample: the
       labels this set carries (ground truth, LQ masks or predictions; the
       name of the variable or field holding the Dataset says which).
     others: (N, H, W) int32 non-target instance ids (zeros when none).
@@ -57,6 +59,11 @@ class Dataset:
       rows >= extents[i, 0] or columns >= extents[i, 1] are padding and never
       count in losses or metrics.
     names: N names, one per sample (file names for folder sources).
+    image_scale: None for float images; for compact integer images, (N,)
+      float32 divisors: the network sees images[i] / image_scale[i]
+      (`normalised`), computed on the device by the train step. The same
+      float32 division as io.normalise's, so a compact set trains exactly
+      as its float32 form (tests/test_large_sets.py).
   """
 
   images: np.ndarray
@@ -64,6 +71,7 @@ class Dataset:
   others: np.ndarray
   extents: np.ndarray
   names: tuple[str, ...]
+  image_scale: np.ndarray | None = None
 
   def __post_init__(self):
     n, h, w = self.targets.shape
@@ -77,6 +85,12 @@ class Dataset:
       raise ValueError(f"Dataset: extents shape {self.extents.shape} != {(n, 2)}")
     if len(self.names) != n:
       raise ValueError(f"Dataset: {len(self.names)} names for {n} samples")
+    compact = np.issubdtype(self.images.dtype, np.integer)
+    if compact != (self.image_scale is not None):
+      raise ValueError(f"Dataset: {self.images.dtype} images need "
+                       + ("an image_scale (compact form)" if compact else "no image_scale"))
+    if compact and np.shape(self.image_scale) != (n,):
+      raise ValueError(f"Dataset: image_scale shape {np.shape(self.image_scale)} != {(n,)}")
 
   def __len__(self) -> int:
     return int(self.targets.shape[0])
@@ -90,6 +104,25 @@ class Dataset:
     """Static bound on ids in `targets` and `others` (at least 1)."""
     return max(1, int(self.targets.max(initial=0)), int(self.others.max(initial=0)))
 
+  @property
+  def compact(self) -> bool:
+    """True when images hold source integers with per-sample image_scale."""
+    return self.image_scale is not None
+
+  def normalised(self, index=None) -> np.ndarray:
+    """(N, H, W, C) float32 images as the network sees them; of the samples
+    `index` (ints) only, when given."""
+    images = self.images if index is None else self.images[np.asarray(index)]
+    if not self.compact:
+      return np.asarray(images, np.float32)
+    scale = self.image_scale if index is None else self.image_scale[np.asarray(index)]
+    return images.astype(np.float32) / np.asarray(scale, np.float32).reshape(-1, 1, 1, 1)
+
+  def as_float(self) -> "Dataset":
+    """This Dataset with float32 normalised images (itself when not compact)."""
+    return self if not self.compact else self.replace(images=self.normalised(),
+                                                      image_scale=None)
+
   def valid_mask(self) -> np.ndarray:
     """(N, H, W) bool, True on real (non-padding) pixels."""
     from upgrade_jax.metrics import extent_mask
@@ -102,21 +135,38 @@ class Dataset:
     if index.dtype == bool:
       index = np.flatnonzero(index)
     return Dataset(self.images[index], self.targets[index], self.others[index],
-                   self.extents[index], tuple(self.names[i] for i in index))
+                   self.extents[index], tuple(self.names[i] for i in index),
+                   None if self.image_scale is None else self.image_scale[index])
 
   def replace(self, **changes) -> "Dataset":
     return dataclasses.replace(self, **changes)
+
+
+def float_images(images, what: str = "predict") -> np.ndarray:
+  """`images` as float32 network inputs; integer arrays are refused (a
+  compact Dataset's source integers would reach the network unscaled: pass
+  Dataset.normalised())."""
+  arr = np.asarray(images)
+  if np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"{what}: images are {arr.dtype}; pass the normalised float32 images "
+                     "(Dataset.normalised() of a compact set)")
+  return np.asarray(arr, np.float32)
 
 
 def concat(datasets) -> Dataset:
   """Stacks Datasets into one, padding every sample to the largest H and W.
 
   Channels must agree. Padding is zeros, and `extents` keep each sample's
-  valid region, so padded pixels never count.
+  valid region, so padded pixels never count. Compact sets stay compact
+  when all are (in their common integer dtype); mixed with float sets they
+  are normalised to float32.
   """
   datasets = [d for d in datasets if len(d)]
   if not datasets:
     raise ValueError("concat: no non-empty Dataset")
+  compact = all(d.compact for d in datasets)
+  if not compact:
+    datasets = [d.as_float() for d in datasets]
   channels = {d.channels for d in datasets}
   if len(channels) != 1:
     raise ValueError(f"concat: Datasets differ in channels {sorted(channels)}")
@@ -132,4 +182,6 @@ def concat(datasets) -> Dataset:
       targets=np.concatenate([pad(d.targets) for d in datasets]),
       others=np.concatenate([pad(d.others) for d in datasets]),
       extents=np.concatenate([d.extents for d in datasets]),
-      names=tuple(n for d in datasets for n in d.names))
+      names=tuple(n for d in datasets for n in d.names),
+      image_scale=np.concatenate([d.image_scale for d in datasets]).astype(np.float32)
+      if compact else None)

@@ -25,8 +25,8 @@ from upgrade_jax.engine.evaluation import (ValSet, bucket_size, evaluate, make_v
 from upgrade_jax.engine.loop import FitResult, fit
 from upgrade_jax.engine.state import (TrainState, create_train_state, init_variables,
                                       network_channels)
-from upgrade_jax.engine.step import (Batch, crop_and_flip, gather_samples, make_train_step,
-                                     sample_crops)
+from upgrade_jax.engine.step import (Batch, crop_and_flip, draw_indices, gather_samples,
+                                     make_train_step, sample_crops, take_samples)
 from upgrade_jax.engine.tasks import TASKS, Segment, Task, Upgrade, make_task, task_from_json
 from upgrade_jax.engine.noisy_tasks import ConfidentLearning, PartialLabelling
 
@@ -34,6 +34,6 @@ __all__ = ["Checkpoints", "ConfigMismatch", "LoopRecord", "check_resumable", "co
            "data_digest", "StepConfig", "TrainConfig",
            "ValSet", "bucket_size", "evaluate", "make_val_set", "predict", "predict_proba",
            "FitResult", "fit", "TrainState", "create_train_state", "init_variables",
-           "network_channels", "Batch", "crop_and_flip", "gather_samples", "make_train_step",
-           "sample_crops", "TASKS", "Segment", "Task", "Upgrade", "make_task",
+           "network_channels", "Batch", "crop_and_flip", "draw_indices", "gather_samples",
+           "make_train_step", "sample_crops", "take_samples", "TASKS", "Segment", "Task", "Upgrade", "make_task",
            "task_from_json", "ConfidentLearning", "PartialLabelling"]

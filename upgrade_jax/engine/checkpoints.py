@@ -55,10 +55,16 @@ def config_diff(stored, wanted, prefix: str = "") -> list[str]:
 
 def data_digest(ds: Dataset) -> str:
   """sha256 of a Dataset's images, targets, others and extents (what a run
-  trained on), so a resume on other data is refused."""
+  trained on), so a resume on other data is refused. A compact set hashes as
+  its float32 form (normalised a sample at a time): it trains identically,
+  so a run may resume on either form. Labels hash as int32, whatever type
+  holds them."""
   h = hashlib.sha256()
-  for a in (ds.images, ds.targets, ds.others, ds.extents):
-    a = np.ascontiguousarray(a)
+  h.update(f"float32{ds.images.shape}".encode())
+  for i in range(len(ds)):
+    h.update(np.ascontiguousarray(ds.normalised([i])).data)
+  for a in (ds.targets, ds.others, ds.extents):
+    a = np.ascontiguousarray(a, np.int32)
     h.update(f"{a.dtype}{a.shape}".encode())
     h.update(a.data)
   return h.hexdigest()[:16]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from upgrade_jax.engine.tasks import Task, Upgrade, make_task
+from upgrade_jax.parallel import PLACEMENTS
 
 __all__ = ["TrainConfig", "StepConfig"]
 
@@ -58,6 +59,11 @@ class TrainConfig:
     checkpoint_every: steps between "latest" checkpoints (also at each epoch
       end).
     eval_batch_size: validation batch (rounded up to a device multiple).
+    data_placement: where the training set lives (parallel.PLACEMENTS):
+      "replicate" on every device, "shard" its samples over the devices,
+      "stream" from the host one batch a step, or "auto": the first that
+      fits in half a device's memory (parallel.choose_placement). Same
+      results in every placement.
   """
 
   task: Task = Upgrade()
@@ -74,13 +80,14 @@ class TrainConfig:
   log_every: int = 50
   checkpoint_every: int = 500
   eval_batch_size: int = 8
+  data_placement: str = "auto"
 
   # Settings a resumed run may change (train longer, log more often, another
   # implementation of the same convolution). Every other field changes the
   # model or the random stream, and a checkpoint made with another value is
   # not resumed.
   RESUMABLE_CHANGES = ("max_steps", "patience", "log_every", "checkpoint_every",
-                       "eval_batch_size", "conv_impl")
+                       "eval_batch_size", "conv_impl", "data_placement")
 
   def __post_init__(self):
     if isinstance(self.task, str):
@@ -94,6 +101,9 @@ class TrainConfig:
                  "patience", "log_every", "checkpoint_every", "eval_batch_size"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+    if self.data_placement not in PLACEMENTS:
+      raise ValueError(f"TrainConfig.data_placement must be one of {PLACEMENTS}, "
+                       f"got {self.data_placement!r}")
     if not self.lr > 0:
       raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from upgrade_jax import parallel
-from upgrade_jax.data.types import Dataset
+from upgrade_jax.data.types import Dataset, float_images
 from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.state import TrainState
 from upgrade_jax.engine.tasks import Task
@@ -55,7 +55,7 @@ def make_val_set(config: TrainConfig, val: Dataset, max_label: int,
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _VAL_KEY_SALT)
   valid = val.valid_mask()
   pair = jax.jit(functools.partial(config.task.pair, max_label=max_label, train=False))
-  inputs, target = pair(key, jnp.asarray(val.images, jnp.float32),
+  inputs, target = pair(key, jnp.asarray(val.normalised()),
                         jnp.asarray(val.targets, jnp.int32),
                         jnp.asarray(val.others, jnp.int32), valid=jnp.asarray(valid))
   target = np.asarray(target)
@@ -121,7 +121,8 @@ def predict_proba(state, images, labels=None, *, batch_size: int = 8,
 
   Args:
     state: a TrainState, or a (UNet, variables) pair (then pass `task`).
-    images: (N, H, W, C) float32.
+    images: (N, H, W, C) float32, normalised (integer arrays are refused:
+      a compact Dataset's images need Dataset.normalised()).
     labels: (N, H, W) label input of a task that takes one (the LQ masks to
       upgrade); None for the segmentation network.
     batch_size: images per jitted call (N is padded to a multiple). When the
@@ -140,7 +141,7 @@ def predict_proba(state, images, labels=None, *, batch_size: int = 8,
   task = task if task is not None else getattr(state, "task", None)
   if task is None:
     raise ValueError("predict: pass task= with a (model, variables) pair")
-  images = np.asarray(images, np.float32)
+  images = float_images(images, "predict")
   if images.ndim != 4:
     raise ValueError(f"predict: images must be (N, H, W, C), got {images.shape}")
   n, h, w, _ = images.shape

@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from upgrade_jax import parallel
 from upgrade_jax.data.types import Dataset
@@ -24,7 +25,7 @@ from upgrade_jax.engine.checkpoints import Checkpoints, LoopRecord, check_resuma
 from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.evaluation import evaluate, make_val_set
 from upgrade_jax.engine.state import TrainState, create_train_state, network_channels
-from upgrade_jax.engine.step import make_train_step
+from upgrade_jax.engine.step import draw_indices, make_train_step
 
 __all__ = ["FitResult", "fit"]
 
@@ -90,6 +91,29 @@ class _Throughput:
     return rate
 
 
+class _HostBatches:
+  """The streaming placement's batches: step s gets the B whole samples the
+  replicated step would draw (step.draw_indices with the state's rng), sent
+  from the host. Indices come `chunk` steps at a time, one host sync each;
+  the host gathers a batch while the devices run the previous step (JAX
+  dispatches asynchronously)."""
+
+  def __init__(self, train: Dataset, rng, batch_size: int, chunk: int, mesh):
+    self.train, self.mesh, self.chunk = train, mesh, chunk
+    self.labels_as = parallel.label_dtype(train.targets, train.others)
+    n = len(train)
+    rng = np.asarray(parallel.fetch(rng))   # a host copy: the step donates the state's
+    self._draw = jax.jit(jax.vmap(lambda s: draw_indices(rng, s, n, batch_size)))
+    self._first, self._idx = None, None
+
+  def get(self, step: int) -> parallel.DeviceData:
+    if self._first is None or not self._first <= step < self._first + self.chunk:
+      self._first = step
+      self._idx = np.asarray(jax.device_get(self._draw(np.arange(step, step + self.chunk))))
+    return parallel.put_batch(self.train, self._idx[step - self._first], self.mesh,
+                              self.labels_as)
+
+
 def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
         log: Callable[[str], None] = print, mesh=None,
         context: dict | None = None) -> FitResult:
@@ -152,9 +176,18 @@ def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecor
   Metrics stay on the device until a sync point (log line, epoch end,
   checkpoint): no host round trip per step.
   """
-  data = parallel.place_dataset(train, mesh)
+  placement = parallel.choose_placement(config.data_placement, train, mesh)
+  streamed = placement == "stream"
+  if placement != "replicate":
+    log(f"training set placement: {placement}")
+  if streamed:
+    log(f"training set of {parallel.dataset_bytes(train) / 2**30:.2f} GiB streamed from the "
+        "host, one batch a step")
+    batches = _HostBatches(train, state.rng, config.batch_size, config.log_every, mesh)
+  else:
+    data = parallel.place_dataset(train, mesh, shard=placement == "shard")
   valset = make_val_set(config, val, max_label, mesh)
-  train_step = make_train_step(config, mesh, max_label)
+  train_step = make_train_step(config, mesh, max_label, streamed=streamed)
   pending = []
   clock = _Throughput(config.batch_size)
 
@@ -169,7 +202,7 @@ def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecor
       record.finish("max_steps")
       ckpt.save(state, best, record)
       break
-    state, metrics = train_step(state, data)
+    state, metrics = train_step(state, batches.get(record.step) if streamed else data)
     record.step += 1
     step = record.step
     pending.append(metrics)

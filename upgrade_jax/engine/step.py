@@ -22,7 +22,8 @@ from upgrade_jax.engine.config import StepConfig, TrainConfig
 from upgrade_jax.engine.state import TrainState
 from upgrade_jax.metrics import dice_counts, extent_mask
 
-__all__ = ["Batch", "crop_and_flip", "gather_samples", "sample_crops", "make_train_step"]
+__all__ = ["Batch", "crop_and_flip", "draw_indices", "gather_samples", "take_samples",
+           "sample_crops", "make_train_step"]
 
 
 class Batch(NamedTuple):
@@ -63,16 +64,45 @@ def crop_and_flip(key, arrays, extents, crop: int, flips: bool = True):
   return out
 
 
+def draw_indices(rng, step, n, batch_size: int):
+  """(B,) int32: the samples the train step at `step` draws from a set of n
+  (an int or a traced () int32).
+
+  The step's key is fold_in(rng, step), split in three: this uses the
+  first. The streaming placement calls it on the host side (vmapped over
+  steps) to send the very samples the replicated placement would gather.
+  """
+  k_idx = jax.random.split(jax.random.fold_in(rng, step), 3)[0]
+  return jax.random.randint(k_idx, (batch_size,), 0, n)
+
+
+def take_samples(data: parallel.DeviceData, idx=None) -> tuple[Batch, Any]:
+  """Whole samples `idx` (B,) of `data` (all of it when None: a streamed
+  batch), images normalised (compact ones divided by their scale) and labels
+  widened to int32, with their valid masks; and their (B, 2) extents."""
+  pick = (lambda x: x) if idx is None else (lambda x: x[idx])  # noqa: E731
+  _, h, w = data.targets.shape
+  ext = pick(data.extents)
+  images = pick(data.images)
+  if data.scale is not None:   # compact: the same float32 division as io.normalise
+    # XLA rewrites x / broadcast(s) as x * broadcast(1 / s), which rounds
+    # differently; the barrier keeps a true division, so a compact set trains
+    # bit for bit as its host-normalised float32 form.
+    divisor = jax.lax.optimization_barrier(
+        jnp.broadcast_to(pick(data.scale)[:, None, None, None], images.shape))
+    images = images.astype(jnp.float32) / divisor
+  # Labels are stored compactly (parallel.label_dtype); the tasks see int32.
+  batch = Batch(images, pick(data.targets).astype(jnp.int32),
+                pick(data.others).astype(jnp.int32), extent_mask(ext, h, w, xp=jnp))
+  return batch, ext
+
+
 def gather_samples(key, data: parallel.DeviceData, batch_size: int) -> Batch:
   """Random whole samples (B, H, W, ...) with their valid masks, and their
   (B, 2) extents."""
-  n, h, w = data.targets.shape
+  n = data.targets.shape[0] if data.count is None else data.count
   idx = jax.random.randint(key, (batch_size,), 0, n)
-  ext = data.extents[idx]
-  # Labels are stored compactly (parallel.label_dtype); the tasks see int32.
-  batch = Batch(data.images[idx], data.targets[idx].astype(jnp.int32),
-                data.others[idx].astype(jnp.int32), extent_mask(ext, h, w, xp=jnp))
-  return batch, ext
+  return take_samples(data, idx)
 
 
 def sample_crops(key, data: parallel.DeviceData, batch_size: int, crop: int,
@@ -95,36 +125,46 @@ def sample_crops(key, data: parallel.DeviceData, batch_size: int, crop: int,
   return Batch(*crop_and_flip(k_geo, tuple(full), ext, crop, flips))
 
 
-def make_train_step(config: TrainConfig | StepConfig, mesh, max_label: int):
+def make_train_step(config: TrainConfig | StepConfig, mesh, max_label: int, *,
+                    streamed: bool = False):
   """The jitted, data-parallel train step.
 
   Built from the StepConfig (`config.step`) only and cached per (StepConfig,
-  mesh, max_label), so fits that differ only in loop settings, seed or
-  learning rate compile once.
+  mesh, max_label, streamed), so fits that differ only in loop settings,
+  seed or learning rate compile once.
+
+  Args:
+    streamed: `data` is not the training set but the B samples this step
+      draws (parallel.put_batch of the host's draw_indices), used in order.
 
   Returns:
     train_step(state, data) -> (state, metrics): state is donated; data is
-    the parallel.DeviceData of the training set; metrics = {"loss": () f32,
-    "dice_counts": (3,) i32 train TP/FP/FN at threshold 0.5}.
+    the parallel.DeviceData of the training set (or of the step's batch when
+    streamed); metrics = {"loss": () f32, "dice_counts": (3,) i32 train
+    TP/FP/FN at threshold 0.5}.
   """
   step = config.step if isinstance(config, TrainConfig) else config
-  return _build_train_step(step, mesh, int(max_label))
+  return _build_train_step(step, mesh, int(max_label), bool(streamed))
 
 
 @functools.lru_cache(maxsize=16)
-def _build_train_step(config: StepConfig, mesh, max_label: int):
+def _build_train_step(config: StepConfig, mesh, max_label: int, streamed: bool):
   parallel.check_batch(config.batch_size, mesh)
   task = config.task
   rep = parallel.replicated(mesh)
 
   def train_step(state: TrainState, data: parallel.DeviceData):
     key = jax.random.fold_in(state.rng, state.step)
-    k_idx, k_pair, k_geo = jax.random.split(key, 3)
+    _, k_pair, k_geo = jax.random.split(key, 3)
     # The pair (e.g. the perturbation P) is made on whole samples and cropped
     # afterwards when the task needs it (Task.whole_samples: the paper
     # perturbs whole slices). Other tasks crop first, so the step never moves
     # whole large images.
-    full, ext = gather_samples(k_idx, data, config.batch_size)
+    # data.count: the real samples (a sharded set is padded); a traced maxval
+    # draws the same indices as the static one did.
+    idx = None if streamed else draw_indices(state.rng, state.step, data.count,
+                                             config.batch_size)
+    full, ext = take_samples(data, idx)
     full = parallel.shard_batch(full, mesh)
     pair = functools.partial(task.pair, max_label=max_label, train=True)
     if task.whole_samples:

@@ -27,6 +27,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from upgrade_jax.data.types import float_images
 from upgrade_jax.engine.evaluation import _forward_probs
 from upgrade_jax.engine.tasks import Task
 from upgrade_jax.models.unet import MULTIPLE
@@ -121,7 +122,7 @@ def predict_image(model, variables, task: Task, image: np.ndarray, labels=None, 
   Returns:
     (H, W) float32 in [0, 1].
   """
-  image = np.asarray(image, np.float32)
+  image = float_images(image, "predict_image")
   if image.ndim != 3:
     raise ValueError(f"predict_image: image must be (H, W, C), got {image.shape}")
   h, w, _ = image.shape

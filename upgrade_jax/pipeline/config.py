@@ -54,8 +54,16 @@ class DataConfig:
       synthetic presets, or others/ of a folder), "felzenszwalb" segments,
       or "none".
     data_seed: seed of the simulator and of the test hold-out.
-    normalisation: per-image "max" or "percentile" (network inputs; the
-      threshold baseline always works on raw intensities, as the paper's).
+    normalisation: network inputs per image, "max" (the paper's) or
+      "percentile", or "volume": one scale per 3-D volume, x / the volume's
+      max, so dim slices near a volume's edge keep its background level
+      (io.volumes_to_dataset). The threshold baseline always works on raw
+      intensities, as the paper's.
+    compact_images: keep 8- and 16-bit single-channel images in their
+      source dtype on the host and the devices, normalised on the device by
+      the train step (io.stack_samples compact="auto"): 2-4x less memory,
+      the same results bit for bit. Float or mixed-channel sources stay
+      float32.
     felzenszwalb: the segments inclusion draws from with others="felzenszwalb"
       (the paper's case study, §3.3.4).
     hq_perturb: imperfect HQ (the paper's Figure 3.5): the HQ labels the
@@ -83,9 +91,15 @@ class DataConfig:
   others: str = "labels"
   data_seed: int = 0
   normalisation: str = "max"
+  compact_images: bool = True
   hq_perturb: PerturbConfig = PerturbConfig()
   felzenszwalb: FelzenszwalbConfig = FelzenszwalbConfig()
   z_consistent: bool = False
+
+  @property
+  def compact(self):
+    """io.stack_samples' `compact` argument for this config."""
+    return "auto" if self.compact_images else False
 
   def __post_init__(self):
     if self.z_consistent and self.source in ("folder", "epfl_mito"):
@@ -191,7 +205,8 @@ class PipelineConfig:
 # resumes. `reps`, `scenarios` and `threshold_baseline` only say how much to
 # compute: more repetitions or scenarios extend a finished run.
 _RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch", "review_top")
-_RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl")
+_RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl",
+                         "data_placement")
 _METHOD_FIELDS = ("confident_learning", "partial_labelling")
 
 
@@ -210,6 +225,7 @@ def run_key(cfg: PipelineConfig) -> dict:
     d["data"].pop("felzenszwalb")
   if not cfg.data.z_consistent:   # off: the key of runs made before the option
     d["data"].pop("z_consistent")
+  d["data"].pop("compact_images")   # the same numbers either way
   # The methods' options at their defaults are left out, so the keys of runs
   # made before they existed still match; other values are in the key.
   for name in _METHOD_FIELDS:

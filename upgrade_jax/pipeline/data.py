@@ -84,6 +84,7 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
   train_vols, test_vols = volumes
   splits = sampling.make_splits(train_vols, test_vols, n_hq=cfg.data.n_hq, seed=seed,
                                 n_lq=cfg.data.n_lq, normalisation=cfg.data.normalisation,
+                                compact=cfg.data.compact,
                                 hq_volumes=cfg.data.hq_volumes)
   # Felzenszwalb others are made per volume in `run`; here only "none" acts.
   mode = "labels" if cfg.data.others == "felzenszwalb" else cfg.data.others
@@ -139,7 +140,7 @@ def predicted_lq(cfg: PipelineConfig, data: RepData, seed: int, workdir: Path,
   def predicted(ds: Dataset) -> Dataset:
     if len(ds) == 0:
       return ds
-    pred = engine.predict(fit.state_best, ds.images, batch_size=cfg.predict_batch,
+    pred = engine.predict(fit.state_best, ds.normalised(), batch_size=cfg.predict_batch,
                           extents=ds.extents)
     return ds.replace(targets=pred.astype(np.int32))
 

@@ -63,7 +63,7 @@ def _felzenszwalb_others(ds: Dataset, felz: FelzenszwalbConfig) -> Dataset:
   out = np.zeros_like(ds.others)
   for i in range(len(ds)):
     h, w = ds.extents[i]
-    out[i, :h, :w] = felzenszwalb_objects(ds.images[i, :h, :w], ds.targets[i, :h, :w],
+    out[i, :h, :w] = felzenszwalb_objects(ds.normalised([i])[0, :h, :w], ds.targets[i, :h, :w],
                                           felz, area_range=area_range)
   return ds.replace(others=out)
 
