@@ -153,19 +153,66 @@ def _table_3_3(entries, root: Path, paper: dict) -> str:
   mine = {e.row: render.summary(render.load_reps(root / e.id))
           for e in entries if e.table == "table_3_3"}
   lines = ["| method | " + " | ".join(cols) + " |", "|---|---|---|---|"]
-  for method in t["rows"]:
+  for method in (*t["rows"], "threshold"):
     cells = []
     for c in cols:
       d = mine.get(c)
       s = d["segmentation_dice"].get(method) if d else None
-      cells.append(render.cell(s, t["rows"][method][c]))
-    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+      cells.append(render.cell(s, t["rows"].get(method, {}).get(c)))
+    label = method if method in t["rows"] else f"{method} (ours only)"
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
   n = {c: len(d["segmentation_dice"].get("hq_upgraded", {}).get("per_rep", []))
        for c, d in mine.items() if d}
   lines += ["", "Repetitions: " + (", ".join(f"{c} {k}" for c, k in n.items()) or
                                    "none finished yet") + "."]
+  verdict = table_3_3_verdict(t["rows"], {c: d["segmentation_dice"] for c, d in mine.items()
+                                          if d}, cols)
+  if verdict:
+    lines += ["", "The paper's ordering, column by column (computed):", "", *verdict]
   lines += ["", t["note"]]
   return "\n".join(lines)
+
+
+# Confident Learning is "weak" on a column when it is this far below the
+# upgrade's mean (the paper's omission column: 0.381 against 0.923).
+WEAK_GAP = 0.1
+
+
+def table_3_3_verdict(paper_rows: dict, ours: dict, cols) -> list[str]:
+  """Markdown bullets: per column, the paper's and our ranking, and whether
+  the upgrade is the best, comparable (the best method does not beat it in
+  every repetition) or worse (it does); then whether Confident Learning is
+  weak on omission (WEAK_GAP below the upgrade) here as in the paper.
+
+  ours: {column: segmentation_dice summary with per_rep lists}."""
+  out = []
+  for c in cols:
+    d = ours.get(c)
+    if not d or "hq_upgraded" not in d:
+      continue
+    methods = [m for m in paper_rows if m in d]
+    rank = lambda means: " > ".join(sorted(means, key=means.get, reverse=True))  # noqa: E731
+    paper_rank = rank({m: paper_rows[m][c] for m in paper_rows})
+    our_rank = rank({m: d[m]["mean"] for m in methods})
+    best = max(methods, key=lambda m: d[m]["mean"])
+    up = d["hq_upgraded"]["per_rep"]
+    if best == "hq_upgraded":
+      word = "the upgrade is best"
+    else:
+      other = d[best]["per_rep"]
+      wins = sum(o > u for o, u in zip(other, up))
+      word = (f"{best} is best (+{d[best]['mean'] - d['hq_upgraded']['mean']:.3f} on the "
+              f"means, higher in {wins} of {len(up)} repetitions): the upgrade is "
+              + ("worse" if wins == len(up) else "comparable"))
+    out.append(f"- {c}: paper {paper_rank}; ours {our_rank}; {word}.")
+  d = ours.get("omission")
+  if d and "confident_learning" in d and "hq_upgraded" in d:
+    gap = d["hq_upgraded"]["mean"] - d["confident_learning"]["mean"]
+    p = paper_rows["hq_upgraded"]["omission"] - paper_rows["confident_learning"]["omission"]
+    holds = "holds" if gap >= WEAK_GAP else "does not hold"
+    out.append(f"- Confident Learning weak on omission (≥ {WEAK_GAP} below the upgrade): "
+               f"paper {p:+.3f}, ours {gap:+.3f}: {holds} here.")
+  return out
 
 
 def _checks(entries, root: Path) -> str:

@@ -78,3 +78,26 @@ def test_document_renders_with_partial_results(tmp_path):
   assert "![figure_3_4](reproduction/figure_3_4.png)" in md
   assert (doc.parent / "reproduction" / "figure_3_4.png").is_file()
   assert "2(1−r)/(2−r) = 0.462" in md  # the Dice-under-omission arithmetic at r = 0.7
+
+
+def test_table_3_3_verdict_ranks_and_compares_per_repetition():
+  from experiments.reproduce import table_3_3_verdict
+  paper = {"partial_labelling": {"omission": 0.906, "inclusion": 0.859},
+           "confident_learning": {"omission": 0.381, "inclusion": 0.888},
+           "hq_upgraded": {"omission": 0.923, "inclusion": 0.962}}
+  s = lambda *v: {"mean": sum(v) / len(v), "per_rep": list(v)}  # noqa: E731
+  ours = {"omission": {"hq_upgraded": s(0.70, 0.83, 0.83), "confident_learning": s(0.80, 0.82, 0.82),
+                       "partial_labelling": s(0.6, 0.6, 0.6)},
+          "inclusion": {"hq_upgraded": s(0.7, 0.7, 0.7), "confident_learning": s(0.8, 0.8, 0.8),
+                        "partial_labelling": s(0.6, 0.6, 0.6)}}
+  out = table_3_3_verdict(paper, ours, ("omission", "inclusion", "bias"))
+  assert len(out) == 3   # two columns (bias not run) and the CL-on-omission line
+  assert out[0].startswith("- omission: paper hq_upgraded > partial_labelling > "
+                           "confident_learning; ours confident_learning > hq_upgraded")
+  assert "higher in 1 of 3 repetitions): the upgrade is comparable" in out[0]
+  assert "higher in 3 of 3 repetitions): the upgrade is worse" in out[1]
+  # 0.787 - 0.813 = -0.027 here, +0.542 in the paper.
+  assert "paper +0.542, ours -0.027: does not hold here" in out[2]
+  ours["omission"]["confident_learning"] = s(0.5, 0.5, 0.5)
+  out = table_3_3_verdict(paper, ours, ("omission",))
+  assert "the upgrade is best" in out[0] and out[1].endswith("holds here.")
