@@ -138,3 +138,8 @@ def test_prediction_refuses_unscaled_compact_images(sets):
   with pytest.raises(ValueError, match="normalised"):
     tiling.predict_image(state.model, state.variables, state.task, cmp.images[0])
   assert T.predict(state, cmp.normalised([0, 1])).shape == (2, 48, 48)
+  # A Dataset is predicted a batch at a time, normalised as it goes: the
+  # same probabilities as its float32 images in one array (odd N, batch 4).
+  part = cmp.subset(list(range(7)))
+  whole = T.predict_proba(state, part.normalised(), batch_size=4, extents=part.extents)
+  np.testing.assert_array_equal(T.predict_proba(state, part, batch_size=4), whole)

@@ -122,7 +122,10 @@ def predict_proba(state, images, labels=None, *, batch_size: int = 8,
   Args:
     state: a TrainState, or a (UNet, variables) pair (then pass `task`).
     images: (N, H, W, C) float32, normalised (integer arrays are refused:
-      a compact Dataset's images need Dataset.normalised()).
+      a compact Dataset's images need Dataset.normalised()); or a Dataset,
+      compact or not, normalised one batch at a time (its extents are used
+      unless `extents` is given), so a large set never exists whole as
+      float32 network inputs.
     labels: (N, H, W) label input of a task that takes one (the LQ masks to
       upgrade); None for the segmentation network.
     batch_size: images per jitted call (N is padded to a multiple). When the
@@ -141,17 +144,28 @@ def predict_proba(state, images, labels=None, *, batch_size: int = 8,
   task = task if task is not None else getattr(state, "task", None)
   if task is None:
     raise ValueError("predict: pass task= with a (model, variables) pair")
-  images = float_images(images, "predict")
-  if images.ndim != 4:
-    raise ValueError(f"predict: images must be (N, H, W, C), got {images.shape}")
-  n, h, w, _ = images.shape
+  if isinstance(images, Dataset):
+    ds = images
+    extents = ds.extents if extents is None else extents
+    shape = ds.images.shape
+    batch_images = lambda i, j: ds.normalised(np.arange(i, j))  # noqa: E731
+  else:
+    arr = float_images(images, "predict")
+    shape = arr.shape
+    batch_images = lambda i, j: arr[i:j]  # noqa: E731
+  if len(shape) != 4:
+    raise ValueError(f"predict: images must be (N, H, W, C), got {shape}")
+  n, h, w, _ = shape
   valid = None
   if extents is not None:
     extents = np.asarray(extents)
     if extents.shape != (n, 2):
       raise ValueError(f"predict: extents shape {extents.shape} != {(n, 2)}")
     valid = extent_mask(extents, h, w)
-  x = task.prediction_inputs(images, labels, valid)
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != (n, h, w):
+      raise ValueError(f"predict: labels shape {labels.shape} != {(n, h, w)}")
   if batch_size < 1:
     raise ValueError(f"predict: batch_size must be >= 1, got {batch_size}")
   mesh = _data_mesh_of(variables)
@@ -161,10 +175,13 @@ def predict_proba(state, images, labels=None, *, batch_size: int = 8,
     batch_size = -(-batch_size // ndev) * ndev
     put = lambda a: parallel.put(a, parallel.batch_sharding(mesh))
   hb, wb = bucket_size(h), bucket_size(w)
-  nb = -(-n // batch_size)
-  x = np.pad(x, ((0, nb * batch_size - n), (0, hb - h), (0, wb - w), (0, 0)))
-  outs = [_forward_probs(model, variables, put(x[i * batch_size:(i + 1) * batch_size]))
-          for i in range(nb)]  # dispatched asynchronously, fetched once
+  take = lambda a, i, j: None if a is None else a[i:j]  # noqa: E731
+  outs = []
+  for i in range(0, n, batch_size):   # dispatched asynchronously, fetched once
+    j = min(i + batch_size, n)
+    x = task.prediction_inputs(batch_images(i, j), take(labels, i, j), take(valid, i, j))
+    x = np.pad(x, ((0, batch_size - (j - i)), (0, hb - h), (0, wb - w), (0, 0)))
+    outs.append(_forward_probs(model, variables, put(x)))
   # fetch: with several processes a batch spans devices of the others.
   probs = np.concatenate(parallel.fetch(outs))[:n, :h, :w]
   if valid is not None:

@@ -140,7 +140,7 @@ def predicted_lq(cfg: PipelineConfig, data: RepData, seed: int, workdir: Path,
   def predicted(ds: Dataset) -> Dataset:
     if len(ds) == 0:
       return ds
-    pred = engine.predict(fit.state_best, ds.normalised(), batch_size=cfg.predict_batch,
+    pred = engine.predict(fit.state_best, ds, batch_size=cfg.predict_batch,
                           extents=ds.extents)
     return ds.replace(targets=pred.astype(np.int32))
 

@@ -77,7 +77,7 @@ def cross_fit_probs(seg_cfg: engine.TrainConfig, train: Dataset, val: Dataset, f
     fit = engine.fit(seg_cfg, train.subset(inside), val, Path(workdir) / f"teacher{k}",
                      log=log, context=context)
     part = train.subset(held)
-    probs[held] = engine.predict_proba(fit.state_best, part.normalised(), batch_size=predict_batch,
+    probs[held] = engine.predict_proba(fit.state_best, part, batch_size=predict_batch,
                                        extents=part.extents)
   return probs
 

@@ -162,7 +162,7 @@ def train_scenarios(cfg: PipelineConfig, data: RepData, upgraded: Dataset,
                         seed=run.seed, log=run.log, context=run.key)
     if info:
       run.result.setdefault("methods", {})[scenario] = info
-    pred = engine.predict(seg.state_best, data.test.normalised(), batch_size=cfg.predict_batch,
+    pred = engine.predict(seg.state_best, data.test, batch_size=cfg.predict_batch,
                           extents=data.test.extents)
     seg_dice[scenario] = metrics.pooled_dice_np(pred, data.test.targets, valid)
     run.timed(f"seg_{scenario}_s", t0)
@@ -191,7 +191,7 @@ THRESHOLD = 0.5
 def upgrade_probs(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
   """(N, H, W) float32: u_θ's foreground probability for every sample of
   `ds` (LQ targets as the label input), 0 outside each extent."""
-  return engine.predict_proba(state, ds.normalised(), ds.targets > 0, batch_size=batch_size,
+  return engine.predict_proba(state, ds, ds.targets > 0, batch_size=batch_size,
                               extents=ds.extents)
 
 
