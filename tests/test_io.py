@@ -267,3 +267,22 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     os.umask(old)
   assert a.stat().st_mode & 0o777 == mode
   assert b.stat().st_mode & 0o777 == mode
+
+
+def test_volume_normalisation_through_the_splits_compact_and_float():
+  """make_splits with normalisation="volume": every slice divided by its own
+  volume's max (raw), the same in the compact and the float32 form."""
+  from upgrade_jax.data import sampling
+  vols = io.synthetic("hl60", seed=0, n_volumes=3, shape=(6, 96, 96))
+  tops = {v.name: float(v.image.max()) for v in vols}
+  kw = dict(n_hq=2, seed=0, normalisation="volume")
+  flt = sampling.make_splits(vols[1:], vols[:1], **kw)
+  cmp = sampling.make_splits(vols[1:], vols[:1], compact="auto", **kw)
+  for a, b in ((flt.lq_truth, cmp.lq_truth), (flt.test, cmp.test), (flt.hq_train, cmp.hq_train)):
+    assert b.compact and not a.compact
+    np.testing.assert_array_equal(b.normalised(), a.images)
+    want = [tops[n.rsplit("_z", 1)[0]] for n in b.names]
+    np.testing.assert_array_equal(b.image_scale, np.float32(want))
+  # A volume's dimmest slices stay dim (not stretched to 1 as per-image max would).
+  per_slice_max = cmp.lq_truth.normalised().reshape(len(cmp.lq_truth), -1).max(1)
+  assert per_slice_max.max() == 1.0 and per_slice_max.min() < 0.999
