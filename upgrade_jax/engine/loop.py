@@ -178,8 +178,9 @@ def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecor
   """
   placement = parallel.choose_placement(config.data_placement, train, mesh)
   streamed = placement == "stream"
-  if placement != "replicate":
-    log(f"training set placement: {placement}")
+  if placement == "shard":
+    log(f"training set of {parallel.dataset_bytes(train) / 2**30:.2f} GiB sharded over the "
+        f"{mesh.shape[parallel.DATA_AXIS]} devices")
   if streamed:
     log(f"training set of {parallel.dataset_bytes(train) / 2**30:.2f} GiB streamed from the "
         "host, one batch a step")
