@@ -311,7 +311,7 @@ def scale(entries: list[Entry], root: Path) -> str:
   if not seen:
     return "No runs yet."
   lines = ["| entry | data | volumes (test) | shape | HQ slices | width | crop × batch | "
-           "steps u_θ / seg. | lr |", "|---|---|---|---|---|---|---|---|---|"]
+           "steps u_θ / seg. | lr | normalisation |", "|---|---|---|---|---|---|---|---|---|---|"]
   for k, c in seen.items():
     dc, up, sg = c["data"], c["upgrade"], c["segment"]
     src = dc.get("source", "synthetic")
@@ -321,5 +321,5 @@ def scale(entries: list[Entry], root: Path) -> str:
         f"| {k} | {src} {preset if src == 'synthetic' else ''} | {dc.get('n_volumes', '')} "
         f"({dc.get('n_test', '')}) | {shape} | {dc.get('n_hq')} | {up['widths'][0]} | "
         f"{up['crop']} × {up['batch_size']} | {up['max_steps']} / {sg['max_steps']} | "
-        f"{up['lr']:g} |")
+        f"{up['lr']:g} | {dc.get('normalisation', 'max')} |")
   return "\n".join(lines)
