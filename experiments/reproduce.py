@@ -8,11 +8,14 @@ r"""Runs the paper's experiments at CPU scale and writes docs/reproduction.md.
 Each entry (experiments/reproduction/entries.py) is an experiments.upgrade or
 experiments.sweep command run in its own process into out_root/<id>/, with
 its log in out_root/<id>.log. Runs resume: finished repetitions are skipped,
-a killed one restarts from its checkpoint. The document is made from the
-finished repetitions (rep*/rep.json) and the paper's numbers
-(experiments/reproduction/paper_numbers.json), never typed by hand; an entry
-that has not run shows as such. The discussion paragraphs come from
-experiments/reproduction/discussion.md.
+a killed one restarts from its checkpoint. Every finished repetition's
+rep.json is copied into the committed record (--records,
+docs/reproduction/reps/; experiments/reproduction/records.py), and a run
+folder is seeded from the record before its entry runs, so a repetition
+finished on any machine is not computed again. The document is made from the
+record and the paper's numbers (experiments/reproduction/paper_numbers.json),
+never typed by hand; an entry that has not run shows as such. The discussion
+paragraphs come from experiments/reproduction/discussion.md.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.reproduction import render
+from experiments.reproduction import records, render
 from experiments.reproduction.entries import PAPER_NUMBERS, select
 from upgrade_jax.data.io import write_text
 
@@ -35,6 +38,8 @@ DISCUSSION = ROOT / "experiments" / "reproduction" / "discussion.md"
 
 F = flags.FLAGS
 flags.DEFINE_string("out_root", "runs/reproduction", "Folder of the entries' run folders.")
+flags.DEFINE_string("records", "docs/reproduction/reps", "The committed record of finished "
+                    "repetitions the document is made from (see records.py).")
 flags.DEFINE_string("doc", "docs/reproduction.md", "The markdown to write (its figures go "
                     "beside it, in <doc stem>/).")
 flags.DEFINE_list("only", [], "Entry id prefixes to run (default: all); the document always "
@@ -245,14 +250,22 @@ def main(argv):
   entries = select(F.only)
   if F.status:
     for e in entries:
-      print(f"{e.id}\t{_finished(e, root)} finished rep(s)\t{' '.join(e.command(root / e.id, data_dirs))}")
+      print(f"{e.id}\t{_finished(e, root)} finished rep(s) in {root}, "
+            f"{_finished(e, Path(F.records))} in the record\t"
+            f"{' '.join(e.command(root / e.id, data_dirs))}")
     return 0
+  record = Path(F.records)
   failed = []
   if F.run:
     for e in entries:
+      seeded = records.seed_run(e.id, record, root)
+      if seeded:
+        print(f"  {e.id}: {seeded} repetition(s) taken from {record}", flush=True)
       if run_entry(e, root, data_dirs) != 0:
         failed.append(e.id)
-  write_text(doc, document(root, doc, data_dirs, F.out_root))
+      records.sync([e.id], root, record)  # after each entry: a later kill keeps it
+  records.sync([e.id for e in select([])], root, record)
+  write_text(doc, document(record, doc, data_dirs, F.records))
   print(f"wrote {doc}" + (f"; failed: {', '.join(failed)} (see their logs)" if failed else ""))
   return 1 if failed else 0
 

@@ -161,6 +161,27 @@ flags.DEFINE_list("scenarios", list(_PIPE.scenarios), "Segmentation scenarios, a
                   f"of {', '.join(SCENARIOS)}; empty = upgrade only.")
 flags.DEFINE_bool("threshold_baseline", _PIPE.threshold_baseline, "Score the global-threshold "
                   "baseline.")
+# The competing methods of Table 3.3 (--scenarios=...,confident_learning,partial_labelling).
+_CL, _PL = _PIPE.confident_learning, _PIPE.partial_labelling
+flags.DEFINE_float("cl_confidence", _CL.confidence, "Confident Learning: soft target of a "
+                   "corrected pixel towards its new class (the authors' 0.8/0.2).",
+                   lower_bound=0.5, upper_bound=1.0)
+flags.DEFINE_integer("cl_folds", _CL.folds, "Confident Learning: folds of the cross-fitted "
+                     "teachers (K teachers, each predicts the fold it did not see).",
+                     lower_bound=2)
+flags.DEFINE_float("pl_gamma", _PL.gamma, "Partial Labelling: cosine-similarity threshold of a "
+                   "pseudo-label.", lower_bound=-1.0, upper_bound=1.0)
+flags.DEFINE_float("pl_pseudo_weight", _PL.pseudo_weight, "Partial Labelling: maximum weight "
+                   "of the pseudo-label term.", lower_bound=0.0)
+flags.DEFINE_float("pl_separation_weight", _PL.separation_weight, "Partial Labelling: maximum "
+                   "weight of the Fisher-style separation term.", lower_bound=0.0)
+flags.DEFINE_integer("pl_ramp_start", _PL.ramp_start, "Partial Labelling: train step where the "
+                     "two weights start to ramp up from 0.", lower_bound=0)
+flags.DEFINE_integer("pl_ramp_end", _PL.ramp_end, "Partial Labelling: train step where they "
+                     "reach their maximum.", lower_bound=0)
+METHOD_FLAGS = {"confident_learning": ("cl_confidence", "cl_folds"),
+                "partial_labelling": ("pl_gamma", "pl_pseudo_weight", "pl_separation_weight",
+                                      "pl_ramp_start", "pl_ramp_end")}
 flags.DEFINE_integer("reps", _PIPE.reps, "Repetitions (seeds seed..seed+reps-1).",
                      lower_bound=1)
 flags.DEFINE_integer("seed", _PIPE.seed, "Base seed.")
@@ -216,7 +237,9 @@ NOT_IN_USER_MODE = (
     "n_lq", "max_test", "data_seed", "lq_omission_rate", "lq_inclusion_rate", "lq_bias_max",
     "lq_salt_pepper_prob", "lq_per_instance_bias", "hq_omission_rate", "hq_bias_max",
     "lq_source", "predictor_hq", "cost_budget", "hq_cost", "reps", "paper",
-    "threshold_baseline", "hq_volumes", "lq_per_hq", "fresh", "z_consistent")
+    "threshold_baseline", "hq_volumes", "lq_per_hq", "fresh", "z_consistent",
+    "cl_confidence", "cl_folds", "pl_gamma", "pl_pseudo_weight", "pl_separation_weight",
+    "pl_ramp_start", "pl_ramp_end")
 SYNTHETIC_ONLY = ("preset", "n_volumes", "volume_shape", "sim_size")
 
 
@@ -296,6 +319,7 @@ def log_line(msg: str) -> None:
 def build_config(v: "FlagView | None" = None) -> PipelineConfig:
   """The flags (or a sweep point's view of them) as frozen configs; the
   library never sees a flag."""
+  from upgrade_jax import engine
   from upgrade_jax.engine import Segment, Upgrade
 
   v = v or FlagView()
@@ -347,7 +371,13 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                         reps=v.reps, seed=v.seed, lq_source=v.lq_source,
                         predictor_hq=v.predictor_hq, output=v.output,
                         tiling=TileConfig(tile=v.tile, margin=v.tile_margin),
-                        review_top=v.review_top)
+                        review_top=v.review_top,
+                        confident_learning=engine.ConfidentLearning(
+                            confidence=v.cl_confidence, folds=v.cl_folds),
+                        partial_labelling=engine.PartialLabelling(
+                            gamma=v.pl_gamma, pseudo_weight=v.pl_pseudo_weight,
+                            separation_weight=v.pl_separation_weight,
+                            ramp_start=v.pl_ramp_start, ramp_end=v.pl_ramp_end))
 
 
 def setup_runtime() -> None:
@@ -419,6 +449,11 @@ def check_flag_combination(v: FlagView) -> None:
       raise InputError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} "
                        "only to --data=synthetic, not "
                        f"--data={v.data}; remove them")
+  for scenario, names in METHOD_FLAGS.items():
+    ignored = [f"--{n}" for n in names if given(n)]
+    if ignored and scenario not in v.scenarios:
+      raise InputError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} "
+                       f"only with {scenario} in --scenarios; add it or remove them")
   if given("predictor_hq") and v.lq_source != "predictions":
     raise InputError("--predictor_hq applies only with --lq_source=predictions")
   if given("hq_cost") and v.cost_budget is None:

@@ -257,6 +257,12 @@ CASES = [
      "data_dir"),
     ("others_labels_without_user_mode", _synthetic("--others_labels=/tmp"), "--others_labels"),
     ("cost_budget_below_hq_cost", _synthetic("--cost_budget=10", "--n_hq=4"), "--cost_budget"),
+    # The competing methods' options: only with their scenario, and consistent.
+    ("method_flag_without_its_scenario", _synthetic("--cl_confidence=0.9"),
+     "--cl_confidence"),
+    ("partial_labelling_ramp_reversed", _synthetic(
+        "--scenarios=hq,partial_labelling", "--pl_ramp_start=200", "--pl_ramp_end=100"),
+     "ramp_start"),
     # Process flags: checked before JAX starts (a bad one would hang or fail later).
     ("process_flags_without_distributed", _synthetic("--num_processes=2", "--process_id=1"),
      "--distributed"),

@@ -132,3 +132,25 @@ def test_quickstart_is_the_omission_row_at_cpu_scale():
     cpu = upgrade.build_config()
   assert run_key(quick) == run_key(cpu)
   assert quick.scenarios == cpu.scenarios
+
+
+def test_method_flags_reach_the_configs_and_their_defaults_leave_the_run_key_alone():
+  from upgrade_jax.pipeline.config import run_key
+
+  with parsed("--out_dir=runs/x") as F:
+    base = upgrade.build_config()
+  with parsed("--out_dir=runs/x", "--scenarios=hq,confident_learning,partial_labelling",
+              "--cl_confidence=0.9", "--cl_folds=3", "--pl_gamma=0.8",
+              "--pl_pseudo_weight=0.2", "--pl_separation_weight=0.05",
+              "--pl_ramp_start=10", "--pl_ramp_end=20") as F:
+    upgrade.check_flag_combination(upgrade.FlagView())
+    cfg = upgrade.build_config()
+  assert (cfg.confident_learning.confidence, cfg.confident_learning.folds) == (0.9, 3)
+  pl = cfg.partial_labelling
+  assert (pl.gamma, pl.pseudo_weight, pl.separation_weight, pl.ramp_start, pl.ramp_end) == (
+      0.8, 0.2, 0.05, 10, 20)
+  assert base.confident_learning == type(base).confident_learning  # the library defaults
+  assert base.partial_labelling == type(base).partial_labelling
+  assert "confident_learning" not in run_key(base)
+  key = run_key(cfg)
+  assert key["confident_learning"]["confidence"] == 0.9 and key["partial_labelling"]["gamma"] == 0.8

@@ -87,6 +87,14 @@ def test_cli_end_to_end_and_resume(tmp_path):
   assert proc2.stdout.count("already finished") == 2
   assert "training the upgrade network" not in proc2.stdout
   assert json.loads((out / "rep0" / "rep.json").read_text()) == before
+  # The reproduction's record (rep.json only, no checkpoints) seeds a folder on
+  # another machine: the CLI takes its repetitions as finished.
+  from experiments.reproduction import records
+  records.sync(["run"], tmp_path, tmp_path / "record")
+  assert records.seed_run("run", tmp_path / "record", tmp_path / "new") == 2
+  seeded = run_cli(args[:-1] + [f"--out_dir={tmp_path / 'new' / 'run'}"])
+  assert seeded.stdout.count("already finished") == 2
+  assert "training the" not in seeded.stdout
   # Issue 10. Every rep records its full config and the effective LQ rates.
   assert d["reps"][0]["config"]["data"]["preset"] == "hl60"
   rates = d["reps"][0]["effective_rates"]

@@ -101,3 +101,34 @@ def test_table_3_3_verdict_ranks_and_compares_per_repetition():
   ours["omission"]["confident_learning"] = s(0.5, 0.5, 0.5)
   out = table_3_3_verdict(paper, ours, ("omission",))
   assert "the upgrade is best" in out[0] and out[1].endswith("holds here.")
+
+
+def test_record_keeps_finished_reps_without_digests_and_seeds_a_new_machine(tmp_path):
+  from experiments.reproduction import records
+  runs, record = tmp_path / "runs", tmp_path / "record"
+  _rep(runs / "table_3_1_bias_hl60", 0, {"hq": 0.8, "hq_upgraded": 0.9})
+  _rep(runs / "figure_3_4_hq_size" / "n_hq=5", 1, {"hq": 0.7})
+  (runs / "table_3_1_bias_hl60" / "rep1").mkdir()   # unfinished: no rep.json
+  ck = runs / "table_3_1_bias_hl60" / "rep0" / "ckpt.json"   # not a record
+  ck.write_text(json.dumps({"train_digest": "ab12"}))
+  rep0 = runs / "table_3_1_bias_hl60" / "rep0" / "rep.json"
+  d = json.loads(rep0.read_text())
+  d["config"]["upgrade"]["train_digest"] = "ab12"   # a hash of pixels: never recorded
+  rep0.write_text(json.dumps(d))
+  ids = ["table_3_1_bias_hl60", "figure_3_4_hq_size"]
+  written = records.sync(ids, runs, record)
+  assert sorted(p.relative_to(record).as_posix() for p in written) == [
+      "figure_3_4_hq_size/n_hq=5/rep1/rep.json", "table_3_1_bias_hl60/rep0/rep.json"]
+  kept = json.loads((record / "table_3_1_bias_hl60/rep0/rep.json").read_text())
+  assert "train_digest" not in kept["config"]["upgrade"]
+  assert kept["segmentation_dice"] == {"hq": 0.8, "hq_upgraded": 0.9}
+  assert records.sync(ids, runs, record) == []   # unchanged: nothing rewritten
+  # The renderer reads the record as it reads a run folder.
+  assert render.load_reps(record / "table_3_1_bias_hl60") == [kept]
+  # A new machine: the run folders are gone; seeding restores the rep.json files.
+  fresh = tmp_path / "new_runs"
+  assert records.seed_run("table_3_1_bias_hl60", record, fresh) == 1
+  assert records.seed_run("figure_3_4_hq_size", record, fresh) == 1
+  assert json.loads((fresh / "table_3_1_bias_hl60/rep0/rep.json").read_text()) == kept
+  assert records.seed_run("table_3_1_bias_hl60", record, fresh) == 0   # never overwrites
+  assert records.seed_run("absent_entry", record, fresh) == 0
