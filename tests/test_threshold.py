@@ -21,10 +21,11 @@ def _dataset(rng, n=3, h=20, w=24, c=1, extents=None):
                  tuple(f"s{i}" for i in range(n)))
 
 
-def _brute_force(ds, thresholds):
+def _brute_force(ds, thresholds, polarity="bright"):
   valid = ds.valid_mask()
   inten = ds.images.mean(axis=-1).astype(np.float64)
-  return np.array([pooled_dice_np(inten >= t, ds.targets, valid) for t in thresholds])
+  pred = (lambda t: inten >= t) if polarity == "bright" else (lambda t: inten < t)
+  return np.array([pooled_dice_np(pred(t), ds.targets, valid) for t in thresholds])
 
 
 def test_dice_per_threshold_matches_brute_force():
@@ -39,15 +40,18 @@ def test_dice_per_threshold_matches_brute_force():
   # Thresholds equal to pixel values exactly (>= counts them as foreground).
   vals = np.unique(ds.images.mean(axis=-1)[ds.valid_mask()])[::37]
   np.testing.assert_allclose(threshold.dice_per_threshold(ds, vals), _brute_force(ds, vals))
+  for t in (cands, vals):   # dark objects: foreground is intensity < t
+    np.testing.assert_allclose(threshold.dice_per_threshold(ds, t, "dark"),
+                               _brute_force(ds, t, "dark"))
 
 
 def test_best_threshold_and_apply():
   rng = np.random.default_rng(1)
   train, test = _dataset(rng, n=4), _dataset(rng, n=3, extents=[[20, 24], [18, 20], [20, 24]])
-  t, frac, train_dice = threshold.best_threshold(train)
+  t, frac, train_dice, polarity = threshold.best_threshold(train)
   top = train.images.max()
   oracle = _brute_force(train, threshold.threshold_candidates(top))
-  assert train_dice == pytest.approx(oracle.max())
+  assert train_dice == pytest.approx(oracle.max()) and polarity == "bright"
   assert frac == pytest.approx(np.argmax(oracle) / 100) and t == pytest.approx(frac * top)
   assert 0.4 < frac < 0.8  # between the noise and the objects
   result = threshold.fit_and_evaluate(train, test)
@@ -70,6 +74,30 @@ def test_separable_data_gives_dice_one():
   assert 0.1 < result.threshold <= 0.9
 
 
+def test_dark_objects_pick_the_dark_polarity():
+  """EM: objects darker than their surround. The paper's >= rule can only
+  mark everything (t = 0); the dark polarity separates them, on train and
+  test, and the paper's rule alone is still available."""
+  rng = np.random.default_rng(3)
+  bright_train, bright_test = _dataset(rng, n=4), _dataset(rng, n=3)
+  invert = lambda d: d.replace(images=(1.0 - d.images).astype(np.float32))  # noqa: E731
+  train, test = invert(bright_train), invert(bright_test)
+  result = threshold.fit_and_evaluate(train, test)
+  assert result.polarity == "dark"
+  top = train.images.max()
+  oracle = _brute_force(train, threshold.threshold_candidates(top), "dark")
+  assert result.train_dice == pytest.approx(oracle.max())
+  pred = threshold.apply_threshold(test, result.threshold, "dark")
+  assert result.test_dice == pytest.approx(
+      pooled_dice_np(test.images[..., 0] < result.threshold, test.targets, test.valid_mask()))
+  assert result.test_dice > 0.6 and not pred[~test.valid_mask()].any()
+  paper = threshold.fit_and_evaluate(train, test, polarities=("bright",))
+  assert paper.polarity == "bright" and paper.test_dice < result.test_dice - 0.3
+  # On bright objects the choice is the paper's baseline exactly.
+  assert threshold.fit_and_evaluate(bright_train, bright_test) == threshold.fit_and_evaluate(
+      bright_train, bright_test, polarities=("bright",))
+
+
 def test_errors():
   rng = np.random.default_rng(2)
   ds = _dataset(rng)
@@ -77,6 +105,8 @@ def test_errors():
     threshold.best_threshold(ds.subset(np.zeros(0, int)))
   with pytest.raises(ValueError, match="increasing"):
     threshold.dice_per_threshold(ds, [0.5, 0.2])
+  with pytest.raises(ValueError, match="polarity"):
+    threshold.apply_threshold(ds, 0.5, "inverted")
 
 
 # ---------------------------------------------------------------- issue 10

@@ -177,8 +177,9 @@ def score_threshold(cfg: PipelineConfig, volumes, data: RepData, run: RepRun) ->
   thr = threshold_baseline(cfg, volumes, data)
   seg_dice["threshold"] = thr.test_dice
   run.result["threshold"] = {**dataclasses.asdict(thr), "intensities": "raw"}
-  run.log(f"[rep {run.rep}] segmentation Dice (threshold at {thr.fraction:.0%} of the max raw "
-          f"intensity): {thr.test_dice:.4f}")
+  side = "at" if thr.polarity == "bright" else "below"   # "dark": foreground < threshold
+  run.log(f"[rep {run.rep}] segmentation Dice (threshold {side} {thr.fraction:.0%} of the max "
+          f"raw intensity): {thr.test_dice:.4f}")
 
 
 # --------------------------------------------------------------------------
@@ -239,8 +240,10 @@ def threshold_baseline(cfg: PipelineConfig, volumes, data: RepData):
   """The paper's global threshold on raw intensities: one threshold for the
   data set, chosen in 1% steps of the training set's maximum intensity on
   the HQ slices (train + validation, with their labels as given), scored on
-  the test slices. Per-image max normalisation would make it a per-image
-  threshold (hl60 0.858 normalised vs 0.894 raw; granulocytes 0.464 vs 0.752)."""
+  the test slices; bright (>=, the paper's) or dark (<) foreground, whichever
+  fits the HQ slices better (EM objects are dark). Per-image max normalisation
+  would make it a per-image threshold (hl60 0.858 normalised vs 0.894 raw;
+  granulocytes 0.464 vs 0.752)."""
   train_vols, test_vols = volumes
   raw = lambda vols, picks: io.volumes_to_dataset(vols, picks, normalisation="none")  # noqa: E731
   hq = concat([data.hq_train, data.hq_val])
