@@ -72,9 +72,13 @@ def test_document_renders_with_partial_results(tmp_path):
   for v in ("5", "10"):
     _rep(tmp_path / "figure_3_4_hq_size" / f"n_hq={v}", 0, {"hq": 0.8, "hq_upgraded": 0.9},
          ann=(0.5, 0.85 + int(v) / 100))
+  _rep(tmp_path / "epfl_bias", 0, {"hq": 0.8, "hq_upgraded": 0.85, "oracle": 0.84,
+                                    "threshold": 0.23})
   doc = tmp_path / "docs" / "reproduction.md"
   md = reproduce.document(tmp_path, doc, {"epfl": str(tmp_path / "absent")})
   assert "| bias 6, HL60 | 1 |" in md and "dataset absent" in md
+  row = next(l for l in md.splitlines() if l.startswith("| bias | 1 |"))
+  assert row.split(" | ")[3:7] == ["0.800", "**0.850**", "0.230", "0.840"], row
   assert "![figure_3_4](reproduction/figure_3_4.png)" in md
   assert (doc.parent / "reproduction" / "figure_3_4.png").is_file()
   assert "2(1−r)/(2−r) = 0.462" in md  # the Dice-under-omission arithmetic at r = 0.7
