@@ -1,6 +1,6 @@
 """Device bytes per training pixel, before (float32 + int32 + int32) and after
 compact labels (parallel.label_dtype) and compact images (source dtype,
-normalised on the device: DataConfig.compact_images), on the quickstart's
+normalised on the device: DataConfig.compact_images), on the omission_hl60 row's (CPU scale)
 training sets; and what that means per device for the issue's larger sets.
 Prints one JSON line.
 

@@ -1,6 +1,6 @@
-"""Effective omission rate of the quickstart's fixed LQ sets per count rule.
+"""Effective omission rate of the omission_hl60 row's fixed LQ sets (CPU scale) per count rule.
 
-The quickstart data (hl60, 8 volumes of 32×256×256, 2 test volumes, 10 HQ
+The data (hl60, 8 volumes of 32×256×256, 2 test volumes, 10 HQ
 slices, 32 test slices), repetition 0's seeds; for nominal omission 0.3 and
 0.7 and each `PerturbConfig.count_rounding`: removed target cells / target
 cells, pooled over the LQ training set and the test set's LQ labels (what
