@@ -56,6 +56,25 @@ def test_compact_images_normalise_exactly_as_the_host(sets):
   np.testing.assert_array_equal(mixed.images, flt.images[[0, 5]])
 
 
+def test_compact_sets_keep_labels_in_the_smallest_type(sets):
+  flt, cmp, _ = sets
+  # The same ids either way; a compact set holds them in int8 (< 128 cells a
+  # sample), the float form in int32.
+  assert flt.targets.dtype == np.int32 and cmp.targets.dtype == np.int8
+  assert cmp.others.dtype == np.int8
+  np.testing.assert_array_equal(cmp.targets, flt.targets)
+  assert 4 * cmp.targets.nbytes == flt.targets.nbytes   # host memory, 1 byte a pixel
+  # 200 cells in a sample need int16; the ids survive unchanged.
+  yy, xx = np.mgrid[:40, :50]
+  many = (yy // 2) * 25 + xx // 2 + 1            # 500 ids, 1..500
+  one = [(np.ones((40, 50), np.uint8), many, None, "many")]
+  big = io.stack_samples(one, compact=True)
+  assert big.targets.dtype == np.int16 and big.targets.max() == 500
+  np.testing.assert_array_equal(big.targets[0], io.stack_samples(one).targets[0])
+  # Mixed with an int32 set, the concatenation promotes: no id wraps.
+  assert concat([big, cmp.subset([0])]).targets.max() == 500
+
+
 def test_compact_dataset_is_validated():
   img = np.zeros((2, 4, 4, 1), np.uint8)
   lab = np.zeros((2, 4, 4), np.int32)

@@ -231,7 +231,8 @@ def stack_samples(samples: Sequence, *, normalisation: str = "max",
 
   Returns:
     Dataset with images (N, Hmax, Wmax, C) float32 (or the source integer
-    dtype when compact), targets/others relabelled 1..n per sample, zero
+    dtype when compact), targets/others relabelled 1..n per sample (int32;
+    compact: int8/int16/int32, the smallest that holds the ids), zero
     padding at the bottom/right, and extents (N, 2).
   """
   if not samples:
@@ -275,9 +276,15 @@ def stack_samples(samples: Sequence, *, normalisation: str = "max",
   w = max(p[1].shape[1] for p in prepared)
   n, c = len(prepared), prepared[0][0].shape[-1]
   dtype = np.result_type(*(p[0].dtype for p in prepared)) if compact else np.float32
+  # A compact set also keeps its labels small: the ids are 1..n per sample,
+  # so int8 or int16 hold them where a sample has < 128 or < 32768 cells
+  # (2000 LQ slices of 1024² then need 4 GiB of host labels, not 16). The
+  # engine narrows them the same way for the device (parallel.label_dtype).
+  ids = max(max(int(p[1].max(initial=0)), int(p[2].max(initial=0))) for p in prepared)
+  label_type = _smallest_signed(ids) if compact else np.int32
   images = np.zeros((n, h, w, c), dtype)
-  targets = np.zeros((n, h, w), np.int32)
-  others = np.zeros((n, h, w), np.int32)
+  targets = np.zeros((n, h, w), label_type)
+  others = np.zeros((n, h, w), label_type)
   extents = np.zeros((n, 2), np.int32)
   for i, (img, tgt, oth, _) in enumerate(prepared):
     hi, wi = tgt.shape
@@ -287,6 +294,14 @@ def stack_samples(samples: Sequence, *, normalisation: str = "max",
     extents[i] = (hi, wi)
   scale = np.asarray(divisors, np.float32) if compact else None
   return Dataset(images, targets, others, extents, tuple(p[3] for p in prepared), scale)
+
+
+def _smallest_signed(top: int) -> type:
+  """int8, int16 or int32: the smallest signed type holding 0..top."""
+  for t in (np.int8, np.int16):
+    if top <= np.iinfo(t).max:
+      return t
+  return np.int32
 
 
 def _compact_ok(image: np.ndarray, channels: str) -> bool:

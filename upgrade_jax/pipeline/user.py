@@ -125,7 +125,8 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
     raise InputError(f"the images in --hq_images have {hq.channels} channel(s) but those in "
                      f"--lq_images {lq.channels}; give both in the same channel layout")
   lq_instances = lq.targets
-  lq = lq.replace(targets=(lq.targets > 0).astype(np.int32))
+  # Binary masks: int8 is enough (1 byte a pixel on the host, not 4).
+  lq = lq.replace(targets=(lq.targets > 0).astype(np.int8))
   return UserInputs(hq, lq, train_idx, val_idx, guard, lq_instances,
                     tuple((v.name, v.num_slices) for v in lq_vols))
 
@@ -195,7 +196,7 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
     result = {"upgrade_best_val_dice": fit.best_val_dice, "val_dice_note": OPTIMISTIC,
               "n_hq": len(d.hq), "n_lq": len(d.lq_masks), "upgraded": [str(p) for p in paths]}
     if "hq_upgraded" in cfg.scenarios:
-      upgraded = d.lq_masks.replace(targets=masks.astype(np.int32))
+      upgraded = d.lq_masks.replace(targets=masks.astype(np.int8))
       seg = engine.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
                        concat([hq_train, upgraded]), hq_val,
                        out_dir / "seg_hq_upgraded", log=log, context=key)
