@@ -64,7 +64,7 @@ def test_compact_sets_keep_labels_in_the_smallest_type(sets):
   assert cmp.others.dtype == np.int8
   np.testing.assert_array_equal(cmp.targets, flt.targets)
   assert 4 * cmp.targets.nbytes == flt.targets.nbytes   # host memory, 1 byte a pixel
-  # 200 cells in a sample need int16; the ids survive unchanged.
+  # 500 cells in a sample need int16; the ids survive unchanged.
   yy, xx = np.mgrid[:40, :50]
   many = (yy // 2) * 25 + xx // 2 + 1            # 500 ids, 1..500
   one = [(np.ones((40, 50), np.uint8), many, None, "many")]

@@ -42,6 +42,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from upgrade_jax.data.types import label_dtype  # noqa: F401  (part of this module's API)
+
 DATA_AXIS = "data"
 
 
@@ -146,20 +148,6 @@ class DeviceData(NamedTuple):
   extents: Any
   scale: Any = None
   count: Any = None
-
-
-def label_dtype(*arrays) -> np.dtype:
-  """The smallest signed integer dtype holding every value of `arrays`.
-
-  Signed, because targets may carry negative codes (the competing methods'
-  corrected / unlabelled pixels); lossless, so training reads the same ids.
-  """
-  lo = min((int(a.min()) for a in arrays if a.size), default=0)
-  hi = max((int(a.max()) for a in arrays if a.size), default=0)
-  for dt in (np.int8, np.int16, np.int32):
-    if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
-      return np.dtype(dt)
-  raise ValueError(f"label ids {lo}..{hi} do not fit in int32")
 
 
 def bytes_per_pixel(data) -> float:

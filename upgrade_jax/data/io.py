@@ -42,7 +42,7 @@ import numpy as np
 import tifffile
 
 from upgrade_jax import rundir
-from upgrade_jax.data.types import Dataset, Volume
+from upgrade_jax.data.types import Dataset, Volume, label_dtype
 from upgrade_jax.perturb import relabel_sequential
 
 __all__ = ["IMAGE_SUFFIXES", "read_array", "read_image", "read_labels", "check_labels",
@@ -279,9 +279,9 @@ def stack_samples(samples: Sequence, *, normalisation: str = "max",
   # A compact set also keeps its labels small: the ids are 1..n per sample,
   # so int8 or int16 hold them where a sample has < 128 or < 32768 cells
   # (2000 LQ slices of 1024² then need 4 GiB of host labels, not 16). The
-  # engine narrows them the same way for the device (parallel.label_dtype).
-  ids = max(max(int(p[1].max(initial=0)), int(p[2].max(initial=0))) for p in prepared)
-  label_type = _smallest_signed(ids) if compact else np.int32
+  # engine narrows them the same way for the device.
+  label_type = (label_dtype(*(a for p in prepared for a in p[1:3])) if compact
+                else np.int32)
   images = np.zeros((n, h, w, c), dtype)
   targets = np.zeros((n, h, w), label_type)
   others = np.zeros((n, h, w), label_type)
@@ -294,14 +294,6 @@ def stack_samples(samples: Sequence, *, normalisation: str = "max",
     extents[i] = (hi, wi)
   scale = np.asarray(divisors, np.float32) if compact else None
   return Dataset(images, targets, others, extents, tuple(p[3] for p in prepared), scale)
-
-
-def _smallest_signed(top: int) -> type:
-  """int8, int16 or int32: the smallest signed type holding 0..top."""
-  for t in (np.int8, np.int16):
-    if top <= np.iinfo(t).max:
-      return t
-  return np.int32
 
 
 def _compact_ok(image: np.ndarray, channels: str) -> bool:

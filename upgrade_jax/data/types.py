@@ -185,3 +185,17 @@ def concat(datasets) -> Dataset:
       names=tuple(n for d in datasets for n in d.names),
       image_scale=np.concatenate([d.image_scale for d in datasets]).astype(np.float32)
       if compact else None)
+
+
+def label_dtype(*arrays) -> np.dtype:
+  """The smallest signed integer dtype holding every value of `arrays`.
+
+  Signed, because targets may carry negative codes (the competing methods'
+  corrected / unlabelled pixels); lossless, so training reads the same ids.
+  """
+  lo = min((int(a.min()) for a in arrays if a.size), default=0)
+  hi = max((int(a.max()) for a in arrays if a.size), default=0)
+  for dt in (np.int8, np.int16, np.int32):
+    if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+      return np.dtype(dt)
+  raise ValueError(f"label ids {lo}..{hi} do not fit in int32")
