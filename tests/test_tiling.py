@@ -68,13 +68,13 @@ def test_mixed_sizes_compile_per_bucket_and_match_predict(state):
                     config=TileConfig(tile=256))
   ref = evaluate.predict_proba(state, img[None], lab[None], batch_size=1)[0]
   assert p.shape == (48, 64) and np.abs(p - ref).max() < 1e-5
-  before = evaluate._forward_probs._cache_size()
+  before = evaluate.forward_probs_fn()._cache_size()
   for h, w in [(100, 90), (110, 95), (97, 85), (300, 300), (280, 310)]:
     out = predict_image(state.model, state.variables, state.task, *inputs(h, w),
                         config=TileConfig(tile=192, margin=32))
     assert out.shape == (h, w) and out.dtype == np.float32
   # (112, 96) for the first three, (192, 192) tiles for the two larger: 2 shapes.
-  assert evaluate._forward_probs._cache_size() - before == 2
+  assert evaluate.forward_probs_fn()._cache_size() - before == 2
 
 
 def test_tile_config_checks():

@@ -143,11 +143,11 @@ def test_predict_buckets_limit_compiles(model_and_vars):
   model, variables = model_and_vars
   assert [T.bucket_size(n) for n in (1, 16, 17, 64, 65, 128, 129)] == [
       16, 16, 32, 64, 128, 128, 192]
-  before = engine_evaluate._forward_probs._cache_size()
+  before = engine_evaluate.forward_probs_fn()._cache_size()
   for h, w in [(17, 23), (20, 30), (31, 32), (25, 19)]:  # all -> 32 x 32
     T.predict((model, variables), np.zeros((2, h, w, 1), np.float32),
               np.zeros((2, h, w), bool), batch_size=2, task=T.Upgrade())
-  assert engine_evaluate._forward_probs._cache_size() - before <= 1
+  assert engine_evaluate.forward_probs_fn()._cache_size() - before <= 1
 
 
 def test_batchnorm_train_vs_eval(model_and_vars):
@@ -178,3 +178,18 @@ def test_bad_widths():
   with pytest.raises(ValueError, match="widths"):
     UNet(widths=(4, 8, 8)).init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)),
                                 train=False)
+
+
+def test_cpu_prediction_compiles_without_ynnpack_and_agrees(model_and_vars):
+  # predict_proba's forward on XLA:CPU drops YNNPACK's fusions (faster there,
+  # BUILD_NOTES.md); the probabilities must be those of the default compile.
+  model, variables = model_and_vars
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 32, 32, 2))
+  forward = engine_evaluate.forward_probs_fn()
+  assert jax.default_backend() == "cpu" and forward is engine_evaluate._forward_probs_cpu
+  hlo = forward.lower(model, variables, x).compile().as_text()
+  assert "ynn" not in hlo.lower()
+  ref = engine_evaluate._forward_probs_default(model, variables, x)
+  np.testing.assert_allclose(forward(model, variables, x), ref, atol=1e-6)
+  np.testing.assert_allclose(ref, jax.nn.softmax(_apply(model, variables, x), -1)[..., 1],
+                             atol=1e-6)

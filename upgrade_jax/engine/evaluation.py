@@ -99,10 +99,37 @@ def bucket_size(n: int) -> int:
   return -(-n // 64) * 64
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_probs(model, variables, x):
+def _probs(model, variables, x):
   logits = model.apply(variables, x, train=False)
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
+
+
+# On XLA:CPU, prediction is compiled without YNNPACK fusions (Eigen
+# convolutions): on 2 cores the eval UNet then runs 1.1-1.3x faster at 256²
+# and the same at 1024² (YNNPACK's fusions leave a core idle; BUILD_NOTES.md,
+# "Prediction, 2026-12-04"). Training keeps the default, which is faster there.
+CPU_PREDICT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_forward_probs_default = jax.jit(_probs, static_argnums=0)
+_forward_probs_cpu = jax.jit(_probs, static_argnums=0, compiler_options=CPU_PREDICT_OPTIONS)
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+  """Whether this jaxlib knows CPU_PREDICT_OPTIONS (XLA flags come and go)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_PREDICT_OPTIONS).lower(
+        jnp.zeros(())).compile()
+  except Exception:  # noqa: BLE001 -- an unknown option fails in XLA, type varies
+    return False
+  return True
+
+
+def forward_probs_fn():
+  """The jitted (model, variables, x (B, H, W, C) f32) -> (B, H, W) f32
+  foreground probability used by predict_proba on this backend."""
+  if jax.default_backend() == "cpu" and _cpu_options_supported():
+    return _forward_probs_cpu
+  return _forward_probs_default
 
 
 def _data_mesh_of(variables):
@@ -176,12 +203,13 @@ def predict_proba(state, images, labels=None, *, batch_size: int = 8,
     put = lambda a: parallel.put(a, parallel.batch_sharding(mesh))
   hb, wb = bucket_size(h), bucket_size(w)
   take = lambda a, i, j: None if a is None else a[i:j]  # noqa: E731
+  forward = forward_probs_fn()
   outs = []
   for i in range(0, n, batch_size):   # dispatched asynchronously, fetched once
     j = min(i + batch_size, n)
     x = task.prediction_inputs(batch_images(i, j), take(labels, i, j), take(valid, i, j))
     x = np.pad(x, ((0, batch_size - (j - i)), (0, hb - h), (0, wb - w), (0, 0)))
-    outs.append(_forward_probs(model, variables, put(x)))
+    outs.append(forward(model, variables, put(x)))
   # fetch: with several processes a batch spans devices of the others.
   probs = np.concatenate(parallel.fetch(outs))[:n, :h, :w]
   if valid is not None:

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from upgrade_jax.data.types import float_images
-from upgrade_jax.engine.evaluation import _forward_probs
+from upgrade_jax.engine.evaluation import forward_probs_fn
 from upgrade_jax.engine.tasks import Task
 from upgrade_jax.models.unet import MULTIPLE
 
@@ -145,13 +145,14 @@ def predict_image(model, variables, task: Task, image: np.ndarray, labels=None, 
         a0, a1, b0, b1 = row_cuts[i], row_cuts[i + 1], col_cuts[j], col_cuts[j + 1]
         out[a0:a1, b0:b1] = tile_probs[a0 - r0:a1 - r0, b0 - c0:b1 - c0]
 
+  forward = forward_probs_fn()
   for start in range(0, len(boxes), config.batch):
     chunk = boxes[start:start + config.batch]
     tiles = np.stack([x[rows[i]:rows[i] + th, cols[j]:cols[j] + tw] for i, j in chunk])
     if len(chunk) < config.batch:  # one compiled shape per bucket
       tiles = np.concatenate([tiles, np.zeros((config.batch - len(chunk),) + tiles.shape[1:],
                                               tiles.dtype)])
-    calls.append((chunk, _forward_probs(model, variables, tiles)))
+    calls.append((chunk, forward(model, variables, tiles)))
     if len(calls) >= 4:  # dispatched asynchronously; fetch before memory grows
       paste(calls)
       calls = []

@@ -85,7 +85,7 @@ class UpConv2x2(nn.Module):
   """2x2 stride-2 transposed conv. (B, H, W, Cin) -> (B, 2H, 2W, features).
 
   With stride == kernel size the output blocks do not overlap, so the
-  transposed conv is one matmul followed by a depth-to-space reshape; this is
+  transposed conv is one matmul followed by a depth-to-space transpose; this is
   much cheaper on CPU than XLA's general transposed convolution. Parameters
   and outputs are identical to `nn.ConvTranspose(features, (2, 2),
   strides=(2, 2))` ('kernel' (2, 2, Cin, F), 'bias' (F,); flax applies the
@@ -102,8 +102,14 @@ class UpConv2x2(nn.Module):
                         (2, 2, cin, self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     b, h, w, _ = x.shape
-    y = jnp.einsum("bhwc,ijcf->bhiwjf", x, kernel[::-1, ::-1])
-    return y.reshape(b, 2 * h, 2 * w, self.features) + bias
+    f = self.features
+    # One (B*H*W, Cin) x (Cin, 4F) matmul, then the depth-to-space transpose.
+    # Not einsum("bhwc,ijcf->bhiwjf"): XLA:CPU lowers that to a dot with an
+    # interleaved output layout, 3-5x slower than this matmul + copy at the
+    # UNet's shapes (and 16 % of the whole eval forward at w32; BUILD_NOTES.md).
+    k = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(cin, 4 * f)
+    y = (x.reshape(-1, cin) @ k).reshape(b, h, w, 2, 2, f)
+    return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, f) + bias
 
 
 class UNet(nn.Module):
