@@ -26,10 +26,11 @@ def _vjp_all(f, *args):
     ((2, 5, 5, 8), 2, (1, 1), "SAME"),     # the head
     ((1, 7, 6, 3), 4, (2, 3), "SAME"),     # even kernel: SAME pads 0 before, 1 after
 ])
-def test_im2col_conv_matches_flax_conv(shape, cout, ksize, padding):
+@pytest.mark.parametrize("impl", ["xla", "im2col"])
+def test_conv_impls_match_flax_conv(impl, shape, cout, ksize, padding):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   ref = nn.Conv(cout, ksize, padding=padding)
-  ours = conv.get_conv("im2col")(features=cout, kernel_size=ksize, padding=padding)
+  ours = conv.get_conv(impl)(features=cout, kernel_size=ksize, padding=padding)
   params = ref.init(jax.random.PRNGKey(1), x)
   # Same parameter tree, so checkpoints do not depend on the implementation.
   assert jax.tree.structure(ours.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(params)
@@ -41,6 +42,22 @@ def test_im2col_conv_matches_flax_conv(shape, cout, ksize, padding):
   np.testing.assert_allclose(y, y_ref, **TOL)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_xla_conv_forward_is_the_direct_sum_for_few_channels():
+  # Cin <= SMALL_CIN: no convolution in the forward (the fused multiply-adds),
+  # XLA's convolution in the gradient; more channels: XLA's convolution.
+  k = jnp.ones((3, 3, conv.SMALL_CIN, 8))
+  pads = ((1, 1), (1, 1))
+  small = jax.make_jaxpr(conv.conv2d_xla, static_argnums=2)(
+      jnp.ones((1, 6, 6, conv.SMALL_CIN)), k, pads)
+  assert "conv_general_dilated" not in str(small)
+  grad = jax.make_jaxpr(jax.grad(lambda k: conv.conv2d_xla(jnp.ones((1, 6, 6, conv.SMALL_CIN)),
+                                                          k, pads).sum()))(k)
+  assert "conv_general_dilated" in str(grad)
+  big = jax.make_jaxpr(conv.conv2d_xla, static_argnums=2)(
+      jnp.ones((1, 6, 6, conv.SMALL_CIN + 1)), jnp.ones((3, 3, conv.SMALL_CIN + 1, 8)), pads)
+  assert "conv_general_dilated" in str(big)
 
 
 def test_im2col_conv_without_bias_and_under_jit_grad():

@@ -6,14 +6,20 @@ names of `flax.linen.Conv` (features, kernel_size, padding, use_bias;
 'kernel' (kh, kw, Cin, Cout), 'bias' (Cout,)), so checkpoints do not depend
 on the implementation:
 
-  "xla"     flax.linen.Conv: XLA's convolution and its autodiff gradients.
+  "xla"     XLA's convolution and its autodiff gradients (flax.linen.Conv's
+            computation), except that an input of at most SMALL_CIN channels
+            (the UNet's first layer: image + mask) is convolved forward as
+            kh*kw*Cin broadcast multiply-adds, one fused elementwise loop;
+            its gradients are still XLA's convolution VJP.
   "im2col"  the same forward convolution; the gradients come from a
             jax.custom_vjp. dx is the convolution of dy with the flipped,
             transposed kernel (what XLA emits too); dW is one dot_general of
             the im2col patches of x with dy. 1x1 kernels are a plain matmul.
 
 "xla" is the faster of the two on XLA:CPU (jax 0.10): building the patches
-costs more than YNNPACK's own weight gradient (notes/perf.md).
+costs more than YNNPACK's own weight gradient (notes/perf.md). The small-Cin
+forward is 2.3x faster than XLA:CPU's convolution at 8 x 256^2 x 2 -> 16
+(11.5 vs 26.2 ms) and slower from 16 channels on (BUILD_NOTES.md).
 
 Two more hot ops of the UNet train step, written for XLA:CPU:
   max_pool_2x2    nn.max_pool(x, (2, 2), strides=(2, 2)) with an elementwise
@@ -111,6 +117,65 @@ def _conv_bwd(pads, res, dy):
 conv2d_im2col_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
+# Up to this many input channels the "xla" conv's forward is the direct sum
+# below: measured faster than XLA:CPU's convolution at 1, 2 and 4 channels,
+# 3.6x slower at 16 (BUILD_NOTES.md, 2026-12-04).
+SMALL_CIN = 4
+
+
+def _direct_conv(x, kernel, pads):
+  """sum_{i,j,c} xpad[:, i:i+Ho, j:j+Wo, c:c+1] * kernel[i, j, c]: one
+  elementwise fusion of kh*kw*Cin multiply-adds, no patch matrix."""
+  kh, kw, cin, _ = kernel.shape
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      for c in range(cin):
+        term = xp[:, i:i + ho, j:j + wo, c:c + 1] * kernel[i, j, c]
+        y = term if y is None else y + term
+  return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d_small_cin(x, kernel, pads):
+  """Stride-1 2-D convolution for few input channels: the direct forward sum,
+  XLA's convolution gradients (its autodiff of the direct sum is 2.7x slower).
+
+  Args:
+    x: (B, H, W, Cin) float32, Cin small (SMALL_CIN).
+    kernel: (kh, kw, Cin, Cout) float32.
+    pads: ((top, bottom), (left, right)) static zero padding.
+
+  Returns:
+    (B, H + top + bottom - kh + 1, W + left + right - kw + 1, Cout), equal to
+    lax.conv_general_dilated(x, kernel, (1, 1), pads) (NHWC, HWIO) up to
+    float32 summation order.
+  """
+  return _direct_conv(x, kernel, pads)
+
+
+def _small_fwd(x, kernel, pads):
+  return _direct_conv(x, kernel, pads), (x, kernel)
+
+
+def _small_bwd(pads, res, dy):
+  x, kernel = res
+  _, vjp = jax.vjp(lambda x, k: _conv(x, k, pads), x, kernel)
+  return vjp(dy)  # dx is dead code (XLA drops it) where x is the data
+
+
+conv2d_small_cin.defvjp(_small_fwd, _small_bwd)
+
+
+def conv2d_xla(x, kernel, pads):
+  """XLA's stride-1 convolution; conv2d_small_cin for Cin <= SMALL_CIN."""
+  if x.shape[-1] <= SMALL_CIN:
+    return conv2d_small_cin(x, kernel, pads)
+  return _conv(x, kernel, pads)
+
+
 def conv2d_im2col(x, kernel, pads):
   """conv2d_im2col_grad; a 1x1 kernel is a plain matmul (autodiff is a matmul too)."""
   if kernel.shape[:2] == (1, 1):
@@ -120,9 +185,10 @@ def conv2d_im2col(x, kernel, pads):
   return conv2d_im2col_grad(x, kernel, pads)
 
 
-class Im2colConv(nn.Module):
-  """Drop-in for nn.Conv (stride 1, no dilation, no groups) whose weight
-  gradient is one im2col matmul. (B, H, W, Cin) -> (B, H', W', features).
+class _StrideOneConv(nn.Module):
+  """A stride-1 2-D conv with flax.linen.Conv's fields and variables ('kernel'
+  (kh, kw, Cin, features), 'bias' (features,)). (B, H, W, Cin) -> (B, H', W',
+  features). Subclasses set `conv_fn(x, kernel, pads)`.
 
   Attributes (as flax.linen.Conv): features, kernel_size, padding ('SAME',
   'VALID' or ((lo, hi), (lo, hi))), use_bias, kernel_init, bias_init.
@@ -137,17 +203,32 @@ class Im2colConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    name = type(self).__name__
     if x.ndim != 4:
-      raise ValueError(f"Im2colConv input must be (B, H, W, C), got shape {x.shape}")
+      raise ValueError(f"{name} input must be (B, H, W, C), got shape {x.shape}")
     kernel_hw = tuple(self.kernel_size)
     if len(kernel_hw) != 2:
-      raise ValueError(f"Im2colConv kernel_size must have 2 entries, got {self.kernel_size}")
+      raise ValueError(f"{name} kernel_size must have 2 entries, got {self.kernel_size}")
     kernel = self.param("kernel", self.kernel_init,
                         kernel_hw + (x.shape[-1], self.features))
-    y = conv2d_im2col(x, kernel, _pads(self.padding, kernel_hw))
+    y = type(self).conv_fn(x, kernel, _pads(self.padding, kernel_hw))
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,))
     return y
+
+
+class Conv(_StrideOneConv):
+  """The "xla" conv: drop-in for nn.Conv (stride 1, no dilation, no groups)
+  computing conv2d_xla."""
+
+  conv_fn = staticmethod(conv2d_xla)
+
+
+class Im2colConv(_StrideOneConv):
+  """The "im2col" conv: drop-in for nn.Conv (stride 1, no dilation, no
+  groups) whose weight gradient is one im2col matmul (conv2d_im2col)."""
+
+  conv_fn = staticmethod(conv2d_im2col)
 
 
 @jax.custom_vjp
@@ -266,7 +347,7 @@ class BatchNormReLU(nn.Module):
     return y
 
 
-_IMPLS = {"xla": nn.Conv, "im2col": Im2colConv}
+_IMPLS = {"xla": Conv, "im2col": Im2colConv}
 
 
 def get_conv(impl: str = "xla"):

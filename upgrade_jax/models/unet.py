@@ -70,8 +70,9 @@ class ConvBlock(nn.Module):
     conv = get_conv(self.conv_impl)
     for i in range(2):
       # No conv bias: the BatchNorm right after it has its own shift.
+      # Named explicitly so every conv_impl has the same variable tree.
       x = conv(features=self.features, kernel_size=(3, 3), padding="SAME",
-               use_bias=False)(x)
+               use_bias=False, name=f"Conv_{i}")(x)
       # relu(BatchNorm(x)) fused with a hand-written gradient (models/conv.py;
       # -4 to -10 % step time on CPU, BUILD_NOTES.md). Named like the
       # nn.BatchNorm it replaces, with the same variables, so checkpoints
