@@ -17,7 +17,7 @@ on the implementation:
             the im2col patches of x with dy. 1x1 kernels are a plain matmul.
 
 "xla" is the faster of the two on XLA:CPU (jax 0.10): building the patches
-costs more than YNNPACK's own weight gradient (notes/perf.md). The small-Cin
+costs more than YNNPACK's own weight gradient (BUILD_NOTES.md, issue 4). The small-Cin
 forward is 2.3x faster than XLA:CPU's convolution at 8 x 256^2 x 2 -> 16
 (11.5 vs 26.2 ms) and slower from 16 channels on (BUILD_NOTES.md).
 
@@ -26,7 +26,7 @@ Two more hot ops of the UNet train step, written for XLA:CPU:
                   mask gradient instead of XLA's argmax reduce-window + scatter.
   BatchNormReLU   relu(nn.BatchNorm(x)) with the same variables and a fused,
                   hand-written gradient.
-Each saves a few percent of the step; notes/perf.md has the numbers.
+Each saves a few percent of the step; BUILD_NOTES.md (issue 4) has the numbers.
 """
 
 from __future__ import annotations
