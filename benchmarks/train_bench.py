@@ -36,7 +36,11 @@ it the torch fields are null.
 
     python benchmarks/train_bench.py [--widths 16,32] [--conv_impl xla]
         [--steps 6] [--rounds 4] [--no_torch] [--no_malloc_tuning]
-        [--xla_flags=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution]
+        [--xla_flags=--xla_cpu_experimental_ynn_fusion_type=+individual_dot]
+
+On XLA:CPU the library compiles without YNNPACK fusions (engine/xla_options.py);
+an `xla_cpu_experimental_ynn_fusion_type` in --xla_flags replaces that choice:
+`=+individual_dot` is YNNPACK's default set, for an A/B against it.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def parse_args(argv=None):
                       "'passive' when the 1-minute load average exceeds 1")
   p.add_argument("--xla_flags", default="",
                  help="appended to XLA_FLAGS before JAX starts, e.g. "
-                      "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution")
+                      "--xla_cpu_experimental_ynn_fusion_type=+individual_dot (YNNPACK's "
+                      "default, which the library otherwise turns off on CPU)")
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--no_malloc_tuning", action="store_true")
   p.add_argument("--no_split", action="store_true", help="skip the forward/backward split")

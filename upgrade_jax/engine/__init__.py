@@ -13,6 +13,7 @@ the rest is shared.
   tiling.py       one image of any size: shape buckets, overlapping tiles
   checkpoints.py  Orbax checkpoints and the loop's LoopRecord
   loop.py         fit: epochs, early stopping, resume
+  xla_options.py  per-backend compiler options of the jitted programs
 
 The names below are the engine's public API.
 """

@@ -18,6 +18,7 @@ import numpy as np
 
 from upgrade_jax import parallel
 from upgrade_jax.data.types import Dataset, float_images
+from upgrade_jax.engine import xla_options
 from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.state import TrainState
 from upgrade_jax.engine.tasks import Task
@@ -75,7 +76,6 @@ def make_val_set(config: TrainConfig, val: Dataset, max_label: int,
                   for x in (inputs, target, valid)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _eval_counts(model, variables, valset: ValSet):
   def body(counts, xs):
     x, t, v = xs
@@ -87,8 +87,9 @@ def _eval_counts(model, variables, valset: ValSet):
 
 def evaluate(state: TrainState, valset: ValSet) -> float:
   """Pooled Dice (2ΣTP / (2ΣTP + ΣFP + ΣFN)) of the model on `valset`."""
-  return pooled_dice(jax.device_get(
-      _eval_counts(state.model, state.variables, valset)))
+  counts = xla_options.jit(_eval_counts, static_argnums=0)(
+      state.model, state.variables, valset)
+  return pooled_dice(jax.device_get(counts))
 
 
 def bucket_size(n: int) -> int:
@@ -104,32 +105,11 @@ def _probs(model, variables, x):
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
 
 
-# On XLA:CPU, prediction is compiled without YNNPACK fusions (Eigen
-# convolutions): on 2 cores the eval UNet then runs 1.1-1.3x faster at 256²
-# and the same at 1024² (YNNPACK's fusions leave a core idle; BUILD_NOTES.md,
-# "Prediction, 2026-12-04"). Training keeps the default, which is faster there.
-CPU_PREDICT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_forward_probs_default = jax.jit(_probs, static_argnums=0)
-_forward_probs_cpu = jax.jit(_probs, static_argnums=0, compiler_options=CPU_PREDICT_OPTIONS)
-
-
-@functools.cache
-def _cpu_options_supported() -> bool:
-  """Whether this jaxlib knows CPU_PREDICT_OPTIONS (XLA flags come and go)."""
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=CPU_PREDICT_OPTIONS).lower(
-        jnp.zeros(())).compile()
-  except Exception:  # noqa: BLE001 -- an unknown option fails in XLA, type varies
-    return False
-  return True
-
-
 def forward_probs_fn():
   """The jitted (model, variables, x (B, H, W, C) f32) -> (B, H, W) f32
-  foreground probability used by predict_proba on this backend."""
-  if jax.default_backend() == "cpu" and _cpu_options_supported():
-    return _forward_probs_cpu
-  return _forward_probs_default
+  foreground probability used by predict_proba, compiled with this backend's
+  xla_options (on XLA:CPU without YNNPACK fusions)."""
+  return xla_options.jit(_probs, static_argnums=0)
 
 
 def _data_mesh_of(variables):

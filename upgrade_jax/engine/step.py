@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from upgrade_jax import parallel
+from upgrade_jax.engine import xla_options
 from upgrade_jax.engine.config import StepConfig, TrainConfig
 from upgrade_jax.engine.state import TrainState
 from upgrade_jax.metrics import dice_counts, extent_mask
@@ -203,4 +204,6 @@ def _build_train_step(config: StepConfig, mesh, max_label: int, streamed: bool):
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, {"loss": loss, "dice_counts": counts}
 
-  return jax.jit(train_step, donate_argnums=(0,), out_shardings=(rep, rep))
+  # On XLA:CPU without YNNPACK fusions: 14-22 % faster steps (xla_options).
+  return jax.jit(train_step, donate_argnums=(0,), out_shardings=(rep, rep),
+                 compiler_options=xla_options.compiler_options())
