@@ -17,9 +17,12 @@ def prepare_cpu_benchmark(*, omp_wait_policy: str = "auto", xla_flags: str = "",
   """Process settings for a JAX-vs-PyTorch CPU benchmark; call before jax/torch load.
 
   Args:
-    omp_wait_policy: libgomp's OMP_WAIT_POLICY for PyTorch ("auto": passive
-      when the 1-minute load is above 1, since spinning threads then steal
-      the cores the other library needs; else active).
+    omp_wait_policy: libgomp's OMP_WAIT_POLICY for PyTorch. "auto" is
+      passive: the benchmarks alternate JAX and PyTorch in one process, and
+      actively waiting OpenMP threads spin through JAX's turn on the same
+      cores (train step w16: JAX 382 ms under "active" vs 231 "passive",
+      PyTorch 157 vs 162; BUILD_NOTES, 2026-12-04). Before, "auto" was
+      active on a machine with load <= 1, which was never the fair choice.
     xla_flags: appended to XLA_FLAGS.
     malloc_tuning: apply `tune_malloc`.
     threads: pin the process to this many cores (XLA:CPU sizes its pool
@@ -28,8 +31,7 @@ def prepare_cpu_benchmark(*, omp_wait_policy: str = "auto", xla_flags: str = "",
   Returns:
     {"omp_wait_policy", "malloc_tuned"}: what was applied.
   """
-  policy = (("passive" if os.getloadavg()[0] > 1.0 else "active")
-            if omp_wait_policy == "auto" else omp_wait_policy)
+  policy = "passive" if omp_wait_policy == "auto" else omp_wait_policy
   if xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip()
   os.environ.setdefault("OMP_WAIT_POLICY", policy.upper())  # libgomp reads it when torch loads

@@ -17,7 +17,7 @@ Both libraries use the same cores and are timed in alternating rounds (one
 call of each per round after a warm-up call); the medians are reported.
 Process set-up as in train_bench.py: glibc malloc keeps freed memory
 (`--no_malloc_tuning` to measure the defaults), and PyTorch's OpenMP threads
-wait passively when the 1-minute load average exceeds 1.
+wait passively (bench_common.py says why).
 
 Prints one JSON line; `ratio` is img/s JAX / img/s PyTorch (higher is better
 for JAX), per size and width and their minimum. PyTorch is optional

@@ -27,9 +27,9 @@ freed memory (no per-allocation mmap, no trimming, one arena). XLA:CPU
 allocates its large temporary buffers afresh every step; with glibc's
 defaults every step page-faults them in again (~30-60k faults per step here,
 a fifth of the step). `--no_malloc_tuning` measures the defaults.
-PyTorch's OpenMP threads spin-wait by default, which collapses (3-10x) when
-other processes share the cores; with `--omp_wait_policy auto` they wait
-passively when the load average exceeds 1 (recorded in the JSON).
+PyTorch's OpenMP threads wait passively (`--omp_wait_policy auto`, recorded in
+the JSON): spinning threads would take the cores from JAX's turn in the
+alternation, and collapse (3-10x) when other processes share the cores.
 
 Prints one JSON line. PyTorch is optional (`pip install .[bench]`); without
 it the torch fields are null.
@@ -66,9 +66,8 @@ def parse_args(argv=None):
   p.add_argument("--torch_layout", default="best", choices=["best", "nchw", "channels_last"],
                  help="PyTorch memory format; 'best' times both and reports the faster")
   p.add_argument("--omp_wait_policy", default="auto", choices=["auto", "active", "passive"],
-                 help="PyTorch's OpenMP threads: libgomp's spin-waiting default ('active') "
-                      "collapses 3-10x when other processes share the cores; 'auto' picks "
-                      "'passive' when the 1-minute load average exceeds 1")
+                 help="PyTorch's OpenMP threads; 'auto' is 'passive' (spinning threads take "
+                      "the cores from JAX's turn in the alternation: bench_common.py)")
   p.add_argument("--xla_flags", default="",
                  help="appended to XLA_FLAGS before JAX starts, e.g. "
                       "--xla_cpu_experimental_ynn_fusion_type=+individual_dot (YNNPACK's "
