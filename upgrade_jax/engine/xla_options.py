@@ -1,13 +1,19 @@
-"""XLA compiler options for the engine's jitted programs, per backend.
+"""XLA compiler options for the engine's jitted programs, per backend and program.
 
-On XLA:CPU the train step, validation and prediction compile without
-YNNPACK's fusions, so convolutions run as Eigen's. Measured on 2-core AMD EPYC
-machines (BUILD_NOTES.md, "XLA:CPU without YNNPACK, for training too"): the
-train step 14-22 % faster (Zen 2, quiet), the eval forward 1.1-1.3x faster at
-256² and equal at 1024² (Zen 2 and an AVX-512 EPYC). YNNPACK's fusions spend
-less CPU but leave a core idle; under heavy load from other processes they
-did better on an Intel Sapphire Rapids host (issue 4). Outputs differ by
-float32 summation order only.
+Forward-only programs (prediction, tiling, validation) on XLA:CPU compile
+without YNNPACK's fusions, so convolutions run as Eigen's: 1.1-1.3x faster at
+256² and equal at 1024² on 2-core AMD EPYC machines (BUILD_NOTES.md,
+"Prediction, 2026-12-04"), outputs within 1e-6 of the default compile and
+2.4e-7 of PyTorch's.
+
+The train step keeps XLA's default (YNNPACK on). Without YNNPACK it ran 14-22 %
+faster on the Zen 2, but jaxlib 0.10.2 then computes wrong gradients for the
+UNet at batch >= 4: against a float64 oracle, relative error 4e-4 at batch 4
+and 8.6e-2 at batch 8 (64², widths 16..128), where the default compile is
+within 1e-5; single convolutions are exact either way. The quickstart's
+upgrade network then never validated above 0.59 Dice (BUILD_NOTES.md, "XLA:CPU
+without YNNPACK: faster, and wrong gradients"). tests/test_xla_options.py holds
+the oracle.
 
 A user who sets `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS keeps
 that choice: these options are then not applied. Other backends get none.
@@ -23,7 +29,7 @@ import jax.numpy as jnp
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
-__all__ = ["CPU_OPTIONS", "compiler_options", "jit"]
+__all__ = ["CPU_OPTIONS", "PROGRAMS", "compiler_options", "jit"]
 
 
 @functools.cache
@@ -36,13 +42,19 @@ def _cpu_options_supported() -> bool:
   return True
 
 
-def compiler_options() -> dict | None:
-  """The `compiler_options` for jax.jit on the default backend: CPU_OPTIONS on
-  XLA:CPU (unless XLA_FLAGS sets them, or this jaxlib lacks them), else None.
+PROGRAMS = ("forward", "train")
+
+
+def compiler_options(program: str = "forward") -> dict | None:
+  """The `compiler_options` for jax.jit of a `program` on the default backend:
+  for "forward", CPU_OPTIONS on XLA:CPU (unless XLA_FLAGS sets them, or this
+  jaxlib lacks them); for "train", and on other backends, None.
 
   Call at run time, not import time: it initialises the backend.
   """
-  if jax.default_backend() != "cpu":
+  if program not in PROGRAMS:
+    raise ValueError(f"xla_options program {program!r} unknown; choose one of {PROGRAMS}")
+  if program == "train" or jax.default_backend() != "cpu":
     return None
   if any(k in os.environ.get("XLA_FLAGS", "") for k in CPU_OPTIONS):
     return None
@@ -56,10 +68,10 @@ def _jit(fn, static_argnums, options_items):
 
 
 def jit(fn, static_argnums=()):
-  """jax.jit(fn, static_argnums, compiler_options=compiler_options()), one
-  jitted object per (fn, options), so its compilation cache lasts the process.
-  For module-level functions jitted at their first call rather than at import
-  (the backend may not exist yet then)."""
+  """jax.jit(fn, static_argnums, compiler_options=compiler_options("forward")),
+  one jitted object per (fn, options), so its compilation cache lasts the
+  process. For module-level forward-only functions, jitted at their first call
+  rather than at import (the backend may not exist yet then)."""
   if isinstance(static_argnums, int):
     static_argnums = (static_argnums,)
   options = compiler_options()
