@@ -329,8 +329,9 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                           salt_pepper_prob=v.salt_pepper_prob, count_rounding=v.count_rounding)
 
   def lq(name):
-    v = getattr(F, f"lq_{name}")
-    return getattr(train_p, name) if v is None else v
+    # The view's value, not the global flag's: a sweep point may set lq_*.
+    value = getattr(v, f"lq_{name}")
+    return getattr(train_p, name) if value is None else value
 
   lq_p = PerturbConfig(omission_rate=lq("omission_rate"), inclusion_rate=lq("inclusion_rate"),
                        bias_max=lq("bias_max"), per_instance_bias=lq("per_instance_bias"),

@@ -156,3 +156,21 @@ def test_method_flags_reach_the_configs_and_their_defaults_leave_the_run_key_alo
   assert "confident_learning" not in run_key(base)
   key = run_key(cfg)
   assert key["confident_learning"]["confidence"] == 0.9 and key["partial_labelling"]["gamma"] == 0.8
+
+
+def test_sweep_points_over_lq_flags_build_different_lq_sets():
+  # Regression (issue 28): build_config read the global F.lq_*, not the point's
+  # view, so a --sweep=lq_omission_rate=... ran every point on the same LQ set.
+  from upgrade_jax.pipeline import data as pipeline_data
+  with parsed("--out_dir=runs/x", "--n_volumes=3", "--n_test=1", "--volume_shape=6,96,96",
+              "--n_hq=2", "--omission_rate=0.5", "--inclusion_rate=0.0"):
+    name, values = sweep.parse_sweep("lq_omission_rate=0.0,0.8")
+    cfgs = [upgrade.build_config(upgrade.FlagView().with_value(name, v)) for v in values]
+    plain = upgrade.build_config()
+  assert [c.lq_perturb.omission_rate for c in cfgs] == [0.0, 0.8]
+  assert plain.lq_perturb.omission_rate == 0.5   # unset lq_*: the training perturbation's
+  assert all(c.upgrade.task.perturb.omission_rate == 0.5 for c in cfgs)
+  volumes = pipeline_data.load_volumes(cfgs[0].data)
+  lq = [pipeline_data.prepare_rep(c, volumes, seed=0).lq_masks.targets > 0 for c in cfgs]
+  # More omission leaves less foreground in the same slices.
+  assert lq[0].sum() > lq[1].sum()
