@@ -12,6 +12,7 @@ peak RSS (ru_maxrss) is the process's maximum. Prints one JSON line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -48,8 +49,7 @@ def main(argv):
   tiling = TileConfig(tile=F.tile, margin=F.margin, batch=F.batch)
   if F.model:
     up = export.load_upgrader(F.model)
-    up = export.Upgrader(up.model, up.variables, up.task, up.image_channels, up.channels,
-                         up.normalisation, tiling)
+    up = dataclasses.replace(up, tiling=tiling)
   else:
     w = F.width
     state = create_train_state(TrainConfig(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w)), 2,

@@ -27,6 +27,7 @@ from upgrade_jax.runtime import tune_malloc
 
 tune_malloc()  # before jax is imported: see upgrade_jax/runtime.py
 
+from upgrade_jax.data.io import check_percentiles as io_check_percentiles  # noqa: E402
 from upgrade_jax.data.synthetic import PRESETS  # noqa: E402  (after tune_malloc)
 from upgrade_jax.engine import TrainConfig  # noqa: E402
 from upgrade_jax.engine.tiling import TileConfig  # noqa: E402
@@ -73,10 +74,12 @@ flags.DEFINE_integer("data_seed", _DATA.data_seed, "Seed of the simulator and of
 flags.DEFINE_bool("compact_images", _DATA.compact_images, "Keep 8/16-bit single-channel "
                   "images in their source dtype, normalised on the device (2-4x less "
                   "memory, the same results); --nocompact_images: float32 on the host.")
-flags.DEFINE_enum("normalisation", _DATA.normalisation, ["max", "percentile", "volume"],
-                  "Network input normalisation: per image by its max (the paper's) or "
-                  "percentiles, or by the max of each 3-D volume (stacks and synthetic "
-                  "volumes; a 2-D image is a one-slice volume).")
+flags.DEFINE_enum("normalisation", _DATA.normalisation, ["percentile", "max", "volume"],
+                  "Network input normalisation: per image by its percentiles (StarDist's and "
+                  "Cellpose's), by its max (the paper's), or by the max of each 3-D volume "
+                  "(stacks and synthetic volumes; a 2-D image is a one-slice volume).")
+flags.DEFINE_list("norm_percentiles", [f"{p:g}" for p in _DATA.percentiles],
+                  "Low,high percentiles of --normalisation=percentile (mapped to 0 and 1).")
 
 # The perturbation u_θ trains with, and the one that makes the LQ set; both
 # default to the pipeline's LQ perturbation (PipelineConfig.lq_perturb).
@@ -143,6 +146,10 @@ flags.DEFINE_integer("batch_size", _TRAIN.batch_size, "Global batch size.", lowe
 flags.DEFINE_float("lr", _TRAIN.lr, "Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("max_steps", CLI_DEFAULTS["max_steps"], "Max train steps of the upgrade "
                      "network.", lower_bound=1)
+flags.DEFINE_integer("seg_val_extra", _PIPE.seg_val_extra, "Validation of every segmentation "
+                     "network: this many of its non-HQ training slices (at most a quarter), "
+                     "with its own labels, validate it beside the HQ validation slices.",
+                     lower_bound=0)
 flags.DEFINE_integer("seg_max_steps", None, "Max train steps of each segmentation network "
                      "(default --max_steps).", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", CLI_DEFAULTS["steps_per_epoch"], "Steps between "
@@ -255,6 +262,16 @@ def _valid_scenarios(v):
   return all(s in SCENARIOS for s in v)
 
 
+@flags.validator("norm_percentiles", message="--norm_percentiles must be two numbers LOW,HIGH "
+                 "with 0 <= LOW < HIGH <= 100, e.g. 1,99.8")
+def _valid_percentiles(v):
+  try:
+    io_check_percentiles(v)
+    return len(v) == 2
+  except ValueError:
+    return False
+
+
 @flags.validator("volume_shape", message="--volume_shape must be three positive ints Z,H,W")
 def _valid_shape(v):
   return len(v) == 3 and all(s.isdigit() and int(s) > 0 for s in v)
@@ -271,6 +288,7 @@ def _valid_paper(v):
 
 # The single-flag validators, for values a sweep sets without parsing a command line.
 VALUE_CHECKS = {"scenarios": _valid_scenarios, "volume_shape": _valid_shape,
+                "norm_percentiles": _valid_percentiles,
                 "paper": _valid_paper}
 
 
@@ -362,6 +380,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                     n_test=v.n_test, n_hq=v.n_hq, hq_volumes=v.hq_volumes, n_lq=n_lq,
                     max_test=v.max_test,
                     others=v.others, data_seed=v.data_seed, normalisation=v.normalisation,
+                    percentiles=tuple(float(p) for p in v.norm_percentiles),
                     compact_images=v.compact_images,
                     hq_perturb=hq_p, z_consistent=v.z_consistent,
                     felzenszwalb=FelzenszwalbConfig(scale=v.felzenszwalb_scale,
@@ -372,7 +391,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                         reps=v.reps, seed=v.seed, lq_source=v.lq_source,
                         predictor_hq=v.predictor_hq, output=v.output,
                         tiling=TileConfig(tile=v.tile, margin=v.tile_margin),
-                        review_top=v.review_top,
+                        review_top=v.review_top, seg_val_extra=v.seg_val_extra,
                         confident_learning=engine.ConfidentLearning(
                             confidence=v.cl_confidence, folds=v.cl_folds),
                         partial_labelling=engine.PartialLabelling(
@@ -455,6 +474,9 @@ def check_flag_combination(v: FlagView) -> None:
     if ignored and scenario not in v.scenarios:
       raise InputError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} "
                        f"only with {scenario} in --scenarios; add it or remove them")
+  if given("norm_percentiles") and v.normalisation != "percentile":
+    raise InputError(f"--norm_percentiles applies only with --normalisation=percentile, not "
+                     f"--normalisation={v.normalisation}; remove one")
   if given("predictor_hq") and v.lq_source != "predictions":
     raise InputError("--predictor_hq applies only with --lq_source=predictions")
   if given("hq_cost") and v.cost_budget is None:

@@ -81,6 +81,36 @@ def test_matching_against_stardist():
     assert (one["tp"], one["fp"], one["fn"]) == (ref1.tp, ref1.fp, ref1.fn)
 
 
+def test_summary_scores_dsb_score_and_pq_against_stardist():
+  stardist = pytest.importorskip("stardist.matching")
+  rng = np.random.default_rng(1)
+  ys_t = [random_labels(rng) for _ in range(6)]
+  ys_p = [np.roll(t, (i % 3, 1), (0, 1)) if i % 2 else random_labels(rng)
+          for i, t in enumerate(ys_t)]
+  ours = instances.summary_scores(ys_t, ys_p)
+  refs = {t: stardist.matching_dataset(ys_t, ys_p, thresh=t, by_image=False,
+                                       show_progress=False)
+          for t in instances.DSB_THRESHOLDS}
+  assert instances.DSB_THRESHOLDS == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+  assert ours["dsb_score"] == pytest.approx(np.mean([r.accuracy for r in refs.values()]))
+  for t in (0.5, 0.75):
+    for key in ("precision", "recall", "f1", "accuracy", "panoptic_quality"):
+      assert ours[f"{key}@{t:g}"] == pytest.approx(getattr(refs[t], key)), (t, key)
+
+
+def test_dsb_score_by_hand():
+  # One true square of 100 px; the prediction covers 70 of it: IoU 0.7, a
+  # match at 0.5..0.7 (5 of the 10 thresholds), none above.
+  t = np.zeros((20, 20), np.int32)
+  t[:10, :10] = 1
+  p = np.zeros_like(t)
+  p[:7, :10] = 1
+  s = instances.summary_scores([t], [p])
+  assert s["dsb_score"] == pytest.approx(0.5)
+  assert s["f1@0.5"] == 1.0 and s["f1@0.75"] == 0.0
+  assert s["panoptic_quality@0.5"] == pytest.approx(0.7)
+
+
 # --------------------------------------------------------------------------
 # Instances from an upgraded mask.
 

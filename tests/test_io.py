@@ -40,7 +40,7 @@ def test_folder_reads_grey_rgb_and_dtypes(tmp_path):
   assert [v.name for v in vols] == ["a", "b", "c"]
   assert vols[0].image.shape == (1, 8, 10) and vols[1].image.shape == (1, 12, 6, 3)
   assert vols[1].target.dtype == np.int32 and not vols[1].others.any()
-  ds = io.volumes_to_dataset(vols)
+  ds = io.volumes_to_dataset(vols, normalisation="max")
   assert ds.images.shape == (3, 12, 10, 1) and ds.images.dtype == np.float32
   np.testing.assert_array_equal(ds.extents, [[8, 10], [12, 6], [8, 8]])
   # Padding is zero; labels are relabelled 1..n; max normalisation per image.
@@ -131,13 +131,15 @@ def test_stack_reads_volumes_with_channels(tmp_path):
 
 def test_normalise():
   img = np.array([[0, 50], [100, 200]], np.uint16)
-  np.testing.assert_allclose(io.normalise(img), img / 200.0)
-  assert not io.normalise(np.zeros((3, 3), np.uint8)).any()
+  np.testing.assert_allclose(io.normalise(img, "max"), img / 200.0)
+  assert not io.normalise(np.zeros((3, 3), np.uint8), "max").any()
+  assert not io.normalise(np.zeros((3, 3), np.uint8)).any()   # flat: 0, not inf
   ramp = np.arange(1000, dtype=np.float32)
   p = io.normalise(ramp, "percentile", percentiles=(10, 90))
   lo, hi = np.percentile(ramp, (10, 90))
-  np.testing.assert_allclose(p, np.clip((ramp - lo) / (hi - lo), 0, 1), rtol=1e-6)
-  assert p.dtype == np.float32
+  # Not clipped (csbdeep's normalize): the tails stay below 0 and above 1.
+  np.testing.assert_allclose(p, (ramp - lo) / (hi - lo), rtol=1e-5, atol=1e-6)
+  assert p.dtype == np.float32 and p.min() < 0 and p.max() > 1
   raw = io.normalise(img, "none")
   assert raw.dtype == np.float32 and raw.max() == 200
   with pytest.raises(ValueError, match="normalisation"):
@@ -286,3 +288,36 @@ def test_volume_normalisation_through_the_splits_compact_and_float():
   # A volume's dimmest slices stay dim (not stretched to 1 as per-image max would).
   per_slice_max = cmp.lq_truth.normalised().reshape(len(cmp.lq_truth), -1).max(1)
   assert per_slice_max.max() == 1.0 and per_slice_max.min() < 0.999
+
+
+def test_percentile_normalisation_is_csbdeeps_normalize():
+  # The field's convention (StarDist, Cellpose): csbdeep.utils.normalize(x, 1, 99.8),
+  # each channel on its own (axis=(0, 1)), no clipping.
+  csbdeep = pytest.importorskip("csbdeep.utils")
+  rng = np.random.default_rng(0)
+  grey = rng.gamma(2.0, 300.0, (64, 48)).astype(np.uint16)
+  rgb = rng.integers(0, 255, (40, 30, 3)).astype(np.uint8)
+  assert io.PERCENTILES == (1.0, 99.8)
+  np.testing.assert_allclose(io.normalise(grey), csbdeep.normalize(grey, 1, 99.8),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(io.normalise(rgb), csbdeep.normalize(rgb, 1, 99.8, axis=(0, 1)),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(io.normalise(grey, percentiles=(3, 99)),
+                             csbdeep.normalize(grey, 3, 99), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="percentiles"):
+    io.normalise(grey, percentiles=(99, 1))
+
+
+def test_percentile_default_in_datasets_and_configs():
+  from upgrade_jax.pipeline import DataConfig, run_key, PipelineConfig
+  img = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+  lab = np.zeros((64, 64), np.int32)
+  ds = io.stack_samples([(img, lab, None, "a")])
+  np.testing.assert_allclose(ds.normalised()[0, ..., 0], io.normalise(img), rtol=1e-6)
+  assert DataConfig().normalisation == "percentile"
+  assert DataConfig().percentiles == io.PERCENTILES
+  # The percentiles are in the run key only where they change a number.
+  assert "percentiles" in run_key(PipelineConfig())["data"]
+  assert "percentiles" not in run_key(PipelineConfig(data=DataConfig(normalisation="max")))["data"]
+  with pytest.raises(ValueError, match="percentiles"):
+    DataConfig(percentiles=(50, 50))

@@ -32,19 +32,27 @@ def _raw_samples(n, seed, scale=1000):
   return out
 
 
-@pytest.fixture(scope="module")
-def sets():
-  """(float train, compact train, float val) from the same uint16 sources."""
+@pytest.fixture(scope="module", params=["max", "percentile"])
+def sets(request):
+  """(float train, compact train, float val) from the same uint16 sources,
+  under max and percentile normalisation (a division; an affine map)."""
   train = _raw_samples(16, 0)
   val = _raw_samples(4, 1)
-  return (io.stack_samples(train), io.stack_samples(train, compact=True),
-          io.stack_samples(val))
+  norm = request.param
+  return (io.stack_samples(train, normalisation=norm),
+          io.stack_samples(train, compact=True, normalisation=norm),
+          io.stack_samples(val, normalisation=norm))
 
 
 def test_compact_images_normalise_exactly_as_the_host(sets):
   flt, cmp, _ = sets
   assert cmp.images.dtype == np.uint16 and cmp.compact and not flt.compact
-  np.testing.assert_array_equal(cmp.image_scale, cmp.images.reshape(16, -1).max(1))
+  if cmp.image_offset is None:   # max
+    np.testing.assert_array_equal(cmp.image_scale, cmp.images.reshape(16, -1).max(1))
+  else:   # percentile: offset the 1st percentile, scale the 1st..99.8th span
+    lo, hi = np.percentile(cmp.images.reshape(16, -1).astype(np.float64), (1, 99.8), axis=1)
+    np.testing.assert_allclose(cmp.image_offset, lo, rtol=1e-6)
+    np.testing.assert_allclose(cmp.image_scale, hi - lo, rtol=1e-6)
   np.testing.assert_array_equal(cmp.normalised(), flt.images)   # bit for bit
   # Subsets and concatenation keep the form; mixing falls back to float32.
   assert cmp.subset([3, 1]).compact
@@ -85,8 +93,11 @@ def test_compact_dataset_is_validated():
     Dataset(img.astype(np.float32), lab, lab, ext, ("a", "b"), np.ones(2, np.float32))
   with pytest.raises(ValueError, match="image_scale shape"):
     Dataset(img, lab, lab, ext, ("a", "b"), np.ones(3, np.float32))
-  with pytest.raises(ValueError, match="percentile"):
-    io.stack_samples([(img[0], lab[0], None, "a")], normalisation="percentile", compact=True)
+  with pytest.raises(ValueError, match="image_offset"):
+    Dataset(img.astype(np.float32), lab, lab, ext, ("a", "b"), None, np.ones(2, np.float32))
+  with pytest.raises(ValueError, match="one channel"):
+    io.stack_samples([(np.zeros((4, 4, 3), np.uint8), lab[0], None, "rgb")],
+                     normalisation="percentile", channels="rgb", compact=True)
   with pytest.raises(ValueError, match="weighted sum"):
     io.stack_samples([(np.zeros((4, 4, 3), np.uint8), lab[0], None, "rgb")], compact=True)
 
@@ -162,3 +173,20 @@ def test_prediction_refuses_unscaled_compact_images(sets):
   part = cmp.subset(list(range(7)))
   whole = T.predict_proba(state, part.normalised(), batch_size=4, extents=part.extents)
   np.testing.assert_array_equal(T.predict_proba(state, part, batch_size=4), whole)
+
+
+def test_compact_percentile_sets_of_mixed_sizes_keep_zero_padding():
+  """Padding is 0 in the float form; the device's (x - low) / span of a
+  compact set must not turn it into -low / span (the network sees it)."""
+  from upgrade_jax.engine.step import take_samples
+  rng = np.random.default_rng(3)
+  samples = [(rng.integers(100, 4000, (h, w)).astype(np.uint16), np.ones((h, w), np.int32),
+              None, f"s{h}") for h, w in ((40, 24), (32, 48), (48, 48))]
+  flt = io.stack_samples(samples)
+  cmp = io.stack_samples(samples, compact=True)
+  assert cmp.compact and cmp.image_offset is not None and (cmp.image_offset > 0).all()
+  np.testing.assert_array_equal(cmp.normalised(), flt.images)
+  mesh = parallel.make_mesh()
+  for ds in (cmp, concat([cmp.subset([2]), cmp.subset([0])])):
+    batch, _ = jax.jit(take_samples)(parallel.place_dataset(ds, mesh))
+    np.testing.assert_array_equal(np.asarray(batch.images), ds.as_float().images)

@@ -58,3 +58,34 @@ def test_gap_recovered_ignores_a_gap_below_min_gap():
   g = metrics.gap_recovered([0.886], [0.8757], [0.8766], min_gap=0.01)
   assert g["of_means"] is None and g["per_rep"] == [None]   # not +1103%
   assert g["gap"] == pytest.approx(0.0009)
+
+
+def test_oracle_check_marks_rows_whose_ceiling_is_below_the_floor():
+  from upgrade_jax.metrics import NOISE_FLOOR, oracle_check
+  # Consistently below HQ only, by far more than the interval: unconverged.
+  low = oracle_check([0.70, 0.71, 0.69], [0.80, 0.82, 0.79])
+  assert low["unconverged"] and low["mean_diff"] == pytest.approx(-0.1033, abs=1e-4)
+  assert low["noise"] == pytest.approx(low["ci_high"] - low["mean_diff"])
+  # Below on the mean but within the (wide) paired interval: not marked.
+  noisy = oracle_check([0.70, 0.90, 0.80], [0.85, 0.80, 0.78])
+  assert noisy["mean_diff"] < 0 and not noisy["unconverged"]
+  assert noisy["ci_low"] < 0 < noisy["ci_high"]
+  # Above HQ only: fine.
+  assert not oracle_check([0.90, 0.91], [0.80, 0.82])["unconverged"]
+  # One repetition has no interval: the noise floor decides.
+  assert oracle_check([0.80], [0.80 + NOISE_FLOOR / 2])["unconverged"] is False
+  one = oracle_check([0.647], [0.659])   # the quickstart's seed 3 (issue 28)
+  assert one["noise"] == NOISE_FLOOR and one["unconverged"]
+  # A tiny interval never makes the noise smaller than the floor.
+  tight = oracle_check([0.795, 0.795, 0.795], [0.80, 0.80, 0.80])
+  assert tight["noise"] == NOISE_FLOOR and not tight["unconverged"]
+
+
+def test_resolves_reads_the_interval_half_width():
+  from upgrade_jax.metrics import paired_difference, resolves
+  tight = paired_difference([0.80, 0.81, 0.82, 0.80, 0.81], [0.78, 0.79, 0.80, 0.77, 0.79])
+  wide = paired_difference([0.60, 0.90, 0.70], [0.80, 0.70, 0.75])
+  assert resolves(tight) and not resolves(wide)
+  assert not resolves(paired_difference([0.8], [0.7]))   # no interval from one pair
+  half = (tight["ci_high"] - tight["ci_low"]) / 2
+  assert resolves(tight, half + 1e-9) and not resolves(tight, half - 1e-9)

@@ -540,3 +540,35 @@ def test_sweep_points_as_separate_jobs_collect_to_the_in_process_sweep(tmp_path)
   b = json.loads((tmp_path / "jobs" / "sweep.json").read_text())
   assert a == b and [p["value"] for p in a["points"]] == [2, 3, 4]
   assert (tmp_path / "jobs" / "sweep_n_hq.png").stat().st_size > 1000
+
+
+def test_every_scenario_validates_on_the_same_held_out_slices_with_its_own_labels():
+  # The validation rule (issue 28): HQ val + val_extra of the scenario's other
+  # training slices, with its labels; held out of its training set.
+  hq, val, lq = _ds(2, 8, 8, name="hq"), _ds(1, 8, 8, name="val"), _ds(12, 8, 8, name="lq")
+  up, truth = _ds(12, 8, 8, name="up"), _ds(12, 8, 8, name="truth")
+  d = pipeline.RepData(hq, val, lq, truth, _ds(1, 8, 8), _ds(1, 8, 8), _ds(1, 8, 8, name="vlq"))
+  sets = {s: pipeline.SCENARIO_DATA[s](d, up, val_extra=5, seed=3) for s in pipeline.SCENARIOS}
+  held = None
+  for s, (train, v) in sets.items():
+    if s == "hq":   # no other slices: the HQ validation slices alone
+      assert train.names == ("hq0", "hq1") and v.names == ("val0",)
+      continue
+    extra = [n for n in v.names if n not in ("val0", "vlq0")]
+    idx = sorted(int("".join(c for c in n if c.isdigit())) for n in extra)
+    assert len(idx) == 3   # min(5, 12 // 4)
+    held = idx if held is None else held
+    assert idx == held, s   # the same slices in every scenario
+    assert not set(extra) & set(train.names)   # never both trained on and validated on
+    assert len(train) + len(extra) == (12 if s == "lq" else 14)
+  prefix = {"oracle": "truth", "hq_upgraded": "up", "hq_lq": "lq", "lq": "lq",
+            "confident_learning": "lq", "partial_labelling": "lq"}
+  for s, p in prefix.items():
+    assert all(n.startswith(p) for n in sets[s][1].names if n not in ("val0", "vlq0")), s
+  # Partial labelling trains on unlabelled background but validates on the masks.
+  pl_train, pl_val = sets["partial_labelling"]
+  assert (pl_train.targets[2:] == -1).any() and (pl_val.targets >= 0).all()
+  # Another seed draws other slices; val_extra=0 is the HQ-only validation.
+  other = pipeline.SCENARIO_DATA["oracle"](d, up, val_extra=5, seed=4)[1].names
+  assert other != sets["oracle"][1].names
+  assert pipeline.SCENARIO_DATA["oracle"](d, up)[1].names == ("val0",)

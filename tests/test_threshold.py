@@ -130,8 +130,11 @@ def _two_slice_volume(name):
 
 
 def test_pipeline_threshold_is_one_global_threshold_on_raw_intensities():
+  # Under the paper's max normalisation the baseline thresholds raw intensities.
   from upgrade_jax import pipeline
-  cfg = pipeline.PipelineConfig(data=pipeline.DataConfig(n_hq=4), scenarios=())
+  cfg = pipeline.PipelineConfig(data=pipeline.DataConfig(n_hq=4, normalisation="max"),
+                                scenarios=())
+  assert pipeline.stages.threshold_intensities(cfg) == "raw"
   volumes = ([_two_slice_volume("a"), _two_slice_volume("b")], [_two_slice_volume("t")])
   data = pipeline.prepare_rep(cfg, volumes, seed=0)
   assert data.hq_train.normalised().max() <= 1.0   # the networks still see normalised images
@@ -146,3 +149,20 @@ def test_pipeline_threshold_is_one_global_threshold_on_raw_intensities():
   test = pipeline.prepare_rep(cfg, volumes, seed=0).test
   assert threshold.fit_and_evaluate(concat([data.hq_train, data.hq_val]),
                                     test).test_dice < 0.9
+
+
+def test_pipeline_threshold_reads_percentile_normalised_images_by_default():
+  # The default (percentile) normalisation: the baseline thresholds the same
+  # percentile-normalised images the networks read (StarDist's inputs), one
+  # global threshold on them.
+  from upgrade_jax import pipeline
+  from upgrade_jax.data import io
+  cfg = pipeline.PipelineConfig(data=pipeline.DataConfig(n_hq=4), scenarios=())
+  assert pipeline.stages.threshold_intensities(cfg) == "percentile"
+  volumes = ([_two_slice_volume("a"), _two_slice_volume("b")], [_two_slice_volume("t")])
+  data = pipeline.prepare_rep(cfg, volumes, seed=0)
+  result = pipeline.threshold_baseline(cfg, volumes, data)
+  hq = io.volumes_to_dataset(volumes[0], normalisation="percentile")
+  test = io.volumes_to_dataset(volumes[1], normalisation="percentile")
+  ref = threshold.fit_and_evaluate(hq, test)
+  assert (result.threshold, result.test_dice) == pytest.approx((ref.threshold, ref.test_dice))

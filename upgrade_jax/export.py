@@ -61,9 +61,10 @@ class Upgrader:
     task: the training task (builds the network input from image + label).
     image_channels: C of the images after the channel policy.
     channels: the channel policy ("grey" or "rgb", see io.to_channels).
-    normalisation: the input normalisation ("max", "percentile", "volume": on one
-      image as "max"; see io.normalise).
+    normalisation: the input normalisation ("percentile", "max", "volume": on
+      one image as "max"; see io.normalise).
     tiling: how prediction cuts large images.
+    percentiles: (low, high) of "percentile" normalisation.
     meta: model.json as read (None for an upgrader made in memory).
   """
 
@@ -72,18 +73,20 @@ class Upgrader:
   task: Task
   image_channels: int
   channels: str = "grey"
-  normalisation: str = "max"
+  normalisation: str = "percentile"
   tiling: TileConfig = TileConfig()
   meta: dict | None = dataclasses.field(default=None, compare=False)
+  percentiles: tuple[float, float] = io.PERCENTILES
 
 
 def upgrader_from_state(state: TrainState, *, image_channels: int, channels: str = "grey",
-                        normalisation: str = "max",
-                        tiling: TileConfig = TileConfig()) -> Upgrader:
+                        normalisation: str = "percentile",
+                        tiling: TileConfig = TileConfig(),
+                        percentiles=io.PERCENTILES) -> Upgrader:
   """The Upgrader of a trained TrainState (its variables on the host)."""
   variables = jax.tree.map(np.asarray, jax.device_get(state.variables))
   return Upgrader(state.model, variables, state.task, image_channels, channels,
-                  normalisation, tiling)
+                  normalisation, tiling, percentiles=io.check_percentiles(percentiles))
 
 
 def _flatten(tree, prefix="") -> dict[str, np.ndarray]:
@@ -140,6 +143,7 @@ def save_upgrader(directory, upgrader: Upgrader, *, train: dict | None = None,
       "input": {"image_channels": upgrader.image_channels,
                 "network_channels": upgrader.image_channels + upgrader.task.extra_channels,
                 "channels": upgrader.channels, "normalisation": upgrader.normalisation,
+                "percentiles": list(upgrader.percentiles),
                 "label_input": "LQ label > 0, a 0/1 channel after the image channels"},
       "prediction": {"threshold": THRESHOLD, **dataclasses.asdict(upgrader.tiling)},
       "train": train or {},
@@ -197,6 +201,8 @@ def load_upgrader(directory) -> Upgrader:
     tiling = TileConfig(tile=int(pred["tile"]), margin=int(pred["margin"]),
                         batch=int(pred["batch"]))
     image_channels = int(inp["image_channels"])
+    # Models saved before the field existed used the then-default (1, 99.8).
+    percentiles = io.check_percentiles(inp.get("percentiles", io.PERCENTILES))
     with np.load(_bytes_io.BytesIO(data)) as z:
       variables = _unflatten({k: z[k] for k in z.files})
   except (KeyError, TypeError, ValueError) as e:
@@ -212,7 +218,7 @@ def load_upgrader(directory) -> Upgrader:
     raise _fail(directory, f"{VARIABLES} does not fit the network in {MODEL_JSON} "
                 f"({image_channels} image channel(s)); e.g. {diff}")
   return Upgrader(model, variables, task, image_channels, inp["channels"],
-                  inp["normalisation"], tiling, meta)
+                  inp["normalisation"], tiling, meta, percentiles)
 
 
 def _flatten_shapes(tree, prefix=""):
@@ -246,7 +252,8 @@ def load_sample(image_path, label_path, upgrader: Upgrader) -> tuple[np.ndarray,
     raise ValueError(f"{label_path}: expected a 2-D label image, got shape {labels.shape}")
   image = io.read_image(image_path)
   ds = io.stack_samples([(image, labels, None, f"{image_path} vs {label_path}")],
-                        normalisation=upgrader.normalisation, channels=upgrader.channels)
+                        normalisation=upgrader.normalisation, channels=upgrader.channels,
+                        percentiles=upgrader.percentiles)
   if ds.channels != upgrader.image_channels:
     raise InputError(f"{image_path}: {ds.channels} channel(s) after the model's "
                      f"'{upgrader.channels}' policy, but the model takes "

@@ -28,6 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = ["OUTPUTS", "components", "instances_from_upgrade", "has_instances",
            "relabel", "iou_matrix", "matching", "matching_dataset", "THRESHOLDS",
+           "DSB_THRESHOLDS",
            "summary_scores", "labels_from_mask"]
 
 # What the upgraded files hold: "instances" (touching cells separated) or
@@ -35,6 +36,8 @@ __all__ = ["OUTPUTS", "components", "instances_from_upgrade", "has_instances",
 # issue 13).
 OUTPUTS = ("instances", "mask")
 THRESHOLDS = (0.5, 0.75)
+# The Data Science Bowl 2018 score: TP/(TP+FP+FN) averaged over IoU 0.5:0.05:0.95.
+DSB_THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
 
 
 def relabel(labels) -> np.ndarray:
@@ -256,10 +259,18 @@ def matching_dataset(ys_true, ys_pred, thresholds=THRESHOLDS) -> list[dict]:
 
 
 def summary_scores(ys_true, ys_pred, thresholds=THRESHOLDS) -> dict:
-  """{"f1@0.5": ..., "accuracy@0.5": ..., "precision@0.5", "recall@0.5", ...}
-  of matching_dataset, flat (for results.json and tables)."""
+  """The instance scores of results.json and the tables, flat:
+  "precision@t", "recall@t", "f1@t", "accuracy@t" (TP/(TP+FP+FN)) and
+  "panoptic_quality@t" at every t of `thresholds`, and "dsb_score", the
+  mean accuracy over DSB_THRESHOLDS (the DSB2018 metric), all pooled over
+  the images as stardist.matching.matching_dataset (by_image=False)."""
+  thresholds = tuple(float(t) for t in thresholds)
+  every = tuple(sorted(set(thresholds) | set(DSB_THRESHOLDS)))
+  stats = {round(s["thresh"], 2): s for s in matching_dataset(ys_true, ys_pred, every)}
   out = {}
-  for s in matching_dataset(ys_true, ys_pred, thresholds):
-    for key in ("precision", "recall", "f1", "accuracy"):
-      out[f"{key}@{s['thresh']:g}"] = s[key]
+  for t in thresholds:
+    s = stats[round(t, 2)]
+    for key in ("precision", "recall", "f1", "accuracy", "panoptic_quality"):
+      out[f"{key}@{t:g}"] = s[key]
+  out["dsb_score"] = float(np.mean([stats[t]["accuracy"] for t in DSB_THRESHOLDS]))
   return out

@@ -125,6 +125,45 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
   return out
 
 
+# Below this (Dice), a difference between two networks is within what one
+# network moves between runs on its own: the noise floor of a single pair
+# (one repetition has no interval).
+NOISE_FLOOR = 0.01
+# The resolution a comparison must reach to carry a verdict of the size the
+# paper reports (differences of 0.03-0.05 Dice).
+RESOLUTION = 0.03
+
+
+def oracle_check(oracle, hq, confidence: float = 0.95,
+                 noise_floor: float = NOISE_FLOOR) -> dict:
+  """The harness invariant: the oracle (every training slice with its true
+  labels) must score at least as well as HQ only, within the noise.
+
+  The noise is the half-width of the paired interval of oracle - HQ only
+  over the repetitions, at least `noise_floor` (and `noise_floor` alone for
+  one repetition). A row whose oracle is below HQ only by more than the
+  noise is "unconverged": under-trained or mis-selected networks, not
+  evidence, and no verdict may be drawn from it.
+
+  Returns:
+    paired_difference(oracle, hq) plus "noise" and "unconverged" (bool).
+  """
+  out = paired_difference(oracle, hq, confidence)
+  if out["n"] == 0:
+    return {**out, "noise": None, "unconverged": False}
+  half = (out["ci_high"] - out["mean_diff"]) if out["ci_high"] is not None else 0.0
+  noise = max(half, noise_floor)
+  return {**out, "noise": noise, "unconverged": bool(out["mean_diff"] < -noise)}
+
+
+def resolves(paired: dict, resolution: float = RESOLUTION) -> bool:
+  """Whether a paired_difference's interval is narrow enough (half-width at
+  most `resolution`) to tell differences of that size apart."""
+  if paired.get("ci_high") is None:
+    return False
+  return (paired["ci_high"] - paired["ci_low"]) / 2 <= resolution
+
+
 def gap_recovered(scenario, floor, ceiling, min_gap: float = 0.0) -> dict:
   """The fraction of the floor -> ceiling gap a scenario recovers, e.g. of
   hq -> oracle by hq_upgraded: (scenario - floor) / (ceiling - floor).

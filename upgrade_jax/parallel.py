@@ -135,7 +135,8 @@ class DeviceData(NamedTuple):
 
   images: (N, H, W, C) float32, or compact: the source integers (uint8,
   uint16) with `scale` (N,) float32, normalised on the device as
-  images / scale (Dataset.image_scale); targets, others: (N, H, W) in the
+  (images - offset) / scale (Dataset.image_scale, image_offset; offset None
+  is 0); targets, others: (N, H, W) in the
   smallest signed integer type that holds their values (`label_dtype`: int8
   for up to 127 ids, else int16, else int32), widened to int32 by the train
   step after it gathers a batch; extents: (N, 2) int32 valid (height, width);
@@ -148,6 +149,7 @@ class DeviceData(NamedTuple):
   extents: Any
   scale: Any = None
   count: Any = None
+  offset: Any = None
 
 
 def bytes_per_pixel(data) -> float:
@@ -179,7 +181,9 @@ def _host_arrays(dataset, index=None, labels_as=None) -> DeviceData:
       others=pick(dataset.others).astype(dt, copy=False),
       extents=pick(dataset.extents).astype(np.int32),
       scale=pick(dataset.image_scale).astype(np.float32) if compact else None,
-      count=np.int32(len(dataset) if index is None else len(index)))
+      count=np.int32(len(dataset) if index is None else len(index)),
+      offset=(None if dataset.image_offset is None
+              else pick(dataset.image_offset).astype(np.float32)))
 
 
 def _pad_samples(x: np.ndarray, n: int) -> np.ndarray:

@@ -86,6 +86,9 @@ def write_results(out_dir, results, extra: dict | None = None) -> dict:
     for k, scores in r.get("annotation_instances", {}).items():
       for m, v in scores.items():
         w.writerow(["instances", f"{k}:{m}", r["rep"], f"{v:.6f}"])
+    for k, scores in r.get("segmentation_instances", {}).items():
+      for m, v in scores.items():
+        w.writerow(["segmentation_instances", f"{k}:{m}", r["rep"], f"{v:.6f}"])
   for kind in ("annotation_dice", "segmentation_dice"):
     for k, s in d[kind].items():
       w.writerow([kind.split("_")[0], k, "mean", f"{s['mean']:.6f}"])
@@ -115,8 +118,28 @@ def format_table(d: dict, paper: dict | None = None) -> str:
 
   for i, (k, s) in enumerate(d["annotation_dice"].items()):
     lines.append(row("Annotations" if i == 0 else "", k, s))
+  seg_inst = d.get("segmentation_instances") or {}
+  training = d.get("segmentation_training") or {}
   for i, (k, s) in enumerate(d["segmentation_dice"].items()):
-    lines.append(row("Segmentation" if i == 0 else "", k, s))
+    text = row("Segmentation" if i == 0 else "", k, s)
+    if k in seg_inst:   # the instances of the network's test predictions
+      f1, dsb = seg_inst[k]["f1@0.5"], seg_inst[k]["dsb_score"]
+      text += f"   F1@0.5 {f1['mean']:.4f}   DSB {dsb['mean']:.4f}"
+    if k in training:
+      t = training[k]
+      text += f"   steps {'/'.join(str(x) for x in t['steps'])}"
+      if t["hit_cap"]:
+        text += f" (cap hit {t['hit_cap']}x)"
+    lines.append(text)
+  oracle = d.get("oracle_check")
+  if oracle and oracle.get("mean_diff") is not None:
+    ci = ("" if oracle["ci_low"] is None
+          else f" [{oracle['ci_low']:+.4f}, {oracle['ci_high']:+.4f}]")
+    verdict = ("UNCONVERGED: the oracle is below HQ only by more than the noise; draw no "
+               "verdict from this run" if oracle["unconverged"] else "ok")
+    lines.append("")
+    lines.append(f"Oracle - HQ only: {oracle['mean_diff']:+.4f}{ci}, noise ±{oracle['noise']:.3f}: "
+                 f"{verdict}")
   inst = d.get("annotation_instances") or {}
   if inst:  # instance matching of the test set's annotations (StarDist semantics)
     lines.append("")
@@ -155,8 +178,15 @@ def format_table(d: dict, paper: dict | None = None) -> str:
     for k, v in paired.items():
       p = d.get("wilcoxon", {}).get(k)
       p_text = "n/a" if p is None else f"{p:.4g}"
+      res = "" if v.get("resolves", True) else "  (interval wider than ±0.03)"
       lines.append(f"  {k:32} {v['mean_diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"
-                   f"  {v['wins']}/{v['losses']}/{v['ties']}  p = {p_text}")
+                   f"  {v['wins']}/{v['losses']}/{v['ties']}  p = {p_text}{res}")
+    for k, ms in (d.get("segmentation_instances_paired") or {}).items():
+      for m, v in ms.items():
+        p_text = "n/a" if v.get("wilcoxon_p") is None else f"{v['wilcoxon_p']:.4g}"
+        lines.append(f"  {k + ' ' + m:32} {v['mean_diff']:+.4f} [{v['ci_low']:+.4f}, "
+                     f"{v['ci_high']:+.4f}]  {v['wins']}/{v['losses']}/{v['ties']}  "
+                     f"p = {p_text}")
     floor = next(iter(paired.values()))["min_possible_p"]
     if floor >= 0.05:
       lines.append(f"  (with {n} pairs the smallest possible Wilcoxon p is {floor:.4g}: "

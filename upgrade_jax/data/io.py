@@ -17,9 +17,10 @@ Channel policy: the images of one Dataset share C. `channels="grey"` (the
 default) converts RGB(A) to grey with the ITU-R 601 luma weights, so DSB2018's
 mix of grey fluorescence and RGB histology becomes C=1; `channels="rgb"`
 repeats grey images to 3 channels and keeps RGB. Normalisation to float32 is
-per image: "max" (divide by the image's maximum, the default) or "percentile"
-(map the 1st..99.8th percentile to 0..1, then clip to [0, 1]); "none" keeps
-the raw values as float32.
+per image: "percentile" (the default, as StarDist and Cellpose: csbdeep's
+`normalize`, which maps the 1st and 99.8th percentiles of each channel to 0
+and 1 without clipping) or "max" (divide by the image's maximum, the paper's);
+"none" keeps the raw values as float32.
 
 Matching: an image and its label file match when their names without the
 extension are equal (a.png matches a.tif). Label files must hold non-negative
@@ -171,21 +172,52 @@ def to_channels(image: np.ndarray, channels: str) -> np.ndarray:
   raise ValueError(f"channels must be 'grey' or 'rgb', got {channels!r}")
 
 
-# The normalisation methods `normalise` knows.
+# The normalisation methods `normalise` knows, and the default percentiles
+# of "percentile" (StarDist's and Cellpose's: csbdeep.utils.normalize(x, 1, 99.8)).
 NORMALISATIONS = ("max", "percentile", "volume", "none")
+PERCENTILES = (1.0, 99.8)
 
 
-def normalise(image: np.ndarray, method: str = "max", *, percentiles=(1.0, 99.8)) -> np.ndarray:
+def check_percentiles(percentiles) -> tuple[float, float]:
+  """(low, high) as floats, with 0 <= low < high <= 100; else ValueError."""
+  try:
+    lo, hi = (float(p) for p in percentiles)
+  except (TypeError, ValueError):
+    raise ValueError(f"percentiles must be two numbers (low, high), got {percentiles!r}") \
+        from None
+  if not 0.0 <= lo < hi <= 100.0:
+    raise ValueError(f"percentiles ({lo:g}, {hi:g}) must satisfy 0 <= low < high <= 100")
+  return lo, hi
+
+
+def percentile_affine(image: np.ndarray, percentiles=PERCENTILES) -> tuple[np.ndarray, np.ndarray]:
+  """(offset, divisor), each (C,) float32: "percentile" normalisation of an
+  (H, W, C) image is (image - offset) / divisor per channel, the channel's
+  low and high percentiles mapped to 0 and 1 (csbdeep's normalize with
+  axis=(0, 1): channels independently). A flat channel (high == low) gets
+  divisor 1, so it becomes 0, not inf."""
+  lo_p, hi_p = check_percentiles(percentiles)
+  img = np.asarray(image)
+  flat = img.reshape(-1, img.shape[-1]).astype(np.float64)
+  lo, hi = np.percentile(flat, (lo_p, hi_p), axis=0)
+  span = hi - lo
+  return lo.astype(np.float32), np.where(span > 0, span, 1.0).astype(np.float32)
+
+
+def normalise(image: np.ndarray, method: str = "percentile", *,
+              percentiles=PERCENTILES) -> np.ndarray:
   """Per-image normalisation to float32.
 
   Args:
-    image: (H, W, C) (or any shape) uint8, uint16, bool or float.
-    method: "max" divides by the image's maximum (zeros stay zeros; an
-      all-zero image stays zero); "percentile" maps the given percentiles to
-      0 and 1 and clips to [0, 1]; "none" only converts to float32 (for data
+    image: (H, W, C) uint8, uint16, bool or float ((H, W) is one channel).
+    method: "percentile" maps each channel's low and high `percentiles` to 0
+      and 1 without clipping (csbdeep's `normalize`, as StarDist and
+      Cellpose); "max" divides by the image's maximum (the paper's; an
+      all-zero image stays zero); "none" only converts to float32 (data
       normalised already, or a global threshold on raw intensities);
       "volume" is "max" over a whole 3-D stack (`volumes_to_dataset`), and
       on one image the same as "max" (an image is a one-slice stack).
+    percentiles: (low, high) of "percentile", in [0, 100].
 
   Returns:
     float32 array of the same shape.
@@ -195,10 +227,11 @@ def normalise(image: np.ndarray, method: str = "max", *, percentiles=(1.0, 99.8)
     top = float(img.max(initial=0.0))
     return img / top if top > 0 else np.zeros_like(img)
   if method == "percentile":
-    lo, hi = np.percentile(img, percentiles)
-    if hi <= lo:
-      return np.zeros_like(img)
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    chans = img if img.ndim >= 3 else img[..., None]
+    offset, divisor = percentile_affine(chans, percentiles)
+    # float32 throughout: the device's normalisation of a compact set
+    # (engine.step.take_samples) computes exactly this.
+    return ((chans - offset) / divisor).astype(np.float32).reshape(img.shape)
   if method == "none":
     return img
   raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {method!r}")
@@ -207,9 +240,9 @@ def normalise(image: np.ndarray, method: str = "max", *, percentiles=(1.0, 99.8)
 # --------------------------------------------------------------------------
 # From samples to one padded Dataset.
 
-def stack_samples(samples: Sequence, *, normalisation: str = "max",
+def stack_samples(samples: Sequence, *, normalisation: str = "percentile",
                   channels: str = "grey", scales: Sequence[float] | None = None,
-                  compact: bool | str = False) -> Dataset:
+                  compact: bool | str = False, percentiles=PERCENTILES) -> Dataset:
   """Pads 2-D samples of different sizes into one Dataset.
 
   Args:
@@ -222,12 +255,14 @@ def stack_samples(samples: Sequence, *, normalisation: str = "max",
     scales: per-sample divisors for normalisation="volume" (volumes_to_dataset
       passes each slice its volume's max).
     compact: True keeps integer images in their source dtype with
-      Dataset.image_scale (the divisor of each sample; normalised on the
-      device by the train step, bit for bit as here): 1-2 bytes a pixel
-      instead of 4. Needs integer images whose channel policy does not mix
-      channels, and "max", "volume" or "none" (percentiles are not a
-      division). "auto": compact when every sample allows it and is 8 or 16
-      bits, else float32. False: float32.
+      Dataset.image_scale (the divisor of each sample) and, for
+      "percentile", Dataset.image_offset: normalised on the device by the
+      train step, bit for bit as here; 1-2 bytes a pixel instead of 4. Needs
+      integer, single-channel images (or RGB under the "rgb" policy with
+      "max"/"volume"/"none": a percentile affine is per channel). "auto":
+      compact when every sample allows it and is 8 or 16 bits, else float32.
+      False: float32.
+    percentiles: (low, high) of "percentile" normalisation.
 
   Returns:
     Dataset with images (N, Hmax, Wmax, C) float32 (or the source integer
@@ -241,9 +276,7 @@ def stack_samples(samples: Sequence, *, normalisation: str = "max",
     raise ValueError(f"stack_samples: {len(scales)} scales for {len(samples)} samples")
   if normalisation not in NORMALISATIONS:
     raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
-  if compact is True and normalisation == "percentile":
-    raise ValueError("compact images need normalisation 'max', 'volume' or 'none' "
-                     "(a division by one number per image), not 'percentile'")
+  percentiles = check_percentiles(percentiles)
   checked = []
   for image, target, others, name in samples:
     target = check_labels(target, name)
@@ -255,22 +288,30 @@ def stack_samples(samples: Sequence, *, normalisation: str = "max",
     checked.append((_split_channels(np.asarray(image), target.shape, name), target, others,
                     name))
   if compact == "auto":
-    compact = normalisation != "percentile" and all(
-        _compact_ok(raw, channels) for raw, *_ in checked)
-  prepared, divisors = [], []
+    compact = all(_compact_ok(raw, channels, normalisation) for raw, *_ in checked)
+  prepared, divisors, offsets = [], [], []
   for i, (raw, target, others, name) in enumerate(checked):
     img = _compact_channels(raw, channels, name) if compact else to_channels(raw, channels)
-    if normalisation == "volume" and scales is not None:
+    offset = 0.0
+    if normalisation == "percentile":
+      if compact and img.shape[-1] != 1:
+        raise ValueError(f"{name}: compact percentile normalisation needs one channel, got "
+                         f"{img.shape[-1]}; use compact=False")
+      off, div = percentile_affine(img, percentiles)
+      offset, top = (float(off[0]), float(div[0])) if compact else (0.0, 1.0)
+      if not compact:
+        img = ((np.asarray(img, np.float32) - off) / div).astype(np.float32)
+    elif normalisation == "volume" and scales is not None:
       top = float(scales[i])
     elif normalisation in ("max", "volume"):
       top = float(img.max(initial=0))
     else:
       top = 1.0
     top = top if top > 0 else 1.0   # an all-zero image stays zero
-    if not compact and normalisation != "none":
-      img = normalise(img, "percentile") if normalisation == "percentile" else \
-          (np.asarray(img, np.float32) / top)
+    if not compact and normalisation not in ("none", "percentile"):
+      img = np.asarray(img, np.float32) / top
     divisors.append(top)
+    offsets.append(offset)
     prepared.append((img, relabel_sequential(target), relabel_sequential(others), str(name)))
   h = max(p[1].shape[0] for p in prepared)
   w = max(p[1].shape[1] for p in prepared)
@@ -293,12 +334,16 @@ def stack_samples(samples: Sequence, *, normalisation: str = "max",
     others[i, :hi, :wi] = oth
     extents[i] = (hi, wi)
   scale = np.asarray(divisors, np.float32) if compact else None
-  return Dataset(images, targets, others, extents, tuple(p[3] for p in prepared), scale)
+  offset = np.asarray(offsets, np.float32) if compact and normalisation == "percentile" else None
+  return Dataset(images, targets, others, extents, tuple(p[3] for p in prepared), scale,
+                 offset)
 
 
-def _compact_ok(image: np.ndarray, channels: str) -> bool:
+def _compact_ok(image: np.ndarray, channels: str, normalisation: str = "max") -> bool:
   """Whether `compact="auto"` keeps this (H, W, C) image as integers."""
   c = image.shape[-1] - (image.shape[-1] in (2, 4))
+  if normalisation == "percentile" and not (c == 1 and channels == "grey"):
+    return False   # one affine per sample: one channel
   return (np.issubdtype(image.dtype, np.integer) and image.dtype.itemsize <= 2
           and (c == 1 or (channels == "rgb" and c == 3)))
 

@@ -162,8 +162,9 @@ class Splits:
 
 def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume], *,
                 n_hq: int, seed: int, n_lq: int | None = None, val_fraction: float = 0.2,
-                normalisation: str = "max", channels: str = "grey",
-                hq_volumes: int | None = None, compact: bool | str = False) -> Splits:
+                normalisation: str = "percentile", channels: str = "grey",
+                hq_volumes: int | None = None, compact: bool | str = False,
+                percentiles=None) -> Splits:
   """HQ / LQ / test Datasets and the 80/20 train/validation split of HQ.
 
   Args:
@@ -174,7 +175,8 @@ def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume],
     n_lq: number of LQ slices drawn (seeded) from the remaining training
       slices; None takes them all.
     val_fraction: fraction of HQ slices held out for validation.
-    normalisation, channels, compact: see `upgrade_jax.data.io.stack_samples`.
+    normalisation, channels, compact, percentiles: see
+      `upgrade_jax.data.io.stack_samples` (percentiles None: its default).
     hq_volumes: the HQ slices come from the first `hq_volumes` training
       volumes only (the paper's Figure 3.4 axis); None: from all of them. LQ
       slices still come from every training volume.
@@ -182,6 +184,8 @@ def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume],
   if not train_volumes or not test_volumes:
     raise ValueError("make_splits needs at least one training and one test volume")
   kw = dict(normalisation=normalisation, channels=channels, compact=compact)
+  if percentiles is not None:
+    kw["percentiles"] = percentiles
   hq_picks = select_hq(train_volumes, n_hq, hq_volumes)
   chosen = set(hq_picks)
   rest = [(v, z) for v, vol in enumerate(train_volumes) for z in range(vol.num_slices)

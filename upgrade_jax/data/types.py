@@ -60,10 +60,13 @@ class Dataset:
       count in losses or metrics.
     names: N names, one per sample (file names for folder sources).
     image_scale: None for float images; for compact integer images, (N,)
-      float32 divisors: the network sees images[i] / image_scale[i]
-      (`normalised`), computed on the device by the train step. The same
-      float32 division as io.normalise's, so a compact set trains exactly
-      as its float32 form (tests/test_large_sets.py).
+      float32 divisors: the network sees (images[i] - image_offset[i]) /
+      image_scale[i] inside the sample's extent, 0 outside (`normalised`),
+      computed on the device by the train step. The same float32 arithmetic
+      as io.stack_samples', so a compact set trains exactly as its float32
+      form (tests/test_large_sets.py).
+    image_offset: None (offset 0: "max", "volume", "none"), or (N,) float32
+      offsets of a compact "percentile" set (each sample's low percentile).
   """
 
   images: np.ndarray
@@ -72,6 +75,7 @@ class Dataset:
   extents: np.ndarray
   names: tuple[str, ...]
   image_scale: np.ndarray | None = None
+  image_offset: np.ndarray | None = None
 
   def __post_init__(self):
     n, h, w = self.targets.shape
@@ -91,6 +95,9 @@ class Dataset:
                        + ("an image_scale (compact form)" if compact else "no image_scale"))
     if compact and np.shape(self.image_scale) != (n,):
       raise ValueError(f"Dataset: image_scale shape {np.shape(self.image_scale)} != {(n,)}")
+    if self.image_offset is not None and (not compact or np.shape(self.image_offset) != (n,)):
+      raise ValueError(f"Dataset: image_offset (shape {np.shape(self.image_offset)}) needs a "
+                       f"compact set of {n} samples")
 
   def __len__(self) -> int:
     return int(self.targets.shape[0])
@@ -112,16 +119,23 @@ class Dataset:
   def normalised(self, index=None) -> np.ndarray:
     """(N, H, W, C) float32 images as the network sees them; of the samples
     `index` (ints) only, when given."""
-    images = self.images if index is None else self.images[np.asarray(index)]
+    pick = (lambda x: x) if index is None else (lambda x: x[np.asarray(index)])  # noqa: E731
+    images = pick(self.images)
     if not self.compact:
       return np.asarray(images, np.float32)
-    scale = self.image_scale if index is None else self.image_scale[np.asarray(index)]
-    return images.astype(np.float32) / np.asarray(scale, np.float32).reshape(-1, 1, 1, 1)
+    col = lambda x: np.asarray(pick(x), np.float32).reshape(-1, 1, 1, 1)  # noqa: E731
+    if self.image_offset is None:
+      return images.astype(np.float32) / col(self.image_scale)
+    _, h, w = self.targets.shape
+    from upgrade_jax.metrics import extent_mask
+    valid = extent_mask(pick(self.extents), h, w)[..., None]
+    out = (images.astype(np.float32) - col(self.image_offset)) / col(self.image_scale)
+    return np.where(valid, out, np.float32(0))   # padding stays 0, as in the float form
 
   def as_float(self) -> "Dataset":
     """This Dataset with float32 normalised images (itself when not compact)."""
     return self if not self.compact else self.replace(images=self.normalised(),
-                                                      image_scale=None)
+                                                      image_scale=None, image_offset=None)
 
   def valid_mask(self) -> np.ndarray:
     """(N, H, W) bool, True on real (non-padding) pixels."""
@@ -136,7 +150,8 @@ class Dataset:
       index = np.flatnonzero(index)
     return Dataset(self.images[index], self.targets[index], self.others[index],
                    self.extents[index], tuple(self.names[i] for i in index),
-                   None if self.image_scale is None else self.image_scale[index])
+                   None if self.image_scale is None else self.image_scale[index],
+                   None if self.image_offset is None else self.image_offset[index])
 
   def replace(self, **changes) -> "Dataset":
     return dataclasses.replace(self, **changes)
@@ -184,7 +199,11 @@ def concat(datasets) -> Dataset:
       extents=np.concatenate([d.extents for d in datasets]),
       names=tuple(n for d in datasets for n in d.names),
       image_scale=np.concatenate([d.image_scale for d in datasets]).astype(np.float32)
-      if compact else None)
+      if compact else None,
+      image_offset=np.concatenate([
+          np.zeros(len(d), np.float32) if d.image_offset is None else d.image_offset
+          for d in datasets]).astype(np.float32)
+      if compact and any(d.image_offset is not None for d in datasets) else None)
 
 
 def label_dtype(*arrays) -> np.dtype:

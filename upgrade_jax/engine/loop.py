@@ -35,13 +35,29 @@ class FitResult:
   """state_best: TrainState with the best-validation variables; state_last:
   the final state; history: one dict per epoch (step, epoch, loss,
   train_dice, val_dice, img_per_s); resumed_from: the step a previous run
-  had reached, or None for a fresh run."""
+  had reached, or None for a fresh run; steps: the steps trained;
+  stop_reason: why it stopped ("early stop (patience P)" or "max_steps").
+  """
   state_best: TrainState
   state_last: TrainState
   history: list
   best_val_dice: float
   best_step: int
   resumed_from: int | None
+  steps: int = 0
+  stop_reason: str = ""
+
+  @property
+  def hit_cap(self) -> bool:
+    """Whether max_steps, not the validation rule, ended the run."""
+    return self.stop_reason == "max_steps"
+
+  def summary(self, max_steps: int) -> dict:
+    """What results.json records of a network's training (JSON-able)."""
+    return {"steps": self.steps, "best_step": self.best_step,
+            "best_val_dice": self.best_val_dice, "stop_reason": self.stop_reason,
+            "hit_cap": self.hit_cap, "max_steps": int(max_steps),
+            "evaluations": len(self.history)}
 
 
 def _copy(tree):
@@ -165,7 +181,8 @@ def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
   ckpt.close()
   return FitResult(state_best=state.replace(**best), state_last=state,
                    history=record.history, best_val_dice=float(record.best_val_dice),
-                   best_step=int(record.best_step), resumed_from=resumed_from)
+                   best_step=int(record.best_step), resumed_from=resumed_from,
+                   steps=int(record.step), stop_reason=str(record.stop_reason))
 
 
 def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecord,

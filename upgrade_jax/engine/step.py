@@ -85,16 +85,22 @@ def take_samples(data: parallel.DeviceData, idx=None) -> tuple[Batch, Any]:
   _, h, w = data.targets.shape
   ext = pick(data.extents)
   images = pick(data.images)
-  if data.scale is not None:   # compact: the same float32 division as io.normalise
+  valid = extent_mask(ext, h, w, xp=jnp)
+  if data.scale is not None:   # compact: the same float32 arithmetic as io.stack_samples
     # XLA rewrites x / broadcast(s) as x * broadcast(1 / s), which rounds
     # differently; the barrier keeps a true division, so a compact set trains
     # bit for bit as its host-normalised float32 form.
     divisor = jax.lax.optimization_barrier(
         jnp.broadcast_to(pick(data.scale)[:, None, None, None], images.shape))
-    images = images.astype(jnp.float32) / divisor
+    images = images.astype(jnp.float32)
+    if data.offset is not None:   # percentile: (x - low) / (high - low), padding stays 0
+      images = jnp.where(valid[..., None],
+                         (images - pick(data.offset)[:, None, None, None]) / divisor, 0.0)
+    else:
+      images = images / divisor
   # Labels are stored compactly (parallel.label_dtype); the tasks see int32.
   batch = Batch(images, pick(data.targets).astype(jnp.int32),
-                pick(data.others).astype(jnp.int32), extent_mask(ext, h, w, xp=jnp))
+                pick(data.others).astype(jnp.int32), valid)
   return batch, ext
 
 

@@ -54,11 +54,14 @@ class DataConfig:
       synthetic presets, or others/ of a folder), "felzenszwalb" segments,
       or "none".
     data_seed: seed of the simulator and of the test hold-out.
-    normalisation: network inputs per image, "max" (the paper's) or
-      "percentile", or "volume": one scale per 3-D volume, x / the volume's
-      max, so dim slices near a volume's edge keep its background level
-      (io.volumes_to_dataset). The threshold baseline always works on raw
-      intensities, as the paper's.
+    normalisation: network inputs per image: "percentile" (the default, as
+      StarDist and Cellpose: each image's `percentiles` mapped to 0 and 1),
+      "max" (the paper's: x / the image's max), or "volume": one scale per
+      3-D volume, x / the volume's max, so dim slices near a volume's edge
+      keep its background level (io.volumes_to_dataset). The threshold
+      baseline reads percentile-normalised images under "percentile" and
+      raw intensities otherwise (the paper's).
+    percentiles: (low, high) percentiles of "percentile" normalisation.
     compact_images: keep 8- and 16-bit single-channel images in their
       source dtype on the host and the devices, normalised on the device by
       the train step (io.stack_samples compact="auto"): 2-4x less memory,
@@ -90,7 +93,8 @@ class DataConfig:
   max_test: int | None = None
   others: str = "labels"
   data_seed: int = 0
-  normalisation: str = "max"
+  normalisation: str = "percentile"
+  percentiles: tuple[float, float] = io.PERCENTILES
   compact_images: bool = True
   hq_perturb: PerturbConfig = PerturbConfig()
   felzenszwalb: FelzenszwalbConfig = FelzenszwalbConfig()
@@ -100,6 +104,13 @@ class DataConfig:
   def compact(self):
     """io.stack_samples' `compact` argument for this config."""
     return "auto" if self.compact_images else False
+
+  @property
+  def image_kwargs(self) -> dict:
+    """How images become network inputs: io.stack_samples' (and
+    volumes_to_dataset's, sampling.make_splits') keyword arguments."""
+    return {"normalisation": self.normalisation, "percentiles": self.percentiles,
+            "compact": self.compact}
 
   def __post_init__(self):
     if self.z_consistent and self.source in ("folder", "epfl_mito"):
@@ -126,6 +137,10 @@ class DataConfig:
     if self.hq_volumes is not None and self.hq_volumes < 1:
       raise ValueError(f"DataConfig.hq_volumes must be >= 1, got {self.hq_volumes}")
     object.__setattr__(self, "volume_shape", tuple(int(s) for s in self.volume_shape))
+    object.__setattr__(self, "percentiles", io.check_percentiles(self.percentiles))
+    if self.normalisation not in io.NORMALISATIONS or self.normalisation == "none":
+      raise ValueError(f"--normalisation={self.normalisation!r}: choose one of percentile, "
+                       "max, volume")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +173,10 @@ class PipelineConfig:
     confident_learning: the task (and folds) of the "confident_learning"
       scenario; trained with segment's other settings.
     partial_labelling: the task of the "partial_labelling" scenario.
+    seg_val_extra: the validation rule of every segmentation scenario:
+      this many of its non-HQ training slices (at most a quarter), with its
+      own labels, are held out and validate it beside the HQ validation
+      slices (pipeline.scenarios); 0 validates on the HQ slices alone.
   """
 
   data: DataConfig = DataConfig()
@@ -176,6 +195,7 @@ class PipelineConfig:
   review_top: int = 20
   confident_learning: engine.ConfidentLearning = engine.ConfidentLearning()
   partial_labelling: engine.PartialLabelling = engine.PartialLabelling()
+  seg_val_extra: int = 8
 
   def __post_init__(self):
     if self.review_top < 0:
@@ -197,6 +217,8 @@ class PipelineConfig:
         or not isinstance(self.partial_labelling, engine.PartialLabelling)):
       raise ValueError("PipelineConfig: confident_learning and partial_labelling must be "
                        "engine.ConfidentLearning and engine.PartialLabelling tasks")
+    if self.seg_val_extra < 0:
+      raise ValueError(f"PipelineConfig.seg_val_extra must be >= 0, got {self.seg_val_extra}")
     if self.reps < 1:
       raise ValueError(f"PipelineConfig.reps must be >= 1, got {self.reps}")
 
@@ -226,6 +248,8 @@ def run_key(cfg: PipelineConfig) -> dict:
   if not cfg.data.z_consistent:   # off: the key of runs made before the option
     d["data"].pop("z_consistent")
   d["data"].pop("compact_images")   # the same numbers either way
+  if cfg.data.normalisation != "percentile":   # unused then
+    d["data"].pop("percentiles")
   # The methods' options at their defaults are left out, so the keys of runs
   # made before they existed still match; other values are in the key.
   for name in _METHOD_FIELDS:

@@ -83,8 +83,7 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
   """Splits, `others`, and the fixed LQ sets (made once per seed)."""
   train_vols, test_vols = volumes
   splits = sampling.make_splits(train_vols, test_vols, n_hq=cfg.data.n_hq, seed=seed,
-                                n_lq=cfg.data.n_lq, normalisation=cfg.data.normalisation,
-                                compact=cfg.data.compact,
+                                n_lq=cfg.data.n_lq, **cfg.data.image_kwargs,
                                 hq_volumes=cfg.data.hq_volumes)
   # Felzenszwalb others are made per volume in `run`; here only "none" acts.
   mode = "labels" if cfg.data.others == "felzenszwalb" else cfg.data.others

@@ -54,8 +54,9 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
     log(f"[rep {rep}] finished before; adding {', '.join(missing)}")
   result = {"rep": rep, "seed": cfg.seed + rep, "config": key,
             "segmentation_dice": dict(previous["segmentation_dice"]) if previous else {}}
-  if previous and "threshold" in previous:
-    result["threshold"] = previous["threshold"]
+  for k in ("threshold", "segmentation_instances", "segmentation_training", "methods"):
+    if previous and k in previous:   # kept: only the missing scenarios are trained
+      result[k] = previous[k]
   run = stages.RepRun(rep, rep_dir, Path(out_dir), cfg.seed + rep, key, log, result,
                       dict(previous.get("timings", {})) if previous else {}, guard)
   data = stages.prepare_data(cfg, volumes, run)
@@ -73,8 +74,12 @@ def _select(result: dict, cfg: PipelineConfig) -> dict:
   with more scenarios by another command keeps them in rep.json)."""
   wanted = set(cfg.scenarios) | ({"threshold"} if cfg.threshold_baseline and cfg.scenarios
                                  else set())
-  return {**result, "segmentation_dice": {k: v for k, v in result["segmentation_dice"].items()
-                                          if k in wanted}}
+  pick = lambda d: {k: v for k, v in d.items() if k in wanted}  # noqa: E731
+  out = {**result, "segmentation_dice": pick(result["segmentation_dice"])}
+  for k in ("segmentation_instances", "segmentation_training"):
+    if k in result:
+      out[k] = pick(result[k])
+  return out
 
 
 # Below this (Dice) the oracle's lead over HQ only is treated as no gap: a
@@ -114,13 +119,59 @@ class Results:
       vals = [(r.get("effective_rates") or {}).get(k) for r in self.reps]
       if vals and all(v is not None for v in vals):
         rates[k] = metrics.summarize(vals)
-    gap = {}
+    gap, oracle = {}, None
     if "hq" in seg and "oracle" in seg:  # how much of hq -> oracle each scenario recovers
       gap = {s: metrics.gap_recovered(seg[s]["per_rep"], seg["hq"]["per_rep"],
                                       seg["oracle"]["per_rep"], min_gap=MIN_ORACLE_GAP)
              for s in names if s not in ("hq", "oracle")}
-    return {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil,
-            "paired": paired, "effective_rates": rates, "oracle_gap_recovered": gap}
+      oracle = metrics.oracle_check(seg["oracle"]["per_rep"], seg["hq"]["per_rep"])
+    for p in paired.values():
+      p["resolves"] = metrics.resolves(p)
+    inst, inst_paired = self.instance_summary(names)
+    out = {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil,
+           "paired": paired, "effective_rates": rates, "oracle_gap_recovered": gap,
+           "oracle_check": oracle, "segmentation_training": self.training_summary(names)}
+    if inst:
+      out["segmentation_instances"] = inst
+      out["segmentation_instances_paired"] = inst_paired
+    return out
+
+  # The instance scores summarised and compared (the DSB2018 primary ones).
+  INSTANCE_KEYS = ("f1@0.5", "f1@0.75", "accuracy@0.5", "panoptic_quality@0.5", "dsb_score",
+                   "precision@0.5", "recall@0.5")
+
+  def instance_summary(self, names) -> tuple[dict, dict]:
+    """({scenario: {metric: summarize}}, {"hq_upgraded_vs_<s>": {metric:
+    paired_difference}}) of the test predictions' instance scores, over the
+    scenarios every repetition scored."""
+    names = [s for s in names if all(s in r.get("segmentation_instances", {})
+                                     for r in self.reps)]
+    per = {s: {m: [r["segmentation_instances"][s][m] for r in self.reps]
+               for m in self.INSTANCE_KEYS} for s in names}
+    inst = {s: {m: metrics.summarize(v) for m, v in ms.items()} for s, ms in per.items()}
+    paired = {}
+    if "hq_upgraded" in per:
+      for s in names:
+        if s != "hq_upgraded":
+          paired[f"hq_upgraded_vs_{s}"] = {
+              m: {**metrics.paired_difference(per["hq_upgraded"][m], per[s][m]),
+                  "wilcoxon_p": metrics.wilcoxon(per["hq_upgraded"][m], per[s][m])}
+              for m in ("f1@0.5", "dsb_score")}
+    return inst, paired
+
+  def training_summary(self, names) -> dict:
+    """{scenario: {"steps", "best_step" (per rep), "stop_reasons", "hit_cap"
+    (repetitions that ended at max_steps)}} of the segmentation networks."""
+    out = {}
+    for s in names:
+      runs = [r.get("segmentation_training", {}).get(s) for r in self.reps]
+      if any(t is None for t in runs):
+        continue
+      out[s] = {"steps": [t["steps"] for t in runs], "best_step": [t["best_step"] for t in runs],
+                "stop_reasons": [t["stop_reason"] for t in runs],
+                "hit_cap": sum(bool(t["hit_cap"]) for t in runs),
+                "val_slices": [t["val_slices"] for t in runs]}
+    return out
 
 
 def discard_reps(out_dir, protect=()) -> list[Path]:

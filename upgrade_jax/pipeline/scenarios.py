@@ -10,6 +10,16 @@ labels (they differ from hq_val only when the HQ set is made imperfect on
 purpose, Figure 3.5). The oracle costs what annotating every slice well
 would; it says how much of the hq -> oracle gap a scenario recovers.
 
+One validation rule serves every scenario (`val_extra`, PipelineConfig.
+seg_val_extra): besides the HQ validation slices, `val_extra` of the
+scenario's other training slices (the LQ slices, with the labels that
+scenario trains on: true ones for the oracle, upgraded ones for
+hq_upgraded, LQ masks for hq_lq, lq and the methods) are held out of its
+training set and added to its validation set, so that a network trained on
+hundreds of slices is not selected on two. The same slices (a seeded draw,
+at most a quarter of them) in every scenario of a repetition; HQ only has no
+other slices and keeps the HQ validation slices.
+
 The competing methods of the paper's Table 3.3 are opt-in (not in
 DEFAULT_SCENARIOS) and train their own way (pipeline/methods.py):
 "confident_learning" on the HQ + LQ slices as labelled; "partial_labelling"
@@ -27,31 +37,65 @@ import numpy as np
 
 from upgrade_jax.data.types import Dataset, concat
 
-__all__ = ["DEFAULT_SCENARIOS", "SCENARIO_DATA", "SCENARIOS", "partial_labels"]
+__all__ = ["DEFAULT_SCENARIOS", "SCENARIO_DATA", "SCENARIOS", "partial_labels",
+           "val_extra_index"]
 
 
-def _hq(d, upgraded: Dataset):
+# Salt of the draw of the extra validation slices (independent of the other
+# streams of a seed).
+_VAL_EXTRA_SALT = 0x7A1
+
+
+def val_extra_index(n: int, val_extra: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train_idx, val_idx) of a scenario's n other training slices: val_idx
+  min(val_extra, n // 4) of them, a seeded draw (the same for every scenario
+  of a seed), train_idx the rest; both sorted."""
+  k = min(int(val_extra), n // 4)
+  perm = np.random.default_rng([seed, _VAL_EXTRA_SALT]).permutation(n)
+  return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def _sets(hq_train: Dataset, hq_val: Dataset, other: Dataset | None = None,
+          other_val: Dataset | None = None, *, val_extra: int = 0, seed: int = 0):
+  """(train, validation): HQ train + the rest of `other`; HQ val + the held
+  out slices of `other_val` (the same slices as `other`, with the labels
+  validation scores against; default `other`)."""
+  if other is None or len(other) == 0:
+    return hq_train, hq_val
+  other_val = other if other_val is None else other_val
+  train_idx, val_idx = val_extra_index(len(other), val_extra, seed)
+  train = concat([hq_train, other.subset(train_idx)])
+  val = concat([hq_val, other_val.subset(val_idx)]) if len(val_idx) else hq_val
+  return train, val
+
+
+def _hq(d, upgraded: Dataset, **kw):
   return d.hq_train, d.hq_val
 
 
-def _lq(d, upgraded: Dataset):
-  return d.lq_masks, d.val_lq_masks
+def _lq(d, upgraded: Dataset, *, val_extra: int = 0, seed: int = 0):
+  # No HQ slice to train on: the LQ slices alone, validated on the LQ
+  # versions of the HQ validation slices and the held-out LQ slices.
+  train_idx, val_idx = val_extra_index(len(d.lq_masks), val_extra, seed)
+  val = concat([d.val_lq_masks, d.lq_masks.subset(val_idx)]) if len(val_idx) else \
+      d.val_lq_masks
+  return d.lq_masks.subset(train_idx), val
 
 
-def _hq_lq(d, upgraded: Dataset):
-  return concat([d.hq_train, d.lq_masks]), d.hq_val
+def _hq_lq(d, upgraded: Dataset, **kw):
+  return _sets(d.hq_train, d.hq_val, d.lq_masks, **kw)
 
 
-def _hq_upgraded(d, upgraded: Dataset):
-  return concat([d.hq_train, upgraded]), d.hq_val
+def _hq_upgraded(d, upgraded: Dataset, **kw):
+  return _sets(d.hq_train, d.hq_val, upgraded, **kw)
 
 
-def _oracle(d, upgraded: Dataset):
-  return concat([d.hq_train_truth, d.lq_truth]), d.hq_val_truth
+def _oracle(d, upgraded: Dataset, **kw):
+  return _sets(d.hq_train_truth, d.hq_val_truth, d.lq_truth, **kw)
 
 
-def _confident_learning(d, upgraded: Dataset):
-  return concat([d.hq_train, d.lq_masks]), d.hq_val
+def _confident_learning(d, upgraded: Dataset, **kw):
+  return _sets(d.hq_train, d.hq_val, d.lq_masks, **kw)
 
 
 def partial_labels(lq: Dataset) -> Dataset:
@@ -61,11 +105,14 @@ def partial_labels(lq: Dataset) -> Dataset:
   return lq.replace(targets=np.where(unlabelled, -1, lq.targets).astype(np.int32))
 
 
-def _partial_labelling(d, upgraded: Dataset):
-  return concat([d.hq_train, partial_labels(d.lq_masks)]), d.hq_val
+def _partial_labelling(d, upgraded: Dataset, **kw):
+  # Validation scores Dice: its held-out LQ slices count as the LQ masks
+  # they are (unlabelled background as background), as for hq_lq.
+  return _sets(d.hq_train, d.hq_val, partial_labels(d.lq_masks), d.lq_masks, **kw)
 
 
-# name -> (RepData, upgraded LQ Dataset) -> (train Dataset, validation Dataset)
+# name -> (RepData, upgraded LQ Dataset, *, val_extra=0, seed=0)
+#      -> (train Dataset, validation Dataset)
 SCENARIO_DATA: dict[str, Callable] = {
     "hq": _hq, "lq": _lq, "hq_lq": _hq_lq, "hq_upgraded": _hq_upgraded,
     "oracle": _oracle, "confident_learning": _confident_learning,

@@ -147,26 +147,41 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
 
 def train_scenarios(cfg: PipelineConfig, data: RepData, upgraded: Dataset,
                     run: RepRun) -> None:
-  """One segmentation network per scenario not yet in the result; test Dice."""
+  """One segmentation network per scenario not yet in the result: its test
+  Dice, the instance scores of its test predictions (the instances `apply`
+  writes, StarDist matching) and how its training stopped."""
   seg_dice = run.result["segmentation_dice"]
+  seg_inst = run.result.setdefault("segmentation_instances", {})
+  training = run.result.setdefault("segmentation_training", {})
   valid = data.test.valid_mask()
+  truth = [t[:h, :w] for t, (h, w) in zip(data.test.targets, data.test.extents)]
   for scenario in cfg.scenarios:
     if scenario in seg_dice:
       continue   # finished before with this very run key
     t0 = time.perf_counter()
-    train_ds, val_ds = SCENARIO_DATA[scenario](data, upgraded)
+    train_ds, val_ds = SCENARIO_DATA[scenario](data, upgraded, val_extra=cfg.seg_val_extra,
+                                               seed=run.seed)
     run.log(f"[rep {run.rep}] training the segmentation network: {scenario} "
-            f"({len(train_ds)} training slices)")
+            f"({len(train_ds)} training, {len(val_ds)} validation slices)")
     trainer = TRAINERS.get(scenario, fit_segment)
     seg, info = trainer(cfg, train_ds, val_ds, run.rep_dir / f"seg_{scenario}",
                         seed=run.seed, log=run.log, context=run.key)
     if info:
       run.result.setdefault("methods", {})[scenario] = info
+    training[scenario] = {**seg.summary(cfg.segment.max_steps),
+                          "train_slices": len(train_ds), "val_slices": len(val_ds)}
     pred = engine.predict(seg.state_best, data.test, batch_size=cfg.predict_batch,
                           extents=data.test.extents)
     seg_dice[scenario] = metrics.pooled_dice_np(pred, data.test.targets, valid)
+    seg_inst[scenario] = instances.summary_scores(truth, [
+        instances.labels_from_mask(m[:h, :w], None, cfg.output)
+        for m, (h, w) in zip(pred, data.test.extents)])
     run.timed(f"seg_{scenario}_s", t0)
-    run.log(f"[rep {run.rep}] segmentation Dice ({scenario}): {seg_dice[scenario]:.4f}")
+    t = training[scenario]
+    run.log(f"[rep {run.rep}] segmentation ({scenario}): Dice {seg_dice[scenario]:.4f}, "
+            f"instance F1@0.5 {seg_inst[scenario]['f1@0.5']:.4f}, DSB score "
+            f"{seg_inst[scenario]['dsb_score']:.4f} (best val {t['best_val_dice']:.4f} at step "
+            f"{t['best_step']} of {t['steps']}: {t['stop_reason']})")
 
 
 def score_threshold(cfg: PipelineConfig, volumes, data: RepData, run: RepRun) -> None:
@@ -176,10 +191,11 @@ def score_threshold(cfg: PipelineConfig, volumes, data: RepData, run: RepRun) ->
     return
   thr = threshold_baseline(cfg, volumes, data)
   seg_dice["threshold"] = thr.test_dice
-  run.result["threshold"] = {**dataclasses.asdict(thr), "intensities": "raw"}
+  intensities = threshold_intensities(cfg)
+  run.result["threshold"] = {**dataclasses.asdict(thr), "intensities": intensities}
   side = "at" if thr.polarity == "bright" else "below"   # "dark": foreground < threshold
   run.log(f"[rep {run.rep}] segmentation Dice (threshold {side} {thr.fraction:.0%} of the max "
-          f"raw intensity): {thr.test_dice:.4f}")
+          f"{intensities} intensity): {thr.test_dice:.4f}")
 
 
 # --------------------------------------------------------------------------
@@ -226,7 +242,8 @@ def export_upgrader(cfg: PipelineConfig, fit: engine.FitResult, image_channels: 
   and returns the upgrader read back from it, so that a run writes its files
   exactly as `experiments.apply` will."""
   up = export.upgrader_from_state(fit.state_best, image_channels=image_channels,
-                                  normalisation=cfg.data.normalisation, tiling=cfg.tiling)
+                                  normalisation=cfg.data.normalisation, tiling=cfg.tiling,
+                                  percentiles=cfg.data.percentiles)
   export.save_upgrader(out_dir / "model", up, guard=guard, train={
       "best_val_dice": fit.best_val_dice, "best_step": fit.best_step,
       "config": cfg.upgrade.to_json()})
@@ -236,16 +253,26 @@ def export_upgrader(cfg: PipelineConfig, fit: engine.FitResult, image_channels: 
   return export.load_upgrader(out_dir / "model")
 
 
+def threshold_intensities(cfg: PipelineConfig) -> str:
+  """What the threshold baseline thresholds: "percentile" (normalised) images
+  when the networks read them, else "raw" intensities (the paper's)."""
+  return "percentile" if cfg.data.normalisation == "percentile" else "raw"
+
+
 def threshold_baseline(cfg: PipelineConfig, volumes, data: RepData):
-  """The paper's global threshold on raw intensities: one threshold for the
-  data set, chosen in 1% steps of the training set's maximum intensity on
-  the HQ slices (train + validation, with their labels as given), scored on
-  the test slices; bright (>=, the paper's) or dark (<) foreground, whichever
-  fits the HQ slices better (EM objects are dark). Per-image max normalisation
-  would make it a per-image threshold (hl60 0.858 normalised vs 0.894 raw;
-  granulocytes 0.464 vs 0.752)."""
+  """The paper's global threshold: one threshold for the data set, chosen in
+  1% steps of the training set's maximum intensity on the HQ slices (train +
+  validation, with their labels as given), scored on the test slices;
+  bright (>=, the paper's) or dark (<) foreground, whichever fits the HQ
+  slices better (EM objects are dark). On raw intensities (the paper's)
+  unless the networks read percentile-normalised images: then on those, as
+  a user of StarDist or Cellpose would threshold. Per-image *max*
+  normalisation would make it a per-image threshold (hl60 0.858 normalised
+  vs 0.894 raw; granulocytes 0.464 vs 0.752), so "max" keeps raw."""
   train_vols, test_vols = volumes
-  raw = lambda vols, picks: io.volumes_to_dataset(vols, picks, normalisation="none")  # noqa: E731
+  norm = ({"normalisation": "percentile", "percentiles": cfg.data.percentiles}
+          if threshold_intensities(cfg) == "percentile" else {"normalisation": "none"})
+  raw = lambda vols, picks: io.volumes_to_dataset(vols, picks, **norm)  # noqa: E731
   hq = concat([data.hq_train, data.hq_val])
   hq_raw = raw(train_vols, list(data.hq_picks))
   index = {n: i for i, n in enumerate(hq_raw.names)}

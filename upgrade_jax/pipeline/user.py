@@ -91,8 +91,7 @@ def load_hq_pairs(cfg: PipelineConfig, hq_images, hq_labels, others_labels=""):
     fewer than 2 pairs exist; io's errors for unreadable or mismatched files.
   """
   vols = io.folder(hq_images, hq_labels, others_labels or None, stacks=True)
-  hq = io.volumes_to_dataset(vols, normalisation=cfg.data.normalisation,
-                             compact=cfg.data.compact)
+  hq = io.volumes_to_dataset(vols, **cfg.data.image_kwargs)
   if not np.any(hq.targets > 0):
     raise InputError(f"none of the {len(vols)} label files in --hq_labels={hq_labels} holds "
                      "a labelled object (all pixels 0); label the cells with ids > 0")
@@ -119,8 +118,7 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
   hq, train_idx, val_idx = load_hq_pairs(cfg, user.hq_images, user.hq_labels,
                                          user.others_labels)
   lq_vols = io.folder(user.lq_images, user.lq_labels, stacks=True)
-  lq = io.volumes_to_dataset(lq_vols, normalisation=cfg.data.normalisation,
-                             compact=cfg.data.compact)
+  lq = io.volumes_to_dataset(lq_vols, **cfg.data.image_kwargs)
   if hq.channels != lq.channels:
     raise InputError(f"the images in --hq_images have {hq.channels} channel(s) but those in "
                      f"--lq_images {lq.channels}; give both in the same channel layout")
