@@ -150,6 +150,10 @@ flags.DEFINE_integer("seg_val_extra", _PIPE.seg_val_extra, "Validation of every 
                      "network: this many of its non-HQ training slices (at most a quarter), "
                      "with its own labels, validate it beside the HQ validation slices.",
                      lower_bound=0)
+flags.DEFINE_integer("seg_patience", None, "Early-stopping patience (validations without a "
+                     "better validation Dice) of each segmentation network (default "
+                     "--patience): with --seg_max_steps, the rule every scenario stops by.",
+                     lower_bound=1)
 flags.DEFINE_integer("seg_max_steps", None, "Max train steps of each segmentation network "
                      "(default --max_steps).", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", CLI_DEFAULTS["steps_per_epoch"], "Steps between "
@@ -373,7 +377,8 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
   upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=v.label_dropout,
                                      strength_mix=v.strength_mix),
                         max_steps=v.max_steps, **common)
-  segment = TrainConfig(task=Segment(), max_steps=v.seg_max_steps or v.max_steps, **common)
+  segment = TrainConfig(task=Segment(), max_steps=v.seg_max_steps or v.max_steps,
+                        **{**common, "patience": v.seg_patience or v.patience})
   data = DataConfig(source=v.data, preset=v.preset, data_dir=v.data_dir,
                     n_volumes=v.n_volumes, volume_shape=tuple(int(s) for s in v.volume_shape),
                     sim_size=v.sim_size,

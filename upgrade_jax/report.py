@@ -86,9 +86,10 @@ def write_results(out_dir, results, extra: dict | None = None) -> dict:
     for k, scores in r.get("annotation_instances", {}).items():
       for m, v in scores.items():
         w.writerow(["instances", f"{k}:{m}", r["rep"], f"{v:.6f}"])
-    for k, scores in r.get("segmentation_instances", {}).items():
-      for m, v in scores.items():
-        w.writerow(["segmentation_instances", f"{k}:{m}", r["rep"], f"{v:.6f}"])
+    for kind in ("segmentation_instances", "segmentation_components"):
+      for k, scores in r.get(kind, {}).items():
+        for m, v in scores.items():
+          w.writerow([kind, f"{k}:{m}", r["rep"], f"{v:.6f}"])
   for kind in ("annotation_dice", "segmentation_dice"):
     for k, s in d[kind].items():
       w.writerow([kind.split("_")[0], k, "mean", f"{s['mean']:.6f}"])
@@ -125,6 +126,9 @@ def format_table(d: dict, paper: dict | None = None) -> str:
     if k in seg_inst:   # the instances of the network's test predictions
       f1, dsb = seg_inst[k]["f1@0.5"], seg_inst[k]["dsb_score"]
       text += f"   F1@0.5 {f1['mean']:.4f}   DSB {dsb['mean']:.4f}"
+      comp = (d.get("segmentation_components") or {}).get(k)
+      if comp:
+        text += f"   (components F1@0.5 {comp['f1@0.5']['mean']:.4f})"
     if k in training:
       t = training[k]
       text += f"   steps {'/'.join(str(x) for x in t['steps'])}"

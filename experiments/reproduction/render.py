@@ -89,6 +89,43 @@ def gap_cell(d: dict, key: str = "hq_upgraded") -> str:
   return f"{g['of_means']:+.0%}"
 
 
+def diff_cell(v: dict | None) -> str:
+  """'+0.041 [-0.010, +0.092]': a paired mean difference and its 95% interval;
+  '(wide)' when the interval does not resolve ±0.03."""
+  if not v or v.get("mean_diff") is None:
+    return "–"
+  if v.get("ci_low") is None:
+    return f"{v['mean_diff']:+.3f} (1 rep)"
+  wide = "" if v.get("resolves", True) else " (wide)"
+  return f"{v['mean_diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]{wide}"
+
+
+def oracle_cell(d: dict) -> str:
+  """Oracle − HQ only with its noise, and the *unconverged* mark."""
+  o = d.get("oracle_check")
+  if not o or o.get("mean_diff") is None:
+    return "–"
+  text = f"{o['mean_diff']:+.3f} ± {o['noise']:.3f}"
+  return f"**unconverged** {text}" if o["unconverged"] else text
+
+
+def unconverged(d: dict) -> bool:
+  """Whether a row's oracle is below HQ only by more than the noise (no
+  verdict is drawn from such a row)."""
+  return bool((d.get("oracle_check") or {}).get("unconverged"))
+
+
+def stops_cell(d: dict) -> str:
+  """'hq 450/1200 e, oracle 2950 cap': the segmentation networks' steps per
+  repetition and how they stopped (e: early stop, cap: max_steps)."""
+  parts = []
+  for s, t in (d.get("segmentation_training") or {}).items():
+    how = ["cap" if r == "max_steps" else "e" for r in t["stop_reasons"]]
+    parts.append(f"{s} " + "/".join(f"{n}{h[0] if h == 'e' else ' cap'}"
+                                    for n, h in zip(t["steps"], how)))
+  return "; ".join(parts) or "not recorded (before issue 28)"
+
+
 def _best(seg: dict, keys) -> str | None:
   have = {k: seg[k]["mean"] for k in keys if k in seg}
   return max(have, key=have.get) if have else None
@@ -101,7 +138,8 @@ def table_3_1(entries: list[Entry], root: Path, paper: dict) -> tuple[str, dict]
   """The Table 3.1 section and {row: summary} of the rows that ran."""
   rows = paper["table_3_1"]["rows"]
   head = ("| row | n | LQ → upgraded annotations | " + " | ".join(c for _, c in SEG_COLUMNS)
-          + " | gap recovered | HQ+upg. vs HQ | HQ+upg. vs HQ+LQ |")
+          + " | oracle − HQ | HQ+upg. − HQ [95%] | gap recovered | HQ+upg. vs HQ | "
+          "HQ+upg. vs HQ+LQ |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   found = {}
   by_row = {e.row: e for e in entries if e.table == "table_3_1"}
@@ -112,7 +150,7 @@ def table_3_1(entries: list[Entry], root: Path, paper: dict) -> tuple[str, dict]
     d = summary(reps)
     if d is None:
       lines.append(f"| {p['label']} | 0 | not run yet (paper {p['annotation']['lq']:.3f} → "
-                   f"{p['annotation']['upgraded']:.3f}) |" + " |" * (len(SEG_COLUMNS) + 3))
+                   f"{p['annotation']['upgraded']:.3f}) |" + " |" * (len(SEG_COLUMNS) + 5))
       continue
     found[row] = d
     ann = d["annotation_dice"]
@@ -122,7 +160,8 @@ def table_3_1(entries: list[Entry], root: Path, paper: dict) -> tuple[str, dict]
     lines.append(
         f"| {p['label']} | {len(reps)} | {cell(ann['lq'], p['annotation']['lq'])} → "
         f"{cell(ann['upgraded'], p['annotation']['upgraded'])} | " + " | ".join(cells)
-        + f" | {gap_cell(d)} | {sign_cell(d, 'hq_upgraded_vs_hq')} | "
+        + f" | {oracle_cell(d)} | {diff_cell(d['paired'].get('hq_upgraded_vs_hq'))} | "
+        f"{gap_cell(d)} | {sign_cell(d, 'hq_upgraded_vs_hq')} | "
         f"{sign_cell(d, 'hq_upgraded_vs_hq_lq')} |")
   return "\n".join(lines), found
 
@@ -142,8 +181,10 @@ def table_3_1_findings(found: dict, paper: dict) -> str:
       ("LQ only collapses (≥ 0.1 below HQ only)",
        lambda a, s: s["lq"] < s["hq"] - 0.1),
   ]
-  lines = ["| finding | paper: rows where it holds | ours: rows where it holds |",
-           "|---|---|---|"]
+  lines = ["| finding | paper: rows where it holds | ours: rows where it holds (unconverged "
+           "rows left out) |", "|---|---|---|"]
+  skipped = [r for r, d in found.items() if unconverged(d)]
+  found = {r: d for r, d in found.items() if r not in skipped}
   for text, holds in claims:
     theirs = [r for r in TABLE_3_1_ROWS
               if holds(rows[r]["annotation"], rows[r]["segmentation"])]
@@ -158,6 +199,10 @@ def table_3_1_findings(found: dict, paper: dict) -> str:
         pass
     lines.append(f"| {text} | {len(theirs)}/8: {', '.join(theirs) or '—'} | "
                  f"{len(ours)}/{len(found)}: {', '.join(ours) or '—'} |")
+  if skipped:
+    lines.append("")
+    lines.append(f"Left out as *unconverged* (oracle below HQ only by more than the noise: "
+                 f"no verdict): {', '.join(skipped)}.")
   return "\n".join(lines)
 
 

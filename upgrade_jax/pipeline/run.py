@@ -54,7 +54,8 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
     log(f"[rep {rep}] finished before; adding {', '.join(missing)}")
   result = {"rep": rep, "seed": cfg.seed + rep, "config": key,
             "segmentation_dice": dict(previous["segmentation_dice"]) if previous else {}}
-  for k in ("threshold", "segmentation_instances", "segmentation_training", "methods"):
+  for k in ("threshold", "segmentation_instances", "segmentation_components",
+            "segmentation_training", "methods"):
     if previous and k in previous:   # kept: only the missing scenarios are trained
       result[k] = previous[k]
   run = stages.RepRun(rep, rep_dir, Path(out_dir), cfg.seed + rep, key, log, result,
@@ -76,7 +77,7 @@ def _select(result: dict, cfg: PipelineConfig) -> dict:
                                  else set())
   pick = lambda d: {k: v for k, v in d.items() if k in wanted}  # noqa: E731
   out = {**result, "segmentation_dice": pick(result["segmentation_dice"])}
-  for k in ("segmentation_instances", "segmentation_training"):
+  for k in ("segmentation_instances", "segmentation_components", "segmentation_training"):
     if k in result:
       out[k] = pick(result[k])
   return out
@@ -128,25 +129,29 @@ class Results:
     for p in paired.values():
       p["resolves"] = metrics.resolves(p)
     inst, inst_paired = self.instance_summary(names)
+    comp, comp_paired = self.instance_summary(names, "segmentation_components")
     out = {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil,
            "paired": paired, "effective_rates": rates, "oracle_gap_recovered": gap,
            "oracle_check": oracle, "segmentation_training": self.training_summary(names)}
     if inst:
       out["segmentation_instances"] = inst
       out["segmentation_instances_paired"] = inst_paired
+    if comp:
+      out["segmentation_components"] = comp
+      out["segmentation_components_paired"] = comp_paired
     return out
 
   # The instance scores summarised and compared (the DSB2018 primary ones).
   INSTANCE_KEYS = ("f1@0.5", "f1@0.75", "accuracy@0.5", "panoptic_quality@0.5", "dsb_score",
                    "precision@0.5", "recall@0.5")
 
-  def instance_summary(self, names) -> tuple[dict, dict]:
+  def instance_summary(self, names, kind: str = "segmentation_instances") -> tuple[dict, dict]:
     """({scenario: {metric: summarize}}, {"hq_upgraded_vs_<s>": {metric:
-    paired_difference}}) of the test predictions' instance scores, over the
-    scenarios every repetition scored."""
-    names = [s for s in names if all(s in r.get("segmentation_instances", {})
-                                     for r in self.reps)]
-    per = {s: {m: [r["segmentation_instances"][s][m] for r in self.reps]
+    paired_difference}}) of the test predictions' instance scores (`kind`:
+    "segmentation_instances", the output path's instances, or
+    "segmentation_components"), over the scenarios every repetition scored."""
+    names = [s for s in names if all(s in r.get(kind, {}) for r in self.reps)]
+    per = {s: {m: [r[kind][s][m] for r in self.reps]
                for m in self.INSTANCE_KEYS} for s in names}
     inst = {s: {m: metrics.summarize(v) for m, v in ms.items()} for s, ms in per.items()}
     paired = {}

@@ -152,6 +152,7 @@ def train_scenarios(cfg: PipelineConfig, data: RepData, upgraded: Dataset,
   writes, StarDist matching) and how its training stopped."""
   seg_dice = run.result["segmentation_dice"]
   seg_inst = run.result.setdefault("segmentation_instances", {})
+  seg_comp = run.result.setdefault("segmentation_components", {})
   training = run.result.setdefault("segmentation_training", {})
   valid = data.test.valid_mask()
   truth = [t[:h, :w] for t, (h, w) in zip(data.test.targets, data.test.extents)]
@@ -173,9 +174,13 @@ def train_scenarios(cfg: PipelineConfig, data: RepData, upgraded: Dataset,
     pred = engine.predict(seg.state_best, data.test, batch_size=cfg.predict_batch,
                           extents=data.test.extents)
     seg_dice[scenario] = metrics.pooled_dice_np(pred, data.test.targets, valid)
-    seg_inst[scenario] = instances.summary_scores(truth, [
-        instances.labels_from_mask(m[:h, :w], None, cfg.output)
-        for m, (h, w) in zip(pred, data.test.extents)])
+    masks = [m[:h, :w] for m, (h, w) in zip(pred, data.test.extents)]
+    # The instances `apply` would write (cfg.output; a segmentation network
+    # has no LQ label to seed them), and the plain connected components.
+    seg_inst[scenario] = instances.summary_scores(
+        truth, [instances.labels_from_mask(m, None, cfg.output) for m in masks])
+    seg_comp[scenario] = instances.summary_scores(truth, [instances.components(m)
+                                                          for m in masks])
     run.timed(f"seg_{scenario}_s", t0)
     t = training[scenario]
     run.log(f"[rep {run.rep}] segmentation ({scenario}): Dice {seg_dice[scenario]:.4f}, "
