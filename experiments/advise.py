@@ -71,8 +71,8 @@ def plan(out_dir: Path):
   if v.lq_images or v.lq_labels:
     raise InputError("--lq_images/--lq_labels do not apply to experiments.advise: it learns "
                      "from the HQ pairs only; remove them")
-  user_mode = bool(v.hq_images)
-  upgrade.check_flag_combination(v)
+  user_mode = bool(v.hq_images or v.hq_labels)
+  upgrade.check_flag_combination(v, user_flags=("hq_images", "hq_labels"))
   cfg = upgrade.build_config(v)
   _fractions(), _predict_n()
   if user_mode:
@@ -82,10 +82,10 @@ def plan(out_dir: Path):
       if not Path(getattr(v, flag)).is_dir():
         raise InputError(f"--{flag}={getattr(v, flag)} is not a folder")
     guard = rundir.InputGuard([v.hq_images, v.hq_labels])
-    rundir.check_out_dir(out_dir, guard)
+    rundir.check_out_dir(out_dir, guard, owner="advise")
     hq, train_idx, val_idx = load_hq_pairs(cfg, v.hq_images, v.hq_labels)
     return cfg, hq.subset(train_idx), hq.subset(val_idx), None, guard
-  volumes, guard = pipeline.prepare_run(cfg, out_dir, log=upgrade.log_line)
+  volumes, guard = pipeline.prepare_run(cfg, out_dir, log=upgrade.log_line, owner="advise")
   data = pipeline.prepare_rep(cfg, volumes, seed=cfg.seed)
   valid = data.test.valid_mask()
 
@@ -105,7 +105,7 @@ def run(out_dir: Path, planned) -> dict:
 
   cfg, hq_train, hq_val, score, guard = planned
   sizes = advise.nested_sizes(len(hq_train), _fractions())
-  with rundir.RunLock(out_dir):
+  with rundir.RunLock(out_dir, owner="advise"):
     rundir.remove_stale_temps(out_dir)
     points = advise.learning_curve(cfg.upgrade, hq_train, hq_val, sizes, out_dir / "curve",
                                    seed=cfg.seed, score=score, log=upgrade.log_line,

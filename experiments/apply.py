@@ -77,7 +77,7 @@ def plan(out_dir: Path):
         margin=F.tile_margin if F["tile_margin"].present else tiling.margin,
         batch=tiling.batch))
   guard = rundir.InputGuard([F.images, F.labels, F.model])
-  rundir.check_out_dir(out_dir, guard)
+  rundir.check_out_dir(out_dir, guard, owner="apply")
   pairs = io.pair_files(F.images, F.labels)
   for _, image_path, label_path in pairs:  # decode and check every pair now
     export.load_sample(image_path, label_path, upgrader)
@@ -92,7 +92,7 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
 
   t0 = time.perf_counter()
   target = out_dir / "upgraded"
-  with rundir.RunLock(out_dir):
+  with rundir.RunLock(out_dir, owner="apply"):
     rundir.remove_stale_temps(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     written, rows, packed = [], [], {}

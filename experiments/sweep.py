@@ -84,31 +84,70 @@ def plan_points(out_dir: Path, index: int | None = None):
       views.append(upgrade.FlagView().with_value(name, v))
     except (ValueError, flags.Error) as e:
       raise InputError(f"--sweep: bad value {v!r} for --{name}: {e}") from e
+  from upgrade_jax import rundir
+  rundir.check_owner(out_dir, "sweep")   # the sweep's own folder: its points and sweep.json
   chosen = range(len(points)) if index is None else [index]
   return name, [(points[k][0], upgrade.plan_from_flags(points[k][1], views[k]))
                 for k in chosen]
 
 
+# What a point's results.json holds: a simulated run's test-set numbers, or
+# a user-mode run's (no test set: the validation Dice of its networks on the
+# HQ validation pairs, and its counts).
+SIMULATED_KEYS = ("annotation_dice", "segmentation_dice", "effective_rates")
+USER_KEYS = ("upgrade_best_val_dice", "segmentation_best_val_dice", "n_hq", "n_lq")
+
+
+def _point_kind(d: dict) -> str | None:
+  if "annotation_dice" in d and "segmentation_dice" in d:
+    return "simulated"
+  if "upgrade_best_val_dice" in d:
+    return "user"
+  return None
+
+
 def collect(out_dir: Path) -> Path:
-  """Writes out_dir/sweep.json and sweep_<flag>.png from the points' results.json."""
-  from upgrade_jax import report
+  """Writes out_dir/sweep.json and sweep_<flag>.png from the points' results.json.
+
+  Everything is read and checked before either file is written: a point
+  that has not finished, a results.json that is not a run's, or points of
+  both kinds (simulated and user mode) are refused with one line."""
+  from upgrade_jax import report, rundir
 
   name, points = point_dirs(out_dir)
+  rundir.check_owner(out_dir, "sweep")
   missing = [str(d) for _, d in points if not (d / "results.json").is_file()]
   if missing:
     raise InputError(f"--collect: {len(missing)} point(s) have not finished (no results.json): "
                      f"{', '.join(missing[:3])}; run them first (--index=K)")
-  done = [(_numeric(v), json.loads((d / "results.json").read_text())) for v, d in points]
+  done = []
+  for v, d in points:
+    path = d / "results.json"
+    try:
+      done.append((_numeric(v), json.loads(path.read_text())))
+    except ValueError:
+      raise InputError(f"--collect: {path} is not readable JSON; rerun that point "
+                       "(--index=K)") from None
+  kinds = {_point_kind(d) for _, d in done}
+  if None in kinds or len(kinds) != 1:
+    bad = next((str(p / "results.json") for (_, p), (_, d) in zip(points, done)
+                if _point_kind(d) is None), None)
+    what = (f"{bad} is not the results.json of a run" if bad else
+            "the points mix simulated and user-mode runs")
+    raise InputError(f"--collect: {what}; collect a sweep of one kind")
+  kind = kinds.pop()
   try:
     done.sort(key=lambda p: p[0])
   except TypeError:
     pass
+  keys = SIMULATED_KEYS if kind == "simulated" else USER_KEYS
+  summary = {"flag": name, "kind": kind, "points": [
+      {"value": x, **{k: d.get(k) for k in keys}} for x, d in done]}
   figure = out_dir / f"sweep_{name}.png"
-  report.plot_sweep(done, figure, xlabel=name)
-  summary = {"flag": name, "points": [
-      {"value": x, "annotation_dice": d["annotation_dice"],
-       "segmentation_dice": d["segmentation_dice"],
-       "effective_rates": d.get("effective_rates")} for x, d in done]}
+  if kind == "simulated":
+    report.plot_sweep(done, figure, xlabel=name)
+  else:
+    report.plot_user_sweep(done, figure, xlabel=name)
   write_text(out_dir / "sweep.json", json.dumps(summary, indent=2))
   return figure
 
@@ -151,14 +190,14 @@ def main(argv):
   upgrade.setup_runtime()
   index = upgrade.one_line_errors(array_index, checking=True)
   name, plans = upgrade.one_line_errors(plan_points, out_dir, index, checking=True)
+  from upgrade_jax import rundir
+  rundir.mark_owner(out_dir, "sweep")
   results = []
   for v, plan in plans:
     upgrade.log_line(f"sweep {name}={v} -> {plan.out_dir}")
     results.append(upgrade.one_line_errors(upgrade.execute, plan))
   if index is not None:
     upgrade.log_line(f"sweep point {index} done; --collect when every point has run")
-    return 0
-  if any(d is None for d in results):  # user mode: no results.json to draw
     return 0
   figure = upgrade.one_line_errors(collect, out_dir)
   upgrade.log_line(f"sweep done: {figure}, {out_dir / 'sweep.json'}")

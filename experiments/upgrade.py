@@ -254,13 +254,6 @@ NOT_IN_USER_MODE = (
 SYNTHETIC_ONLY = ("preset", "n_volumes", "volume_shape", "sim_size")
 
 
-@flags.multi_flags_validator(list(USER_FLAGS), message="user mode needs all of --hq_images, "
-                             "--hq_labels, --lq_images and --lq_labels")
-def _user_flags_together(d):
-  given = [bool(d[k]) for k in USER_FLAGS]
-  return all(given) or not any(given)
-
-
 @flags.validator("scenarios", message=f"--scenarios must be a comma list of {SCENARIOS}")
 def _valid_scenarios(v):
   return all(s in SCENARIOS for s in v)
@@ -447,11 +440,19 @@ def check_distributed_flags() -> None:
                        "127.0.0.1:12345")
 
 
-def check_flag_combination(v: FlagView) -> None:
-  """Refuses flags that would be silently ignored in this mode (one line)."""
+def check_flag_combination(v: FlagView, user_flags: tuple[str, ...] = USER_FLAGS) -> None:
+  """Refuses flags that would be silently ignored in this mode (one line).
+
+  user_flags: the folders user mode needs all of (experiments.upgrade: HQ and
+  LQ; experiments.advise learns from the HQ pairs alone)."""
   from upgrade_jax.rundir import InputError
 
   given = v.present  # set on the command line, in a flagfile or by a sweep
+  folders = [k for k in USER_FLAGS if getattr(v, k)]
+  if folders and any(not getattr(v, k) for k in user_flags):
+    missing = [f"--{k}" for k in user_flags if not getattr(v, k)]
+    raise InputError(f"user mode needs all of {', '.join('--' + k for k in user_flags)}: "
+                     f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
   if v.hq_images:
     ignored = [f"--{n}" for n in NOT_IN_USER_MODE if given(n)]
     if ignored:

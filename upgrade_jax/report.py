@@ -284,6 +284,37 @@ def plot_scenarios(d: dict, path, paper: dict | None = None) -> None:
   plt.close(fig)
 
 
+def plot_user_sweep(points: list, path, *, xlabel: str) -> None:
+  """A user-mode sweep: the best validation Dice of u_θ (and of the
+  segmentation network, where trained) on the HQ validation pairs against
+  the swept value. No test set: these are the only numbers a point has.
+
+  Args:
+    points: [(x, results_json_dict), ...] sorted by x.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  xs = [p[0] for p in points]
+  for key, label, color in (("upgrade_best_val_dice", "u_θ (P(HQ) inputs)", "#4c72b0"),
+                            ("segmentation_best_val_dice", "segmentation, HQ + upgraded",
+                             "#55a868")):
+    vals = [p[1].get(key) for p in points]
+    if any(v is None for v in vals):
+      continue
+    ax.plot(xs, vals, "-", marker="o", color=color, label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("best validation Dice (HQ validation pairs)")
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  save_figure(fig, path)
+  plt.close(fig)
+
+
 def plot_sweep(points: list, path, *, xlabel: str) -> None:
   """Figure 3.4-style: Dice against a swept value, one line per quantity.
 

@@ -10,7 +10,11 @@ over an input. Every entry point therefore
      be creatable and writable,
   3. holds a `RunLock` on the out_dir while it runs (a second live run on the
      same out_dir is refused; a killed run's lock dies with its process), and
-     removes its own stale temporary files (`remove_stale_temps`),
+     removes its own stale temporary files (`remove_stale_temps`); the lock
+     marks the out_dir as its entry point's (`OWNER_NAME`), and
+     `check_out_dir(..., owner=...)` refuses an out_dir holding files of the
+     user or of another entry point, so nothing overwrites a file it did not
+     write,
   4. passes the guard to every file writer (`io.write_labels`), which checks
      each output path again, file by file, by resolved path and inode.
 
@@ -27,13 +31,26 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["InputError", "InputGuard", "check_out_dir", "RunLock", "remove_stale_temps",
-           "TEMP_SUFFIX", "temp_path_for", "output_mode", "is_primary_process"]
+__all__ = ["InputError", "InputGuard", "check_out_dir", "check_owner", "RunLock",
+           "remove_stale_temps", "TEMP_SUFFIX", "temp_path_for", "output_mode",
+           "is_primary_process", "OWNER_NAME", "OWNERS", "mark_owner"]
 
 # Temporary files of atomic writes end in this; a rerun deletes the ones a
 # killed run left in its own out_dir, and no other file.
 TEMP_SUFFIX = ".upgrade_jax.tmp"
 LOCK_NAME = ".upgrade_jax.lock"
+# Which entry point's outputs an out_dir holds: one line, the entry point's
+# name, written by its RunLock.
+OWNER_NAME = ".upgrade_jax.owner"
+# Entry point -> the names its outputs have (what an out_dir made before the
+# owner file existed holds when it is that entry point's: it may go on). A
+# sweep's own out_dir also holds its points' folders, <flag>=<value>/.
+OWNERS = {
+    "upgrade": ("results.json", "rep0", "upgrade"),
+    "apply": ("apply.json",),
+    "advise": ("advice.json", "curve"),
+    "sweep": ("sweep.json",),
+}
 
 
 def is_primary_process() -> bool:
@@ -112,8 +129,53 @@ def _nearest_existing(path: Path) -> Path:
   return p
 
 
-def check_out_dir(out_dir, guard: InputGuard) -> None:
+def _owner_of(out: Path) -> str | None:
+  """The entry point whose outputs `out` holds: its owner file's, else the
+  one whose record files it holds (an out_dir of an older version), else None."""
+  mark = out / OWNER_NAME
+  if mark.is_file():
+    return mark.read_text().strip() or None
+  for owner, names in OWNERS.items():
+    if any((out / n).exists() for n in names):
+      return owner
+  if any(p.is_dir() and "=" in p.name for p in out.iterdir()):
+    return "sweep"
+  return None
+
+
+def check_owner(out_dir, owner: str) -> None:
+  """Refuses an out_dir that holds anything but `owner`'s own outputs: a
+  user's files, or another entry point's run (its outputs would be
+  overwritten or mixed). A new or empty folder is fine; creates nothing.
+
+  Raises:
+    InputError: naming --out_dir, whose files it holds and what to do.
+  """
+  if owner not in OWNERS:
+    raise ValueError(f"check_owner: unknown owner {owner!r}; one of {sorted(OWNERS)}")
+  out = Path(out_dir)
+  if not out.is_dir():
+    return
+  ours = (LOCK_NAME, OWNER_NAME)
+  present = sorted(p.name for p in out.iterdir() if p.name not in ours
+                   and not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)))
+  if not present:
+    return
+  found = _owner_of(out)
+  if found == owner:
+    return
+  if found is None:
+    raise InputError(f"--out_dir={out} already holds files upgrade_jax did not write "
+                     f"({', '.join(present[:3])}{', ...' if len(present) > 3 else ''}); "
+                     "they could be overwritten: choose a new or empty --out_dir")
+  raise InputError(f"--out_dir={out} holds the outputs of experiments.{found}; this is "
+                   f"experiments.{owner}: choose another --out_dir")
+
+
+def check_out_dir(out_dir, guard: InputGuard, owner: str | None = None) -> None:
   """Checks that `out_dir` can be created and holds no input; creates nothing.
+  With `owner` (the entry point: a key of OWNERS) also that it holds only
+  that entry point's own outputs (`check_owner`).
 
   Raises:
     InputError: naming --out_dir and what to do.
@@ -160,6 +222,8 @@ def check_out_dir(out_dir, guard: InputGuard) -> None:
   except OSError as e:
     raise InputError(f"--out_dir={out}: cannot write in {base} ({e.strerror}); "
                      "choose a writable --out_dir") from None
+  if owner is not None:
+    check_owner(out, owner)
 
 
 class RunLock:
@@ -171,8 +235,9 @@ class RunLock:
   process 0 is refused, and its other processes fail with it).
   """
 
-  def __init__(self, out_dir):
+  def __init__(self, out_dir, owner: str | None = None):
     self.path = Path(out_dir) / LOCK_NAME
+    self.owner = owner   # written to OWNER_NAME once the lock is held
     self._fd = None
 
   def __enter__(self) -> "RunLock":
@@ -194,6 +259,8 @@ class RunLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     self._fd = fd
+    if self.owner is not None:
+      mark_owner(self.path.parent, self.owner)
     return self
 
   def __exit__(self, *exc) -> None:
@@ -201,6 +268,18 @@ class RunLock:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None
+
+
+def mark_owner(out_dir, owner: str) -> None:
+  """Marks out_dir (created if needed) as holding `owner`'s outputs, unless
+  marked already; process 0 only. Call after check_owner has passed."""
+  if not is_primary_process():
+    return
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  mark = out / OWNER_NAME
+  if not mark.exists():
+    mark.write_text(owner + "\n")
 
 
 def remove_stale_temps(out_dir) -> list[Path]:

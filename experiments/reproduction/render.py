@@ -360,7 +360,8 @@ def scale(entries: list[Entry], root: Path) -> str:
   if not seen:
     return "No runs yet."
   lines = ["| entry | data | volumes (test) | shape | HQ slices | width | crop × batch | "
-           "steps u_θ / seg. | lr | normalisation |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "steps u_θ / seg. | lr | normalisation | segmentation protocol |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for k, c in seen.items():
     dc, up, sg = c["data"], c["upgrade"], c["segment"]
     src = dc.get("source", "synthetic")
@@ -370,5 +371,100 @@ def scale(entries: list[Entry], root: Path) -> str:
         f"| {k} | {src} {preset if src == 'synthetic' else ''} | {dc.get('n_volumes', '')} "
         f"({dc.get('n_test', '')}) | {shape} | {dc.get('n_hq')} | {up['widths'][0]} | "
         f"{up['crop']} × {up['batch_size']} | {up['max_steps']} / {sg['max_steps']} | "
-        f"{up['lr']:g} | {dc.get('normalisation', 'max')} |")
+        f"{up['lr']:g} | {dc.get('normalisation', 'max')} | {protocol(c)} |")
   return "\n".join(lines)
+
+
+def protocol(config: dict) -> str:
+  """How a run's segmentation networks stopped: issue 28's converging rule
+  (validation on the HQ slices + held-out slices of each scenario, patience,
+  a cap rarely hit), or the fixed budget of the runs before it."""
+  sg = config["segment"]
+  extra = config.get("seg_val_extra")
+  if extra is None:
+    return f"before issue 28: HQ validation only, cap {sg['max_steps']} (usually hit)"
+  return (f"converging: HQ val + {extra} held out, patience {sg['patience']} × "
+          f"{sg['steps_per_epoch']} steps, cap {sg['max_steps']}")
+
+
+# --------------------------------------------------------------------------
+# The payoff on real data (issue 28).
+
+PAYOFF_SCENARIOS = (("hq", "HQ only"), ("hq_lq", "HQ + LQ"), ("hq_upgraded", "HQ + upg."),
+                    ("oracle", "Oracle"))
+# On nuclei pooled Dice saturates with a few HQ images; the instances carry the payoff.
+PAYOFF_METRICS = (("dice", "Dice"), ("f1@0.5", "F1@0.5"), ("dsb_score", "DSB score"))
+
+
+def payoff_points(e: Entry, root: Path) -> list:
+  """[(n_hq value, summary with "sizes")] of a payoff sweep's finished points."""
+  pts = []
+  for _, v, p in sweep_points(root / e.id):
+    reps = load_reps(p)
+    if reps:
+      pts.append((v, {**summary(reps), "sizes": reps[0].get("sizes", {})}))
+  return pts
+
+
+def metric_of(d: dict, scenario: str, metric: str) -> dict | None:
+  """The summarize dict of a scenario's test `metric` ("dice" or an instance
+  score of the output path's instances)."""
+  if metric == "dice":
+    return d["segmentation_dice"].get(scenario)
+  return (d.get("segmentation_instances") or {}).get(scenario, {}).get(metric)
+
+
+def payoff(e: Entry, root: Path, hq_cost: float = 5.0) -> tuple[str, list]:
+  """A payoff sweep as a table (per HQ size and scenario: Dice, F1@0.5, DSB
+  score; HQ + upg. − HQ only paired with its 95% interval) and its points."""
+  pts = payoff_points(e, root)
+  if not pts:
+    return "not run yet", []
+  head = ["| n_hq | n | scenario | cost | " + " | ".join(c for _, c in PAYOFF_METRICS)
+          + " | oracle − HQ (Dice) |", "|---|---|---|---|" + "---|" * (len(PAYOFF_METRICS) + 1)]
+  lines = list(head)
+  for v, d in pts:
+    n = len(d["annotation_dice"]["lq"]["per_rep"])
+    for k, label in PAYOFF_SCENARIOS:
+      if k not in d["segmentation_dice"]:
+        continue
+      cells = [cell(metric_of(d, k, m)) for m, _ in PAYOFF_METRICS]
+      extra = oracle_cell(d) if k == "oracle" else ""
+      lines.append(f"| {v} | {n} | {label} | {annotation_cost(d, k, hq_cost):g} | "
+                   + " | ".join(cells) + f" | {extra} |")
+    diffs = [diff_cell(d["paired"].get("hq_upgraded_vs_hq"))]
+    ip = (d.get("segmentation_instances_paired") or {}).get("hq_upgraded_vs_hq", {})
+    diffs += [diff_cell(ip.get(m)) for m in ("f1@0.5", "dsb_score")]
+    lines.append(f"| {v} | {n} | HQ + upg. − HQ | | " + " | ".join(diffs) + " | |")
+  return "\n".join(lines), pts
+
+
+def plot_cost_curve(pts, path: Path, title: str, hq_cost: float = 5.0) -> None:
+  """Test score against annotation cost (HQ images × hq_cost + LQ images) for
+  HQ only and HQ + upgraded, one panel per metric: what a lab decides from."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(PAYOFF_METRICS), figsize=(4.2 * len(PAYOFF_METRICS), 3.6))
+  curves = {"hq": ("HQ only", "#8c8c8c"), "hq_upgraded": ("HQ + upgraded", "#55a868")}
+  for ax, (metric, mlabel) in zip(axes, PAYOFF_METRICS):
+    for key, (label, color) in curves.items():
+      xs, ys, errs = [], [], []
+      for _, d in pts:
+        s = metric_of(d, key, metric)
+        if s is None:
+          continue
+        xs.append(annotation_cost(d, key, hq_cost))
+        ys.append(s["mean"])
+        errs.append(s["std"] or 0.0)
+      if xs:
+        order = np.argsort(xs)
+        ax.errorbar(np.array(xs)[order], np.array(ys)[order], yerr=np.array(errs)[order],
+                    fmt="o-", color=color, label=label, capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"annotation cost (LQ labels; HQ = {hq_cost:g})")
+    ax.set_ylabel(f"test {mlabel}")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  _save(fig, path)

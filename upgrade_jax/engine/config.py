@@ -56,8 +56,8 @@ class TrainConfig:
     steps_per_epoch: steps between validations (the early-stopping unit).
     patience: epochs without validation improvement before stopping.
     log_every: steps between progress lines (the only host syncs).
-    checkpoint_every: steps between "latest" checkpoints (also at each epoch
-      end).
+    checkpoint_every: steps between "latest" checkpoints (also at each new
+      best validation and at the end).
     eval_batch_size: validation batch (rounded up to a device multiple).
     data_placement: where the training set lives (parallel.PLACEMENTS):
       "replicate" on every device, "shard" its samples over the devices,

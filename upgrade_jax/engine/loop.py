@@ -239,7 +239,12 @@ def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecor
                                            config.patience, config.max_steps)
       if improved:
         best = _copy(state.variables)
-      ckpt.save(state, best, record)
+      # A checkpoint when the best changed, when the run ends, and every
+      # checkpoint_every steps; not after every validation (a synchronous
+      # save costs about as much as the validation itself). A killed run
+      # resumes from the last one and replays the same steps (state.py).
+      if improved or record.finished or step % config.checkpoint_every == 0:
+        ckpt.save(state, best, record)
       log(f"epoch {entry['epoch']} step {step} | loss {entry['loss']:.4f} | "
           f"train Dice {entry['train_dice']:.4f} | val Dice {entry['val_dice']:.4f} | "
           f"best {record.best_val_dice:.4f} @ {record.best_step}")

@@ -195,7 +195,9 @@ class PipelineConfig:
   review_top: int = 20
   confident_learning: engine.ConfidentLearning = engine.ConfidentLearning()
   partial_labelling: engine.PartialLabelling = engine.PartialLabelling()
-  seg_val_extra: int = 8
+  # 6: with the 2 HQ validation slices of the CPU-scale rows (10 HQ), one
+  # validation batch of 8 (eval_batch_size) and no padded batch.
+  seg_val_extra: int = 6
 
   def __post_init__(self):
     if self.review_top < 0:

@@ -209,7 +209,7 @@ def check_finished_reps(cfg: PipelineConfig, out_dir) -> None:
 
 
 def prepare_run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
-                fresh: bool = False):
+                fresh: bool = False, owner: str = "upgrade"):
   """Loads and checks everything a run needs; creates nothing.
 
   Returns:
@@ -222,7 +222,7 @@ def prepare_run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = pr
     another config and not `fresh`.
   """
   guard = data_inputs(cfg.data)
-  rundir.check_out_dir(out_dir, guard)
+  rundir.check_out_dir(out_dir, guard, owner=owner)
   if not fresh:
     check_finished_reps(cfg, out_dir)
   volumes = load_volumes(cfg.data)
@@ -250,7 +250,7 @@ def run(cfg: PipelineConfig, out_dir, *, log: Callable[[str], None] = print,
   load_s = time.perf_counter() - t0
   log(f"data: {cfg.data.source} ({len(volumes[0])} training / {len(volumes[1])} test "
       f"volumes), loaded in {load_s:.1f}s")
-  with rundir.RunLock(out_dir):
+  with rundir.RunLock(out_dir, owner="upgrade"):
     rundir.remove_stale_temps(out_dir)
     if fresh and rundir.is_primary_process():  # several processes: process 0 deletes
       gone = discard_reps(out_dir, protect=[cfg.data.data_dir] if cfg.data.data_dir else [])

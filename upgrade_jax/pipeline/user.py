@@ -113,7 +113,7 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
     if not Path(path).is_dir():
       raise InputError(f"--{flag}={path} is not a folder; give the folder that holds the files")
   guard = rundir.InputGuard(folders.values())
-  rundir.check_out_dir(out_dir, guard)
+  rundir.check_out_dir(out_dir, guard, owner="upgrade")
   _refuse_shared_images(Path(user.hq_images), Path(user.lq_images))
   hq, train_idx, val_idx = load_hq_pairs(cfg, user.hq_images, user.hq_labels,
                                          user.others_labels)
@@ -174,7 +174,7 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
   log(f"user data: {len(d.hq)} HQ images ({len(hq_train)} train / {len(hq_val)} val), "
       f"{len(d.lq_masks)} LQ images")
   key = {"user": dataclasses.asdict(user), "run": run_key(cfg)}
-  with rundir.RunLock(out_dir):
+  with rundir.RunLock(out_dir, owner="upgrade"):
     rundir.remove_stale_temps(out_dir)
     fit = engine.fit(dataclasses.replace(cfg.upgrade, seed=cfg.seed), hq_train, hq_val,
                      out_dir / "upgrade", log=log, context=key)

@@ -1,0 +1,150 @@
+"""The entry points as a new user meets them (issue 29): the advisor in user
+mode with the README's command, `sweep --collect` over a user-mode sweep,
+`reproduce` with a bad entry or a stray argument, and out_dirs holding files
+an entry point did not write. Every refusal: exit 2, one line on stderr, no
+traceback, nothing new on disk, no input changed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import XLA_CACHE, toy_discs
+from test_cli_inputs import _snapshot, assert_refused
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--width=4", "--crop=32", "--batch_size=4", "--max_steps=4", "--steps_per_epoch=2",
+        "--patience=2", f"--compilation_cache={XLA_CACHE}"]
+
+
+def _cli(module, *args, timeout=300):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _pairs(root: Path, names, seed=0, stack=None):
+  """Image/label folders of toy discs (uint8 images, uint16 labels); `stack`:
+  one name saved as a 3-slice stack."""
+  ds = toy_discs(len(names) + 2, (48, 48), seed=seed)
+  for sub in ("images", "labels"):
+    (root / sub).mkdir(parents=True)
+  for i, name in enumerate(names):
+    img = (ds.images[i, ..., 0].clip(0, 1) * 200).astype(np.uint8)
+    lab = ds.targets[i].astype(np.uint16)
+    if name == stack:
+      img = np.stack([img, ds.images[i + 1, ..., 0].clip(0, 1).__mul__(200).astype(np.uint8),
+                      img])
+      lab = np.stack([lab, ds.targets[i + 1].astype(np.uint16), lab])
+    tifffile.imwrite(root / "images" / f"{name}.tif", img)
+    tifffile.imwrite(root / "labels" / f"{name}.tif", lab)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("user")
+  _pairs(root / "HQ", [f"hq{i}" for i in range(6)], seed=0, stack="hq5")
+  _pairs(root / "LQ", [f"lq{i}" for i in range(3)], seed=1)
+  return root
+
+
+def test_the_readmes_advise_command_runs_on_hq_folders_alone_and_resumes(folders, tmp_path):
+  readme = (ROOT / "README.md").read_text()
+  cmd = "python -m experiments.advise --hq_images=HQ/images --hq_labels=HQ/labels --out_dir=advice"
+  assert cmd in readme   # the command tested here is the README's
+  args = [f"--hq_images={folders / 'HQ/images'}", f"--hq_labels={folders / 'HQ/labels'}",
+          f"--out_dir={tmp_path / 'advice'}", "--fractions=0.5,1.0", *TINY]
+  before = _snapshot(folders)
+  proc = _cli("experiments.advise", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  d = json.loads((tmp_path / "advice/advice.json").read_text())
+  assert d["n_train"] + d["n_val"] == 8   # 5 images + a 3-slice stack
+  assert "val_dice" in d and "test_dice" not in d   # no test set in user mode
+  assert (tmp_path / "advice/advice.png").stat().st_size > 0
+  assert _snapshot(folders) == before   # inputs untouched
+  again = _cli("experiments.advise", *args)
+  assert again.returncode == 0 and "already finished" in again.stdout + again.stderr
+  assert json.loads((tmp_path / "advice/advice.json").read_text())["points"] == d["points"]
+  # Half of the user folders is still refused, in one line.
+  root = tmp_path / "half"
+  root.mkdir()
+  snap = _snapshot(root)
+  half = _cli("experiments.advise", f"--hq_images={folders / 'HQ/images'}",
+              f"--out_dir={root / 'out'}", *TINY)
+  assert half.returncode == 2
+  assert_refused(half, "--hq_labels", snap, root)
+
+
+@pytest.fixture(scope="module")
+def user_sweep(folders, tmp_path_factory):
+  """A finished 2-point user-mode sweep (its points hold model/ folders)."""
+  out = tmp_path_factory.mktemp("sweep") / "s"
+  proc = _cli("experiments.sweep", f"--hq_images={folders / 'HQ/images'}",
+              f"--hq_labels={folders / 'HQ/labels'}", f"--lq_images={folders / 'LQ/images'}",
+              f"--lq_labels={folders / 'LQ/labels'}", "--sweep=omission_rate=0.3,0.6",
+              f"--out_dir={out}", *TINY, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return out
+
+
+def test_collect_of_a_user_mode_sweep(user_sweep):
+  d = json.loads((user_sweep / "sweep.json").read_text())   # written by the run itself
+  assert d["kind"] == "user" and [p["value"] for p in d["points"]] == [0.3, 0.6]
+  assert all(0 <= p["upgrade_best_val_dice"] <= 1 for p in d["points"])
+  (user_sweep / "sweep.json").unlink()
+  proc = _cli("experiments.sweep", "--sweep=omission_rate=0.3,0.6", f"--out_dir={user_sweep}",
+              "--collect")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads((user_sweep / "sweep.json").read_text()) == d
+  assert (user_sweep / "sweep_omission_rate.png").stat().st_size > 0
+
+
+def test_collect_refuses_what_it_cannot_collect_before_writing(user_sweep, tmp_path):
+  import shutil
+  copy = tmp_path / "s"
+  shutil.copytree(user_sweep, copy)
+  for p in (copy / "sweep.json", copy / "sweep_omission_rate.png"):
+    p.unlink()
+  (copy / "omission_rate=0.6/results.json").write_text(json.dumps({"something": 1}))
+  before = _snapshot(tmp_path)
+  proc = _cli("experiments.sweep", "--sweep=omission_rate=0.3,0.6", f"--out_dir={copy}",
+              "--collect")
+  assert_refused(proc, "results.json", before, tmp_path)
+  assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--only=nope"], "--only=nope"),
+    (["table_3_1_inc"], "--only=table_3_1_inc"),
+], ids=["unknown_entry", "stray_argument"])
+def test_reproduce_refuses_bad_entries_with_one_line(tmp_path, args, culprit):
+  before = _snapshot(tmp_path)
+  proc = _cli("experiments.reproduce", f"--out_root={tmp_path / 'runs'}",
+              f"--doc={tmp_path / 'doc.md'}", f"--records={tmp_path / 'rec'}", *args)
+  assert proc.returncode == 2
+  assert_refused(proc, culprit, before, tmp_path)
+
+
+def test_apply_refuses_an_out_dir_with_a_users_file(user_sweep, folders, tmp_path):
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "review.csv").write_text("my own notes\n")
+  before = _snapshot(tmp_path)
+  proc = _cli("experiments.apply", f"--model={user_sweep / 'omission_rate=0.3/model'}",
+              f"--images={folders / 'LQ/images'}", f"--labels={folders / 'LQ/labels'}",
+              f"--out_dir={out}", f"--compilation_cache={XLA_CACHE}")
+  assert_refused(proc, "did not write", before, tmp_path)
+  assert proc.returncode == 2
+
+
+def test_entry_points_refuse_each_others_out_dirs(user_sweep, folders, tmp_path):
+  # An advise run into a training run's out_dir would mix (and could overwrite) its files.
+  point = user_sweep / "omission_rate=0.3"
+  before = _snapshot(user_sweep)
+  proc = _cli("experiments.advise", f"--hq_images={folders / 'HQ/images'}",
+              f"--hq_labels={folders / 'HQ/labels'}", f"--out_dir={point}", *TINY)
+  assert_refused(proc, "experiments.upgrade", before, user_sweep)
+  assert proc.returncode == 2
