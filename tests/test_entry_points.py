@@ -36,11 +36,11 @@ def _pairs(root: Path, names, seed=0, stack=None):
     img = (ds.images[i, ..., 0].clip(0, 1) * 200).astype(np.uint8)
     lab = ds.targets[i].astype(np.uint16)
     if name == stack:
-      img = np.stack([img, ds.images[i + 1, ..., 0].clip(0, 1).__mul__(200).astype(np.uint8),
-                      img])
+      nxt = (ds.images[i + 1, ..., 0].clip(0, 1) * 200).astype(np.uint8)
+      img = np.stack([img, nxt, img])
       lab = np.stack([lab, ds.targets[i + 1].astype(np.uint16), lab])
-    tifffile.imwrite(root / "images" / f"{name}.tif", img)
-    tifffile.imwrite(root / "labels" / f"{name}.tif", lab)
+    tifffile.imwrite(root / "images" / f"{name}.tif", img, photometric="minisblack")
+    tifffile.imwrite(root / "labels" / f"{name}.tif", lab, photometric="minisblack")
 
 
 @pytest.fixture(scope="module")

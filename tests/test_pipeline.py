@@ -572,3 +572,36 @@ def test_every_scenario_validates_on_the_same_held_out_slices_with_its_own_label
   other = pipeline.SCENARIO_DATA["oracle"](d, up, val_extra=5, seed=4)[1].names
   assert other != sets["oracle"][1].names
   assert pipeline.SCENARIO_DATA["oracle"](d, up)[1].names == ("val0",)
+
+
+def test_summary_carries_instance_scores_stop_records_and_the_oracle_check():
+  from upgrade_jax.pipeline.run import Results
+  inst = lambda f1: {"f1@0.5": f1, "f1@0.75": f1 / 2, "accuracy@0.5": f1 / 1.5,  # noqa: E731
+                     "panoptic_quality@0.5": f1 * 0.8, "dsb_score": f1 / 3,
+                     "precision@0.5": f1, "recall@0.5": f1}
+  reps = []
+  for r, (hq, up, orc) in enumerate(((0.70, 0.74, 0.60), (0.72, 0.75, 0.61), (0.69, 0.73, 0.59))):
+    reps.append({
+        "rep": r, "annotation_dice": {"lq": 0.4, "upgraded": 0.8},
+        "segmentation_dice": {"hq": hq, "hq_upgraded": up, "oracle": orc},
+        "segmentation_instances": {"hq": inst(0.3), "hq_upgraded": inst(0.4 + r / 100),
+                                   "oracle": inst(0.5)},
+        "segmentation_training": {s: {"steps": 700 + r, "best_step": 400, "best_val_dice": 0.7,
+                                      "stop_reason": "max_steps" if s == "oracle" and r == 0
+                                      else "early stop (patience 6)",
+                                      "hit_cap": s == "oracle" and r == 0, "max_steps": 3000,
+                                      "evaluations": 14, "train_slices": 10, "val_slices": 8}
+                                  for s in ("hq", "hq_upgraded", "oracle")}})
+  d = Results(None, reps, {}).summary()
+  # The oracle is ~0.1 below HQ only in every repetition: unconverged, by the rule.
+  assert d["oracle_check"]["unconverged"] and d["oracle_check"]["mean_diff"] < -0.09
+  assert d["segmentation_training"]["oracle"]["hit_cap"] == 1
+  assert d["segmentation_training"]["hq"]["steps"] == [700, 701, 702]
+  assert d["segmentation_instances"]["hq_upgraded"]["f1@0.5"]["per_rep"] == pytest.approx(
+      [0.4, 0.41, 0.42])
+  p = d["segmentation_instances_paired"]["hq_upgraded_vs_hq"]["f1@0.5"]
+  assert p["wins"] == 3 and p["mean_diff"] == pytest.approx(0.11)
+  assert d["paired"]["hq_upgraded_vs_hq"]["resolves"] in (True, False)
+  from upgrade_jax import report
+  table = report.format_table({**d, "reps": reps})
+  assert "UNCONVERGED" in table and "F1@0.5" in table and "cap hit 1x" in table

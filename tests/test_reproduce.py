@@ -136,3 +136,44 @@ def test_record_keeps_finished_reps_without_digests_and_seeds_a_new_machine(tmp_
   assert json.loads((fresh / "table_3_1_bias_hl60/rep0/rep.json").read_text()) == kept
   assert records.seed_run("table_3_1_bias_hl60", record, fresh) == 0   # never overwrites
   assert records.seed_run("absent_entry", record, fresh) == 0
+
+
+def test_unconverged_rows_are_marked_and_left_out_of_the_findings(tmp_path):
+  paper = json.loads(entries.PAPER_NUMBERS.read_text())
+  run = tmp_path / "table_3_1_omission_hl60"
+  for r, (hq, hqu, orc) in enumerate([(0.85, 0.80, 0.70), (0.86, 0.81, 0.72), (0.84, 0.79, 0.71)]):
+    _rep(run, r, {"hq": hq, "hq_upgraded": hqu, "hq_lq": 0.7, "lq": 0.6, "threshold": 0.75,
+                  "oracle": orc})
+  md, found = render.table_3_1(list(entries.ENTRIES), tmp_path, paper)
+  row = next(line for line in md.splitlines() if line.startswith("| 70% omission, HL60 |"))
+  assert "**unconverged** -0.140" in row
+  assert "-0.050 [" in row   # HQ + upg. - HQ with its interval
+  findings = render.table_3_1_findings(found, paper)
+  assert "unconverged" in findings and "omission_hl60" in findings.splitlines()[-1]
+  assert all("0/0" in line for line in findings.splitlines()[2:7])   # no verdict from it
+  assert render.protocol({"segment": {"max_steps": 400}}).startswith("before issue 28")
+
+
+def test_payoff_sweep_renders_dice_instances_and_a_cost_curve(tmp_path):
+  e = next(e for e in entries.ENTRIES if e.id == "dsb_payoff_omission")
+  inst = lambda f1: {"f1@0.5": f1, "f1@0.75": f1, "accuracy@0.5": f1,  # noqa: E731
+                     "panoptic_quality@0.5": f1, "dsb_score": f1 / 2, "precision@0.5": f1,
+                     "recall@0.5": f1}
+  for v in ("2", "5"):
+    for r in range(2):
+      _rep(tmp_path / e.id / f"n_hq={v}", r, {"hq": 0.8, "hq_upgraded": 0.82 + r / 100,
+                                              "oracle": 0.85},
+           sizes={"hq_train": int(v) - 1, "hq_val": 1, "lq": 100, "test": 80})
+      p = tmp_path / e.id / f"n_hq={v}" / f"rep{r}" / "rep.json"
+      d = json.loads(p.read_text())
+      d["segmentation_instances"] = {"hq": inst(0.5), "hq_upgraded": inst(0.6 + r / 100),
+                                     "oracle": inst(0.7)}
+      p.write_text(json.dumps(d))
+  md, pts = render.payoff(e, tmp_path)
+  assert [v for v, _ in pts] == ["2", "5"]
+  up = next(line for line in md.splitlines() if line.startswith("| 2 | 2 | HQ + upg. |"))
+  assert "| 110 |" in up and "0.605 ± 0.007" in up    # cost 2·5 + 100; F1 mean ± std
+  diff = next(line for line in md.splitlines() if "HQ + upg. − HQ" in line)
+  assert "+0.025 [" in diff and "+0.105 [" in diff     # Dice and F1 paired differences
+  render.plot_cost_curve(pts, tmp_path / "c.png", "dsb")
+  assert (tmp_path / "c.png").stat().st_size > 0

@@ -78,3 +78,40 @@ def test_lock_refuses_a_live_run_and_dies_with_a_killed_one(tmp_path):
     pass
   with rundir.RunLock(tmp_path):  # and a finished run's too
     pass
+
+
+def test_check_owner_refuses_files_it_did_not_write(tmp_path):
+  # Issue 29: no entry point overwrites a file it did not write.
+  new, empty = tmp_path / "new", tmp_path / "empty"
+  empty.mkdir()
+  for d in (new, empty):
+    rundir.check_owner(d, "apply")   # nothing to overwrite
+  user = tmp_path / "user"
+  user.mkdir()
+  (user / "review.csv").write_text("mine")
+  with pytest.raises(rundir.InputError, match="did not write .review.csv"):
+    rundir.check_owner(user, "apply")
+  # A folder an entry point marked is its own, and no other entry point's.
+  ours = tmp_path / "ours"
+  rundir.mark_owner(ours, "apply")
+  (ours / "review.csv").write_text("written by apply")
+  rundir.check_owner(ours, "apply")
+  with pytest.raises(rundir.InputError, match="outputs of experiments.apply"):
+    rundir.check_owner(ours, "advise")
+  with rundir.RunLock(tmp_path / "locked", owner="sweep"):
+    pass
+  assert (tmp_path / "locked" / rundir.OWNER_NAME).read_text().strip() == "sweep"
+  # Out_dirs of versions before the marker: recognised by their record files.
+  old = tmp_path / "old"
+  (old / "rep0").mkdir(parents=True)
+  (old / "rep0" / "rep.json").write_text("{}")
+  rundir.check_owner(old, "upgrade")
+  with pytest.raises(rundir.InputError, match="experiments.upgrade"):
+    rundir.check_owner(old, "apply")
+  # What a killed run leaves (its temporary files) is not somebody's file.
+  killed = tmp_path / "killed" / "upgraded"
+  killed.mkdir(parents=True)
+  (killed / f".a.tif.x{rundir.TEMP_SUFFIX}").write_bytes(b"partial")
+  rundir.check_owner(killed.parent, "apply")
+  with pytest.raises(ValueError, match="unknown owner"):
+    rundir.check_owner(new, "nobody")

@@ -85,4 +85,6 @@ def test_train_compile_gradients_match_float64():
   for (path, r), g in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(ours)):
     r = np.asarray(r)
     err = np.abs(np.asarray(g, np.float64) - r).max() / np.abs(r).max()
-    assert err < 1e-4, (jax.tree_util.keystr(path), err)
+    # 1e-3: float32 rounding on this AMD EPYC reaches 2.3e-4 on a BatchNorm bias
+    # (2026-12-06, the code of 2026-12-04 too); the defect this guards is 8.6e-2.
+    assert err < 1e-3, (jax.tree_util.keystr(path), err)

@@ -143,6 +143,16 @@ def _owner_of(out: Path) -> str | None:
   return None
 
 
+def _only_temps(path: Path) -> bool:
+  """Whether `path` is one of our temporary files, or a folder (not a link)
+  holding nothing else: what a killed run leaves, removed by the next."""
+  if path.is_symlink():
+    return False
+  if path.is_dir():
+    return all(_only_temps(p) for p in path.iterdir())
+  return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
+
 def check_owner(out_dir, owner: str) -> None:
   """Refuses an out_dir that holds anything but `owner`'s own outputs: a
   user's files, or another entry point's run (its outputs would be
@@ -157,8 +167,7 @@ def check_owner(out_dir, owner: str) -> None:
   if not out.is_dir():
     return
   ours = (LOCK_NAME, OWNER_NAME)
-  present = sorted(p.name for p in out.iterdir() if p.name not in ours
-                   and not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)))
+  present = sorted(p.name for p in out.iterdir() if p.name not in ours and not _only_temps(p))
   if not present:
     return
   found = _owner_of(out)
