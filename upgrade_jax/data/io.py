@@ -297,10 +297,11 @@ def stack_samples(samples: Sequence, *, normalisation: str = "percentile",
       if compact and img.shape[-1] != 1:
         raise ValueError(f"{name}: compact percentile normalisation needs one channel, got "
                          f"{img.shape[-1]}; use compact=False")
-      off, div = percentile_affine(img, percentiles)
-      offset, top = (float(off[0]), float(div[0])) if compact else (0.0, 1.0)
-      if not compact:
-        img = ((np.asarray(img, np.float32) - off) / div).astype(np.float32)
+      if compact:   # the device applies the affine (engine.step.take_samples)
+        off, div = percentile_affine(img, percentiles)
+        offset, top = float(off[0]), float(div[0])
+      else:
+        img, top = normalise(img, "percentile", percentiles=percentiles), 1.0
     elif normalisation == "volume" and scales is not None:
       top = float(scales[i])
     elif normalisation in ("max", "volume"):
