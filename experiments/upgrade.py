@@ -160,6 +160,9 @@ flags.DEFINE_integer("steps_per_epoch", CLI_DEFAULTS["steps_per_epoch"], "Steps 
                      "validations.", lower_bound=1)
 flags.DEFINE_integer("patience", _TRAIN.patience, "Early-stopping patience in epochs.",
                      lower_bound=1)
+flags.DEFINE_float("ema_decay", _TRAIN.ema_decay, "Decay of the moving average of the "
+                   "weights that validation, checkpoint selection and prediction use "
+                   "(0: the raw weights).", lower_bound=0.0, upper_bound=0.9999)
 flags.DEFINE_float("label_dropout", 0.0, "Probability of zeroing the label input of a "
                    "training sample (anti-shortcut).", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_bool("strength_mix", False, "Draw each sample's perturbation rates uniformly "
@@ -366,7 +369,8 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
   w = v.width
   common = dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), conv_impl=v.conv_impl, crop=v.crop,
                 batch_size=v.batch_size, lr=v.lr, steps_per_epoch=v.steps_per_epoch,
-                patience=v.patience, log_every=v.log_every, data_placement=v.data_placement)
+                patience=v.patience, log_every=v.log_every, data_placement=v.data_placement,
+                ema_decay=v.ema_decay)
   upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=v.label_dropout,
                                      strength_mix=v.strength_mix),
                         max_steps=v.max_steps, **common)

@@ -1,14 +1,22 @@
 """Shared test data: a toy Dataset of bright discs on a noisy background; and
-one persistent XLA compilation cache for every CLI subprocess of the session
-(the tiny runs share shapes, so later runs skip most compilation)."""
+one persistent XLA compilation cache for the whole session: every xdist
+worker and every CLI subprocess (the tiny runs share shapes and programs, so
+a program compiled in one process is loaded by the others)."""
 
+import os
 import tempfile
 
+import jax
 import numpy as np
 
 from upgrade_jax.data.types import Dataset
 
-XLA_CACHE = tempfile.mkdtemp(prefix="upgrade_jax_xla_")
+# The controller imports this file before it starts the workers, which
+# inherit the variable: one cache for all of them.
+if "UPGRADE_JAX_TEST_XLA_CACHE" not in os.environ:
+  os.environ["UPGRADE_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="upgrade_jax_xla_")
+XLA_CACHE = os.environ["UPGRADE_JAX_TEST_XLA_CACHE"]
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
 
 
 def toy_discs(n: int, size=(48, 48), *, seed: int = 0, discs=(3, 6),

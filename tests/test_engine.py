@@ -286,25 +286,62 @@ def test_killed_run_resumes_to_same_parameters(tmp_path):
     np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-def test_checkpoint_record_of_the_old_layout_is_read_and_compared():
-  # Layout 1 (upgrade_jax/train.py before the engine package) kept the task
-  # options at the top of the config; such a checkpoint still resumes.
-  from upgrade_jax.engine.checkpoints import LoopRecord
+def test_ema_update_by_hand():
+  ema, p = {"w": np.float32([1.0, 2.0])}, {"w": np.float32([3.0, 0.0])}
+  # Step 1: d = min(0.99, 2/11); step 1000: d = 0.99.
+  for step, d in ((1, 2 / 11), (1000, 0.99)):
+    out = T.ema_update(ema, p, step, 0.99)
+    np.testing.assert_allclose(out["w"], [1 * d + 3 * (1 - d), 2 * d], rtol=1e-6)
+  assert T.ema_update(ema, p, 5, 0.0) is p
+
+
+def test_train_step_averages_the_weights_and_prediction_uses_the_average(toy_sets):
+  train = toy_sets[0]
   cfg = _toy_config()
-  new = cfg.to_json()
-  old = {k: v for k, v in new.items() if k != "task"}
-  old.update(task="upgrade", perturb=new["task"]["perturb"], label_dropout=0.0,
-             strength_mix=False)
-  ds = toy_discs(2, size=(16, 16))
-  data = {"train": list(ds.images.shape), "val": list(ds.images.shape),
-          "train_digest": T.data_digest(ds), "val_digest": T.data_digest(ds)}
-  rec = LoopRecord.from_json({"config": old, "data": data, "step": 7, "history": []}, "here")
-  assert rec.step == 7 and rec.config["task"]["name"] == "upgrade"
-  T.check_resumable(rec, cfg, ds, ds, "here")
-  with pytest.raises(ValueError, match="task"):
-    T.check_resumable(rec, _toy_config(task=T.Upgrade(label_dropout=0.5)), ds, ds, "here")
-  with pytest.raises(ValueError, match="newer"):
-    LoopRecord.from_json({"config": new, "data": {}, "layout": 99}, "here")
+  mesh = parallel.make_mesh()
+  state = T.create_train_state(cfg, T.network_channels(cfg, train.channels),
+                               jax.random.PRNGKey(0), mesh)
+  p0 = jax.tree.map(np.array, state.params)   # copies: the step donates the state
+  step = T.make_train_step(cfg, mesh, train.max_label)
+  new, _ = step(state, parallel.place_dataset(train, mesh))
+  p1 = jax.tree.map(np.asarray, new.params)
+  d = 2 / 11   # the first update's decay
+  for e, a, b in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(p0),
+                     jax.tree.leaves(p1)):
+    np.testing.assert_allclose(e, a * d + b * (1 - d), rtol=1e-5, atol=1e-7)
+  assert new.variables["params"] is new.ema_params
+  # decay 0: the raw weights, and the next step (which donates both) runs.
+  cfg0 = _toy_config(ema_decay=0.0)
+  s0 = T.create_train_state(cfg0, T.network_channels(cfg0, train.channels),
+                            jax.random.PRNGKey(0), mesh)
+  step0 = T.make_train_step(cfg0, mesh, train.max_label)
+  data = parallel.place_dataset(train, mesh)
+  s0, _ = step0(*step0(s0, data)[:1], data)
+  for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s0.ema_params)):
+    np.testing.assert_array_equal(a, b)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p0),
+                                                       jax.tree.leaves(p1)))
+  # with_variables (the best checkpoint) sets both, so a prediction of
+  # state_best cannot fall back to another average.
+  best = new.with_variables({"params": p0, "batch_stats": new.batch_stats})
+  for a, b, c in zip(jax.tree.leaves(best.params), jax.tree.leaves(best.ema_params),
+                     jax.tree.leaves(p0)):
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, c)
+
+
+def test_checkpoint_records_of_other_layouts_are_refused():
+  # Layouts 1 and 2 have no weight average: refused with the out_dir named,
+  # as is a layout newer than this package's.
+  from upgrade_jax.engine.checkpoints import RECORD_LAYOUT, LoopRecord
+  from upgrade_jax.rundir import InputError
+  new = _toy_config().to_json()
+  for layout, words in ((None, "older"), (2, "older"), (RECORD_LAYOUT + 1, "newer")):
+    d = {"config": new, "data": {}, **({} if layout is None else {"layout": layout})}
+    with pytest.raises(InputError, match=f"here.*{words}"):
+      LoopRecord.from_json(d, "here")
+  assert LoopRecord.from_json({"config": new, "data": {}, "layout": RECORD_LAYOUT,
+                               "step": 7}, "here").step == 7
 
 
 def test_step_config_is_the_cache_key():

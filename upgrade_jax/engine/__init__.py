@@ -24,8 +24,8 @@ from upgrade_jax.engine.config import StepConfig, TrainConfig
 from upgrade_jax.engine.evaluation import (ValSet, bucket_size, evaluate, make_val_set,
                                          predict, predict_proba)
 from upgrade_jax.engine.loop import FitResult, fit
-from upgrade_jax.engine.state import (TrainState, create_train_state, init_variables,
-                                      network_channels)
+from upgrade_jax.engine.state import (TrainState, create_train_state, ema_update,
+                                      init_variables, network_channels)
 from upgrade_jax.engine.step import (Batch, crop_and_flip, draw_indices, gather_samples,
                                      make_train_step, sample_crops, take_samples)
 from upgrade_jax.engine.tasks import TASKS, Segment, Task, Upgrade, make_task, task_from_json
@@ -34,7 +34,7 @@ from upgrade_jax.engine.noisy_tasks import ConfidentLearning, PartialLabelling
 __all__ = ["Checkpoints", "ConfigMismatch", "LoopRecord", "check_resumable", "config_diff",
            "data_digest", "StepConfig", "TrainConfig",
            "ValSet", "bucket_size", "evaluate", "make_val_set", "predict", "predict_proba",
-           "FitResult", "fit", "TrainState", "create_train_state", "init_variables",
+           "FitResult", "fit", "TrainState", "create_train_state", "ema_update", "init_variables",
            "network_channels", "Batch", "crop_and_flip", "draw_indices", "gather_samples",
            "make_train_step", "sample_crops", "take_samples", "TASKS", "Segment", "Task", "Upgrade", "make_task",
            "task_from_json", "ConfidentLearning", "PartialLabelling"]

@@ -26,9 +26,9 @@ from upgrade_jax.rundir import InputError
 __all__ = ["LoopRecord", "Checkpoints", "check_resumable", "ConfigMismatch", "config_diff",
            "data_digest"]
 
-# The record's layout: 1 = TrainConfig with task options at the top level
-# (before the engine package); 2 = options inside config["task"].
-RECORD_LAYOUT = 2
+# The layout of a checkpoint: 3 = the state holds `ema_params` (the weights'
+# moving average). Older layouts (1, 2) have no average and are not resumed.
+RECORD_LAYOUT = 3
 
 
 class ConfigMismatch(InputError):
@@ -119,9 +119,11 @@ class LoopRecord:
   def from_json(cls, d: dict, where) -> "LoopRecord":
     d = dict(d)
     layout = d.pop("layout", 1)
-    if layout == 1:  # a checkpoint of the single-module train.py
-      d["config"] = _config_from_layout_1(d["config"])
-    elif layout != RECORD_LAYOUT:
+    if layout < RECORD_LAYOUT:
+      raise InputError(f"checkpoint in {where} was made by an older upgrade_jax (layout "
+                       f"{layout}, before the weights' moving average) and cannot be "
+                       "resumed; use another out_dir, or delete it to start fresh")
+    if layout > RECORD_LAYOUT:
       raise InputError(f"checkpoint in {where} has record layout {layout}, newer than this "
                        f"upgrade_jax reads ({RECORD_LAYOUT}); upgrade the package or use "
                        "another out_dir")
@@ -166,17 +168,6 @@ class LoopRecord:
   @property
   def mean_loss(self) -> float:
     return self.epoch_loss_sum / max(self.epoch_steps, 1)
-
-
-def _config_from_layout_1(c: dict) -> dict:
-  """A layout-1 TrainConfig dict (task options at the top) in layout 2."""
-  c = dict(c)
-  task = {"name": c.pop("task")}
-  options = {k: c.pop(k) for k in ("perturb", "label_dropout", "strength_mix") if k in c}
-  if task["name"] == "upgrade":
-    task.update(options)
-  c["task"] = task
-  return c
 
 
 def _canonical(x):
@@ -237,12 +228,16 @@ class Checkpoints:
     `template`."""
     abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
     step = self.latest_step()
+    # The record first: an old layout is refused with its own message, not
+    # with Orbax's error about a missing array.
+    record = self.manager.restore(step, args=ocp.args.Composite(
+        record=ocp.args.JsonRestore()))["record"]
+    record = LoopRecord.from_json(record, self.directory)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract(template.arrays())),
-        best=ocp.args.StandardRestore(abstract(template.variables)),
-        record=ocp.args.JsonRestore()))
+        best=ocp.args.StandardRestore(abstract(template.variables))))
     state = template.replace(**out["state"])
-    return state, out["best"], LoopRecord.from_json(out["record"], self.directory)
+    return state, out["best"], record
 
   def close(self):
     self.manager.wait_until_finished()

@@ -179,7 +179,7 @@ def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
     log(f"finished at step {record.step}: {record.stop_reason}; best val Dice "
         f"{record.best_val_dice:.4f} at step {record.best_step}")
   ckpt.close()
-  return FitResult(state_best=state.replace(**best), state_last=state,
+  return FitResult(state_best=state.with_variables(best), state_last=state,
                    history=record.history, best_val_dice=float(record.best_val_dice),
                    best_step=int(record.best_step), resumed_from=resumed_from,
                    steps=int(record.step), stop_reason=str(record.stop_reason))
@@ -239,11 +239,11 @@ def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecor
                                            config.patience, config.max_steps)
       if improved:
         best = _copy(state.variables)
-      # A checkpoint when the best changed, when the run ends, and every
-      # checkpoint_every steps; not after every validation (a synchronous
-      # save costs about as much as the validation itself). A killed run
-      # resumes from the last one and replays the same steps (state.py).
-      if improved or record.finished or step % config.checkpoint_every == 0:
+      # A checkpoint every checkpoint_every steps and when the run ends, not
+      # at each new best: a killed run resumes from the last one and replays
+      # the same steps (state.py), so it finds the same best again, and a
+      # synchronous save costs about as much as a validation.
+      if record.finished or step % config.checkpoint_every == 0:
         ckpt.save(state, best, record)
       log(f"epoch {entry['epoch']} step {step} | loss {entry['loss']:.4f} | "
           f"train Dice {entry['train_dice']:.4f} | val Dice {entry['val_dice']:.4f} | "

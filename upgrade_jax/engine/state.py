@@ -24,16 +24,19 @@ from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.tasks import Task
 from upgrade_jax.models.unet import MULTIPLE, UNet
 
-__all__ = ["TrainState", "create_train_state", "init_variables", "network_channels"]
+__all__ = ["TrainState", "create_train_state", "ema_update", "init_variables",
+           "network_channels"]
 
 
 class TrainState(flax.struct.PyTreeNode):
   """The whole mutable state of a run (a pytree; `model` and `tx` are static).
 
   step: () int32 number of completed steps; params, batch_stats: UNet
-  variables; opt_state: Adam state; rng: (2,) uint32 base key (step s uses
-  fold_in(rng, s)). Static: the UNet, the optimizer and the task the network
-  learns (prediction builds its input through the task).
+  variables; ema_params: the exponential moving average of params (Polyak
+  averaging, `TrainConfig.ema_decay`), what validation, selection and
+  prediction use; opt_state: Adam state; rng: (2,) uint32 base key (step s
+  uses fold_in(rng, s)). Static: the UNet, the optimizer and the task the
+  network learns (prediction builds its input through the task).
   """
 
   step: jax.Array
@@ -41,19 +44,30 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  ema_params: Any
   model: UNet = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   task: Task = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def variables(self) -> dict:
-    return {"params": self.params, "batch_stats": self.batch_stats}
+    """The variables a prediction uses: the averaged params (`ema_params`)
+    with the running BatchNorm statistics. The train step differentiates
+    `params`, never these."""
+    return {"params": self.ema_params, "batch_stats": self.batch_stats}
+
+  def with_variables(self, variables: dict) -> "TrainState":
+    """This state predicting with `variables` ({'params', 'batch_stats'}):
+    both params and their average set to them (e.g. the best checkpoint)."""
+    return self.replace(params=variables["params"],
+                        ema_params=jax.tree.map(jnp.copy, variables["params"]),
+                        batch_stats=variables["batch_stats"])
 
   def arrays(self) -> dict:
     """The checkpointed part, as a plain dict of arrays."""
     return {"step": self.step, "params": self.params,
             "batch_stats": self.batch_stats, "opt_state": self.opt_state,
-            "rng": self.rng}
+            "rng": self.rng, "ema_params": self.ema_params}
 
 
 def _raw_key(key) -> jax.Array:
@@ -132,6 +146,19 @@ def _optimizer() -> optax.GradientTransformation:
   return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 
 
+def ema_update(ema, params, step, decay: float):
+  """The moving average after `step` (the number of the update, from 1):
+  ema * d + params * (1 - d) with d = min(decay, (1 + step) / (10 + step)),
+  so the first updates follow the fast-moving weights instead of the
+  random init (TensorFlow's ExponentialMovingAverage with num_updates).
+  decay 0 keeps ema = params. Pytrees of f32 arrays; jittable."""
+  if decay == 0.0:
+    return params
+  t = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+  return jax.tree.map(lambda e, p: e * d + p * (1.0 - d), ema, params)
+
+
 def network_channels(config: TrainConfig, image_channels: int) -> int:
   """Input channels of the network of `config.task` on images with C channels."""
   return image_channels + config.task.extra_channels
@@ -159,7 +186,9 @@ def create_train_state(config: TrainConfig, input_channels: int, key,
   opt_state.hyperparams["learning_rate"] = jnp.asarray(config.lr, jnp.float32)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables["batch_stats"],
-                     opt_state=opt_state, rng=k_run, model=model, tx=tx, task=config.task)
+                     opt_state=opt_state, rng=k_run,
+                     ema_params=jax.tree.map(jnp.copy, params),  # own buffers: both are donated
+                     model=model, tx=tx, task=config.task)
   if mesh is not None:
     state = parallel.replicate_tree(state, mesh)
   return state

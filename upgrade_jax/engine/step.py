@@ -20,7 +20,7 @@ import optax
 from upgrade_jax import parallel
 from upgrade_jax.engine import xla_options
 from upgrade_jax.engine.config import StepConfig, TrainConfig
-from upgrade_jax.engine.state import TrainState
+from upgrade_jax.engine.state import TrainState, ema_update
 from upgrade_jax.metrics import dice_counts, extent_mask
 
 __all__ = ["Batch", "crop_and_flip", "draw_indices", "gather_samples", "take_samples",
@@ -207,7 +207,9 @@ def _build_train_step(config: StepConfig, mesh, max_label: int, streamed: bool):
     hard = target if target.dtype == jnp.bool_ else target > 0.5  # soft or coded targets
     counts = dice_counts(logits[..., 1] > logits[..., 0], hard, valid)
     new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
+                              batch_stats=batch_stats, opt_state=opt_state,
+                              ema_params=ema_update(state.ema_params, params,
+                                                    state.step + 1, config.ema_decay))
     return new_state, {"loss": loss, "dice_counts": counts}
 
   # XLA's default compile: without YNNPACK, XLA:CPU's gradients are wrong
