@@ -160,6 +160,9 @@ flags.DEFINE_integer("steps_per_epoch", CLI_DEFAULTS["steps_per_epoch"], "Steps 
                      "validations.", lower_bound=1)
 flags.DEFINE_integer("patience", _TRAIN.patience, "Early-stopping patience in epochs.",
                      lower_bound=1)
+flags.DEFINE_integer("checkpoint_every", _TRAIN.checkpoint_every, "Steps between "
+                     "checkpoints (one also at the end); a killed run resumes from the last "
+                     "and replays the steps since, exactly.", lower_bound=1)
 flags.DEFINE_float("ema_decay", _TRAIN.ema_decay, "Decay of the moving average of the "
                    "weights that validation, checkpoint selection and prediction use "
                    "(0: the raw weights).", lower_bound=0.0, upper_bound=0.9999)
@@ -370,7 +373,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
   common = dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), conv_impl=v.conv_impl, crop=v.crop,
                 batch_size=v.batch_size, lr=v.lr, steps_per_epoch=v.steps_per_epoch,
                 patience=v.patience, log_every=v.log_every, data_placement=v.data_placement,
-                ema_decay=v.ema_decay)
+                ema_decay=v.ema_decay, checkpoint_every=v.checkpoint_every)
   upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=v.label_dropout,
                                      strength_mix=v.strength_mix),
                         max_steps=v.max_steps, **common)

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 2 steps (patience high enough that none stops early), global batch 4.
 TINY = ["--n_volumes=5", "--volume_shape=6,96,96", "--n_test=1", "--n_hq=4", "--max_test=4",
         "--n_lq=6", "--width=4", "--crop=32", "--batch_size=4", "--max_steps=6",
-        "--steps_per_epoch=2", "--log_every=2", "--patience=5", "--scenarios=",
+        "--steps_per_epoch=2", "--log_every=2", "--checkpoint_every=2", "--patience=5",
+        "--scenarios=",
         "--threshold_baseline=false"]
 
 # One persistent XLA cache for the runs of this module (not ~/.cache).

@@ -138,7 +138,11 @@ def _toy(omission: float, seed: int, n_hq: int = 4):
   test = toy_discs(8, size=(32, 32), seed=3, radius=(3, 6))
   cfg = engine.TrainConfig(task=engine.Segment(), widths=TINY, crop=32, batch_size=8,
                            max_steps=100, steps_per_epoch=25, patience=100, log_every=1000,
-                           lr=3e-3, seed=seed)
+                           lr=3e-3, seed=seed, ema_decay=0.0)
+  # The raw weights (ema_decay 0): on this 100-step toy the weights' average
+  # lifts naive training on 70% omission to 0.96 Dice, where Confident
+  # Learning's corrected labels (0.93) no longer show; the comparison needs a
+  # harder toy under the average (BUILD_NOTES, open problems).
   return hq, lq, val, test, cfg
 
 
