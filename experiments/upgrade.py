@@ -160,6 +160,17 @@ flags.DEFINE_integer("steps_per_epoch", CLI_DEFAULTS["steps_per_epoch"], "Steps 
                      "validations.", lower_bound=1)
 flags.DEFINE_integer("patience", _TRAIN.patience, "Early-stopping patience in epochs.",
                      lower_bound=1)
+flags.DEFINE_integer("lr_drops", _TRAIN.lr_drops, "Plateaus that lower the learning rate "
+                     "(by --lr_drop_factor) before one ends the run.", lower_bound=0)
+flags.DEFINE_float("lr_drop_factor", _TRAIN.lr_drop_factor, "What a plateau multiplies the "
+                   "learning rate by.", lower_bound=1e-6, upper_bound=0.999)
+flags.DEFINE_float("patience_growth", _TRAIN.patience_growth, "A stage's patience becomes "
+                   "max(--patience, ceil(this x the epochs the stage took to reach its "
+                   "best)); 0: fixed patience.", lower_bound=0.0)
+flags.DEFINE_integer("seg_lr_drops", None, "--lr_drops of each segmentation network "
+                     "(default --lr_drops).", lower_bound=0)
+flags.DEFINE_float("seg_patience_growth", None, "--patience_growth of each segmentation "
+                   "network (default --patience_growth).", lower_bound=0.0)
 flags.DEFINE_integer("checkpoint_every", _TRAIN.checkpoint_every, "Steps between "
                      "checkpoints (one also at the end); a killed run resumes from the last "
                      "and replays the steps since, exactly.", lower_bound=1)
@@ -337,6 +348,11 @@ def log_line(msg: str) -> None:
   print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
+def _or(value, default):
+  """A seg_* flag's value, or its general flag's where it was not given."""
+  return default if value is None else value
+
+
 def build_config(v: "FlagView | None" = None) -> PipelineConfig:
   """The flags (or a sweep point's view of them) as frozen configs; the
   library never sees a flag."""
@@ -373,12 +389,17 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
   common = dict(widths=(w, 2 * w, 4 * w, 8 * w, 8 * w), conv_impl=v.conv_impl, crop=v.crop,
                 batch_size=v.batch_size, lr=v.lr, steps_per_epoch=v.steps_per_epoch,
                 patience=v.patience, log_every=v.log_every, data_placement=v.data_placement,
-                ema_decay=v.ema_decay, checkpoint_every=v.checkpoint_every)
+                ema_decay=v.ema_decay, checkpoint_every=v.checkpoint_every,
+                lr_drops=v.lr_drops, lr_drop_factor=v.lr_drop_factor,
+                patience_growth=v.patience_growth)
   upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=v.label_dropout,
                                      strength_mix=v.strength_mix),
                         max_steps=v.max_steps, **common)
   segment = TrainConfig(task=Segment(), max_steps=v.seg_max_steps or v.max_steps,
-                        **{**common, "patience": v.seg_patience or v.patience})
+                        **{**common, "patience": v.seg_patience or v.patience,
+                           "lr_drops": _or(v.seg_lr_drops, v.lr_drops),
+                           "patience_growth": _or(v.seg_patience_growth,
+                                                  v.patience_growth)})
   data = DataConfig(source=v.data, preset=v.preset, data_dir=v.data_dir,
                     n_volumes=v.n_volumes, volume_shape=tuple(int(s) for s in v.volume_shape),
                     sim_size=v.sim_size,

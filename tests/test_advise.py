@@ -3,10 +3,9 @@ and the CLI end to end on a tiny synthetic run."""
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
+import cli
 import numpy as np
 import pytest
 from conftest import XLA_CACHE
@@ -48,8 +47,7 @@ def test_advise_cli_on_tiny_synthetic_data(tmp_path):
           "--width=4", "--crop=32", "--batch_size=4", "--max_steps=4", "--steps_per_epoch=2",
           "--patience=2", "--fractions=0.5,1.0", f"--compilation_cache={XLA_CACHE}",
           "--predict_n=8", f"--out_dir={out}"]
-  proc = subprocess.run([sys.executable, "-m", "experiments.advise", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  proc = cli.run("experiments.advise", args, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   d = json.loads((out / "advice.json").read_text())
   assert [p["n"] for p in d["points"]] == advise.nested_sizes(d["n_train"])
@@ -57,8 +55,7 @@ def test_advise_cli_on_tiny_synthetic_data(tmp_path):
   assert "HQ label" in proc.stdout + proc.stderr or "trend" in proc.stdout + proc.stderr
   assert (out / "advice.png").stat().st_size > 0
   # A bad flag: one line, exit 2, nothing written.
-  bad = subprocess.run([sys.executable, "-m", "experiments.advise", *args[:-1],
-                        "--fractions=0.5,2", f"--out_dir={tmp_path / 'bad'}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+  bad = cli.run("experiments.advise", [*args[:-1], "--fractions=0.5,2",
+                                       f"--out_dir={tmp_path / 'bad'}"], timeout=120)
   assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--fractions" in bad.stderr
   assert not (tmp_path / "bad").exists()

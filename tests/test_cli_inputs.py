@@ -11,9 +11,9 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import cli
 import numpy as np
 import pytest
 import tifffile
@@ -277,9 +277,7 @@ CASES = [
 
 
 def run_cli(args, module="experiments.upgrade"):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", module, "--compilation_cache=", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return cli.run(module, ["--compilation_cache=", *args], timeout=300)
 
 
 def assert_refused(proc, culprit, before, root):

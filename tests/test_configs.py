@@ -174,3 +174,19 @@ def test_sweep_points_over_lq_flags_build_different_lq_sets():
   lq = [pipeline_data.prepare_rep(c, volumes, seed=0).lq_masks.targets > 0 for c in cfgs]
   # More omission leaves less foreground in the same slices.
   assert lq[0].sum() > lq[1].sum()
+
+
+def test_lr_drop_flags_reach_the_networks_they_name():
+  from upgrade_jax.pipeline.config import run_key
+  with parsed("--out_dir=runs/x", "--seg_lr_drops=1", "--seg_patience_growth=0.5"):
+    cfg = upgrade.build_config()
+    assert (cfg.segment.lr_drops, cfg.segment.patience_growth) == (1, 0.5)
+    assert (cfg.upgrade.lr_drops, cfg.upgrade.patience_growth) == (0, 0.0)
+    key = run_key(cfg)
+    assert key["segment"]["lr_drops"] == 1 and "lr_drops" not in key["upgrade"]
+  with parsed("--out_dir=runs/x", "--lr_drops=2", "--lr_drop_factor=0.5"):
+    cfg = upgrade.build_config()
+    assert cfg.segment.lr_drops == cfg.upgrade.lr_drops == 2
+    assert cfg.segment.lr_drop_factor == cfg.upgrade.lr_drop_factor == 0.5
+  with parsed("--out_dir=runs/x", "--lr_drops=2", "--seg_lr_drops=0"):
+    assert upgrade.build_config().segment.lr_drops == 0

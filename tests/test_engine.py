@@ -352,3 +352,87 @@ def test_step_config_is_the_cache_key():
   assert hash(a.step) == hash(_toy_config(seed=9).step)
   assert a.step != _toy_config(crop=32).step
   assert a.step != _toy_config(task=T.Upgrade(perturb=PerturbConfig(omission_rate=0.4))).step
+
+
+def _record():
+  from upgrade_jax.engine.checkpoints import LoopRecord
+  return LoopRecord(config={}, data={})
+
+
+def test_plateau_drops_the_learning_rate_then_stops():
+  """By hand: patience 2, one drop. Epochs 3-4 do not beat epoch 2, so epoch
+  4 drops the rate and starts a stage; epoch 5 improves, 6-7 do not: stop."""
+  rec = _record()
+  drops, stopped = [], None
+  for epoch, v in enumerate([0.5, 0.6, 0.6, 0.55, 0.7, 0.7, 0.69, 0.9], start=1):
+    rec.step = 10 * epoch
+    entry, _ = rec.close_epoch(v, None, patience=2, max_steps=1000, lr_drops=1)
+    if entry.get("lr_drop"):
+      drops.append(epoch)
+    if rec.finished:
+      stopped = epoch
+      break
+  assert drops == [4] and stopped == 7
+  assert rec.stop_reason == "early stop (patience 2, after 1 lr drop)"
+  assert (rec.best_val_dice, rec.best_step, rec.best_epoch, rec.lr_drops) == (0.7, 50, 5, 1)
+  # No drops left: the first plateau ends the run, as before the option.
+  rec = _record()
+  for epoch, v in enumerate([0.5, 0.6, 0.6, 0.55], start=1):
+    entry, _ = rec.close_epoch(v, None, patience=2, max_steps=1000)
+    assert "lr_drop" not in entry
+  assert rec.finished and rec.stop_reason == "early stop (patience 2)"
+  # Growth 1: the best came 5 epochs into the stage, so the stage waits 5
+  # epochs, not 2; a stage after a drop counts its own epochs from the drop.
+  rec = _record()
+  vals = [0.1, 0.2, 0.3, 0.4, 0.5] + [0.5] * 5 + [0.6] + [0.6] * 5
+  for epoch, v in enumerate(vals, start=1):
+    entry, _ = rec.close_epoch(v, None, patience=2, max_steps=1000, lr_drops=1,
+                               patience_growth=1.0)
+    if entry.get("lr_drop"):
+      drops.append(epoch)
+    if rec.finished:
+      break
+  assert drops == [4, 10] and rec.stage_start == 10
+  # Stage 2's best is its first epoch (11): it waits max(2, ceil(1 * 1)) = 2.
+  assert epoch == 13 and rec.stop_reason == "early stop (patience 2, after 1 lr drop)"
+  # The cap ends a run whose rule has not, in the same epoch.
+  rec = _record()
+  rec.step = 100
+  rec.close_epoch(0.5, None, patience=2, max_steps=100, lr_drops=1)
+  assert rec.finished and rec.stop_reason == "max_steps"
+
+
+def test_fit_lowers_the_learning_rate_at_a_plateau(tmp_path, toy_sets):
+  train, val, _ = toy_sets
+  cfg = _toy_config(lr=1e-9, max_steps=400, steps_per_epoch=3, patience=2, lr_drops=1,
+                    lr_drop_factor=0.25)
+  lines = []
+  result = T.fit(cfg, train, val, tmp_path, log=lines.append)
+  dropped = [h["epoch"] for h in result.history if h.get("lr_drop")]
+  assert len(dropped) == 1 and result.lr_drops == 1
+  assert result.stop_reason == "early stop (patience 2, after 1 lr drop)"
+  assert result.summary(cfg.max_steps)["lr_drops"] == 1
+  assert T.learning_rate(result.state_last) == pytest.approx(0.25e-9)
+  assert any(s.startswith("plateau at step") and "2.5e-10" in s for s in lines)
+  # The lowered rate is in the checkpoint: the finished run comes back with it.
+  again = T.fit(cfg, train, val, tmp_path, log=lambda s: None)
+  assert T.learning_rate(again.state_last) == pytest.approx(0.25e-9)
+  assert again.lr_drops == 1
+
+
+def test_a_run_from_before_a_new_field_resumes_with_its_default(toy_sets):
+  from upgrade_jax.engine.checkpoints import LoopRecord
+  train, val, _ = toy_sets
+  cfg = _toy_config()
+  record = LoopRecord.fresh(cfg, train, val)
+  del record.config["lr_drops"]
+  T.check_resumable(record, cfg, train, val, "here")
+  with pytest.raises(T.ConfigMismatch, match="lr_drops: 0 -> 1"):
+    T.check_resumable(record, _toy_config(lr_drops=1), train, val, "here")
+
+
+def test_learning_rate_schedule_fields_are_validated():
+  for bad in (dict(lr_drops=-1), dict(lr_drop_factor=1.0), dict(lr_drop_factor=0.0),
+              dict(patience_growth=-0.5)):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      T.TrainConfig(**bad)

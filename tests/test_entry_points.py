@@ -5,10 +5,9 @@ an entry point did not write. Every refusal: exit 2, one line on stderr, no
 traceback, nothing new on disk, no input changed."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import cli
 import numpy as np
 import pytest
 import tifffile
@@ -22,8 +21,7 @@ TINY = ["--width=4", "--crop=32", "--batch_size=4", "--max_steps=4", "--steps_pe
 
 
 def _cli(module, *args, timeout=300):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout)
+  return cli.run(module, args, timeout=timeout)
 
 
 def _pairs(root: Path, names, seed=0, stack=None):

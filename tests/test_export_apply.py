@@ -2,13 +2,11 @@
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
+import cli
 import numpy as np
 import pytest
 import tifffile
@@ -90,12 +88,7 @@ def test_wrong_channel_count(tmp_path):
 # The CLI.
 
 def run(module, args, check=True):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, "-m", module, f"--compilation_cache={CACHE}", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-  return proc
+  return cli.run(module, [f"--compilation_cache={CACHE}", *args], timeout=600, check=check)
 
 
 def make_folders(root: Path) -> None:

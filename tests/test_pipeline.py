@@ -5,10 +5,9 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+import cli
 import numpy as np
 import pytest
 import tifffile
@@ -30,13 +29,7 @@ from conftest import XLA_CACHE as CACHE  # noqa: E402
 
 
 def run_cli(args, module="experiments.upgrade", check=True):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  args = [f"--compilation_cache={CACHE}", *args]
-  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-  return proc
+  return cli.run(module, [f"--compilation_cache={CACHE}", *args], timeout=600, check=check)
 
 
 def tree_digest(path: Path) -> str:
@@ -529,9 +522,8 @@ def test_sweep_points_as_separate_jobs_collect_to_the_in_process_sweep(tmp_path)
   assert proc.returncode == 2 and "have not finished" in proc.stderr
   for k in (2, 0):
     run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", f"--index={k}"], module="experiments.sweep")
-  env_job = subprocess.run(
-      [sys.executable, "-m", "experiments.sweep", f"--compilation_cache={CACHE}", *base,
-       f"--out_dir={tmp_path / 'jobs'}"], cwd=ROOT, capture_output=True, text=True,
+  env_job = cli.run(
+      "experiments.sweep", [f"--compilation_cache={CACHE}", *base, f"--out_dir={tmp_path / 'jobs'}"],
       env={**os.environ, "JAX_PLATFORMS": "cpu", "SLURM_ARRAY_TASK_ID": "1"}, timeout=600)
   assert env_job.returncode == 0, env_job.stderr[-2000:]
   assert not (tmp_path / "jobs" / "sweep.json").exists()   # points only, no collection

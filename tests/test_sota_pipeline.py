@@ -2,11 +2,9 @@
 key, and a tiny CLI run that carries them into results.json and the table."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import cli
 import numpy as np
 import pytest
 from conftest import XLA_CACHE
@@ -67,9 +65,7 @@ def test_cli_runs_both_methods_into_results_and_table(tmp_path):
   out = tmp_path / "run"
   args = TINY + ["--scenarios=hq_upgraded,confident_learning,partial_labelling",
                  "--threshold_baseline=false", f"--out_dir={out}", f"--compilation_cache={XLA_CACHE}"]
-  proc = subprocess.run([sys.executable, "-m", "experiments.upgrade", *args], cwd=ROOT,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                        text=True, timeout=600)
+  proc = cli.run("experiments.upgrade", args, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   d = json.loads((out / "results.json").read_text())
   assert set(d["segmentation_dice"]) == {"hq_upgraded", "confident_learning",

@@ -25,7 +25,8 @@ from upgrade_jax.engine.evaluation import (ValSet, bucket_size, evaluate, make_v
                                          predict, predict_proba)
 from upgrade_jax.engine.loop import FitResult, fit
 from upgrade_jax.engine.state import (TrainState, create_train_state, ema_update,
-                                      init_variables, network_channels)
+                                      init_variables, learning_rate, network_channels,
+                                      scale_learning_rate)
 from upgrade_jax.engine.step import (Batch, crop_and_flip, draw_indices, gather_samples,
                                      make_train_step, sample_crops, take_samples)
 from upgrade_jax.engine.tasks import TASKS, Segment, Task, Upgrade, make_task, task_from_json
@@ -35,6 +36,6 @@ __all__ = ["Checkpoints", "ConfigMismatch", "LoopRecord", "check_resumable", "co
            "data_digest", "StepConfig", "TrainConfig",
            "ValSet", "bucket_size", "evaluate", "make_val_set", "predict", "predict_proba",
            "FitResult", "fit", "TrainState", "create_train_state", "ema_update", "init_variables",
-           "network_channels", "Batch", "crop_and_flip", "draw_indices", "gather_samples",
+           "learning_rate", "network_channels", "scale_learning_rate", "Batch", "crop_and_flip", "draw_indices", "gather_samples",
            "make_train_step", "sample_crops", "take_samples", "TASKS", "Segment", "Task", "Upgrade", "make_task",
            "task_from_json", "ConfidentLearning", "PartialLabelling"]

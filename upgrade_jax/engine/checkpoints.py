@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -89,8 +90,10 @@ class LoopRecord:
   config: TrainConfig.to_json() of the run; data: shapes and digests of the
   training and validation sets; context: JSON-able settings outside the
   config that the run depends on (the pipeline's run key); step: completed steps; best_val_dice / best_step: the
-  best validation so far (-1 before the first); bad_epochs: epochs since it;
-  finished / stop_reason; history: one dict per epoch; epoch_*: running sums
+  best validation so far (-1 before the first); best_epoch: its epoch (from
+  1); bad_epochs: epochs since it, or since the last learning-rate drop;
+  stage_start: the epoch of the last drop (0 before any); lr_drops: drops
+  made; finished / stop_reason; history: one dict per epoch; epoch_*: running sums
   of the current epoch's train metrics.
   """
 
@@ -100,7 +103,10 @@ class LoopRecord:
   step: int = 0
   best_val_dice: float = -1.0
   best_step: int = 0
+  best_epoch: int = 0
   bad_epochs: int = 0
+  stage_start: int = 0
+  lr_drops: int = 0
   finished: bool = False
   stop_reason: str = ""
   history: list = dataclasses.field(default_factory=list)
@@ -137,15 +143,22 @@ class LoopRecord:
     self.epoch_counts = [a + int(b) for a, b in zip(self.epoch_counts,
                                                     metrics["dice_counts"])]
 
-  def close_epoch(self, val_dice: float, img_per_s, patience: int,
-                  max_steps: int) -> tuple[dict, bool]:
+  def close_epoch(self, val_dice: float, img_per_s, patience: int, max_steps: int,
+                  lr_drops: int = 0, patience_growth: float = 0.0) -> tuple[dict, bool]:
     """Ends an epoch: appends its history entry, updates early stopping.
+
+    A stage (the epochs since the last learning-rate drop) waits
+    W = max(patience, ceil(patience_growth * (best_epoch - stage_start)))
+    epochs without a new best. Then, while fewer than `lr_drops` drops were
+    made, the entry gets "lr_drop": True (the caller lowers the rate) and a
+    new stage starts; else the run stops.
 
     Returns:
       (entry, improved): the epoch's history dict, and whether `val_dice` is
       a new best (the caller keeps the variables).
     """
-    entry = {"step": self.step, "epoch": len(self.history) + 1,
+    epoch = len(self.history) + 1
+    entry = {"step": self.step, "epoch": epoch,
              "loss": self.epoch_loss_sum / max(self.epoch_steps, 1),
              "train_dice": pooled_dice(self.epoch_counts), "val_dice": val_dice,
              "img_per_s": img_per_s}
@@ -153,12 +166,22 @@ class LoopRecord:
     self.epoch_loss_sum, self.epoch_steps, self.epoch_counts = 0.0, 0, [0, 0, 0]
     improved = val_dice > self.best_val_dice
     if improved:
-      self.best_val_dice, self.best_step, self.bad_epochs = val_dice, self.step, 0
+      self.best_val_dice, self.best_step, self.best_epoch = val_dice, self.step, epoch
+      self.bad_epochs = 0
     else:
       self.bad_epochs += 1
-    if self.bad_epochs >= patience:
-      self.finish(f"early stop (patience {patience})")
-    elif self.step >= max_steps:
+    wait = max(int(patience),
+               math.ceil(patience_growth * max(self.best_epoch - self.stage_start, 0)))
+    if self.bad_epochs >= wait:
+      if self.lr_drops < lr_drops:
+        self.lr_drops += 1
+        self.bad_epochs, self.stage_start = 0, epoch
+        entry["lr_drop"] = True
+      else:
+        drops = (f", after {self.lr_drops} lr drop{'s' if self.lr_drops != 1 else ''}"
+                 if self.lr_drops else "")
+        self.finish(f"early stop (patience {wait}{drops})")
+    if not self.finished and self.step >= max_steps:
       self.finish("max_steps")
     return entry, improved
 
@@ -179,7 +202,10 @@ def check_resumable(record: LoopRecord, config: TrainConfig, train: Dataset, val
   """Raises ConfigMismatch naming what differs unless `workdir`'s run is a run
   of `config` (TrainConfig.RESUMABLE_CHANGES may differ), with this `context`
   (e.g. the pipeline's data and LQ perturbation), on the same training data."""
-  want, have = _canonical(config.to_json()), _canonical(record.config)
+  # A field the stored config lacks was added to TrainConfig after the run
+  # was made, and the run trained with its default.
+  defaults = {k: v for k, v in TrainConfig().to_json().items() if k != "task"}
+  want, have = _canonical(config.to_json()), _canonical({**defaults, **record.config})
   diff = [f"{k}: {_at(have, k)} -> {_at(want, k)}" for k in config_diff(have, want)
           if k.split(".")[0] not in TrainConfig.RESUMABLE_CHANGES]
   diff += [f"context.{k}" for k in config_diff(_canonical(record.context),

@@ -24,7 +24,8 @@ from upgrade_jax.data.types import Dataset
 from upgrade_jax.engine.checkpoints import Checkpoints, LoopRecord, check_resumable
 from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.evaluation import evaluate, make_val_set
-from upgrade_jax.engine.state import TrainState, create_train_state, network_channels
+from upgrade_jax.engine.state import (TrainState, create_train_state, learning_rate,
+                                      network_channels, scale_learning_rate)
 from upgrade_jax.engine.step import draw_indices, make_train_step
 
 __all__ = ["FitResult", "fit"]
@@ -36,7 +37,9 @@ class FitResult:
   the final state; history: one dict per epoch (step, epoch, loss,
   train_dice, val_dice, img_per_s); resumed_from: the step a previous run
   had reached, or None for a fresh run; steps: the steps trained;
-  stop_reason: why it stopped ("early stop (patience P)" or "max_steps").
+  stop_reason: why it stopped ("early stop (patience P)", "early stop
+  (patience P, after N lr drops)" or "max_steps"); lr_drops: how many
+  plateaus lowered the learning rate.
   """
   state_best: TrainState
   state_last: TrainState
@@ -46,6 +49,7 @@ class FitResult:
   resumed_from: int | None
   steps: int = 0
   stop_reason: str = ""
+  lr_drops: int = 0
 
   @property
   def hit_cap(self) -> bool:
@@ -57,7 +61,7 @@ class FitResult:
     return {"steps": self.steps, "best_step": self.best_step,
             "best_val_dice": self.best_val_dice, "stop_reason": self.stop_reason,
             "hit_cap": self.hit_cap, "max_steps": int(max_steps),
-            "evaluations": len(self.history)}
+            "evaluations": len(self.history), "lr_drops": self.lr_drops}
 
 
 def _copy(tree):
@@ -182,7 +186,8 @@ def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
   return FitResult(state_best=state.with_variables(best), state_last=state,
                    history=record.history, best_val_dice=float(record.best_val_dice),
                    best_step=int(record.best_step), resumed_from=resumed_from,
-                   steps=int(record.step), stop_reason=str(record.stop_reason))
+                   steps=int(record.step), stop_reason=str(record.stop_reason),
+                   lr_drops=int(record.lr_drops))
 
 
 def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecord,
@@ -236,9 +241,14 @@ def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecor
     if step % config.steps_per_epoch == 0 or step >= config.max_steps:
       sync()
       entry, improved = record.close_epoch(evaluate(state, valset), clock.epoch_rate(),
-                                           config.patience, config.max_steps)
+                                           config.patience, config.max_steps,
+                                           config.lr_drops, config.patience_growth)
       if improved:
         best = _copy(state.variables)
+      if entry.get("lr_drop"):
+        state = scale_learning_rate(state, config.lr_drop_factor)
+        log(f"plateau at step {step}: learning rate lowered to {learning_rate(state):.3g} "
+            f"(drop {record.lr_drops} of {config.lr_drops})")
       # A checkpoint every checkpoint_every steps and when the run ends, not
       # at each new best: a killed run resumes from the last one and replays
       # the same steps (state.py), so it finds the same best again, and a

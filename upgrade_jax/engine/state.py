@@ -25,7 +25,7 @@ from upgrade_jax.engine.tasks import Task
 from upgrade_jax.models.unet import MULTIPLE, UNet
 
 __all__ = ["TrainState", "create_train_state", "ema_update", "init_variables",
-           "network_channels"]
+           "learning_rate", "network_channels", "scale_learning_rate"]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -157,6 +157,22 @@ def ema_update(ema, params, step, decay: float):
   t = jnp.asarray(step, jnp.float32)
   d = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
   return jax.tree.map(lambda e, p: e * d + p * (1.0 - d), ema, params)
+
+
+def learning_rate(state: TrainState) -> float:
+  """The Adam learning rate the state's next step uses (a host float)."""
+  return float(jax.device_get(state.opt_state.hyperparams["learning_rate"]))
+
+
+def scale_learning_rate(state: TrainState, factor: float) -> TrainState:
+  """`state` with its learning rate times `factor` (a plateau's drop). The
+  rate is optimizer state (inject_hyperparams), so the compiled step is
+  reused and a checkpoint carries the lowered rate; the new value keeps the
+  old one's sharding."""
+  hp = dict(state.opt_state.hyperparams)
+  old = hp["learning_rate"]
+  hp["learning_rate"] = jax.device_put(old * jnp.float32(factor), old.sharding)
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
 
 
 def network_channels(config: TrainConfig, image_channels: int) -> int:

@@ -232,6 +232,9 @@ _RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch", "
 _RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl",
                          "data_placement")
 _METHOD_FIELDS = ("confident_learning", "partial_labelling")
+# Training options added after records were made: left out of the key at
+# their defaults, so those records' keys still match.
+_LATER_TRAIN_FIELDS = ("lr_drops", "lr_drop_factor", "patience_growth")
 
 
 def run_key(cfg: PipelineConfig) -> dict:
@@ -245,6 +248,9 @@ def run_key(cfg: PipelineConfig) -> dict:
   for net in ("upgrade", "segment"):
     for k in _RUNTIME_TRAIN_FIELDS:
       d[net].pop(k)
+    for k in _LATER_TRAIN_FIELDS:
+      if getattr(getattr(cfg, net), k) == getattr(engine.TrainConfig, k):
+        d[net].pop(k)
   if cfg.data.others != "felzenszwalb":   # its settings change nothing then
     d["data"].pop("felzenszwalb")
   if not cfg.data.z_consistent:   # off: the key of runs made before the option
