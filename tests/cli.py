@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 _SERVER_ENV = {"JAX_PLATFORMS": "cpu"}
-_server = None   # (Popen, socket path) of this process's server
+_server = None   # (Popen, socket path, its JAX_* variables) of this process's server
 
 
 def _jax_vars(env) -> dict:
@@ -66,7 +66,6 @@ def _recv(sock):
 
 def _child(req) -> None:
   """In the forked child: become the case's process and run its module."""
-  import atexit as _atexit
   import runpy
   os.setpgid(0, 0)   # its own group: a timeout kills it and what it started
   os.environ.clear()
@@ -95,7 +94,7 @@ def _child(req) -> None:
     traceback.print_exc()
     code = 1
   try:
-    _atexit._run_exitfuncs()
+    atexit._run_exitfuncs()
   finally:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -152,7 +151,7 @@ def _start() -> tuple:
   if _server is not None and _server[0].poll() is None:
     return _server
   path = os.path.join(tempfile.mkdtemp(prefix="upgrade_jax_cli_"), "s")
-  env = {**os.environ, **_SERVER_ENV, "PYTHONPATH": str(ROOT)}
+  env = _server_env()
   proc = subprocess.Popen([sys.executable, __file__, path], cwd=ROOT, env=env,
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
   line = proc.stdout.readline()
@@ -160,8 +159,12 @@ def _start() -> tuple:
     proc.kill()
     raise RuntimeError(f"the CLI fork server did not start: {line!r}")
   atexit.register(proc.kill)
-  _server = (proc, path)
+  _server = (proc, path, _jax_vars(env))
   return _server
+
+
+def _server_env() -> dict:
+  return {**os.environ, **_SERVER_ENV, "PYTHONPATH": str(ROOT)}
 
 
 def run(module: str, args, *, cwd=ROOT, env=None, timeout: float = 600,
@@ -174,7 +177,9 @@ def run(module: str, args, *, cwd=ROOT, env=None, timeout: float = 600,
   env.setdefault("PYTHONPATH", str(ROOT))
   args = [str(a) for a in args]
   cmd = [sys.executable, "-m", module, *args]
-  if _jax_vars(env) != _jax_vars({**os.environ, **_SERVER_ENV}):
+  # The running server's variables (os.environ may have changed since it started).
+  server_vars = _server[2] if _server is not None else _jax_vars(_server_env())
+  if _jax_vars(env) != server_vars:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
   else:
@@ -186,7 +191,7 @@ def run(module: str, args, *, cwd=ROOT, env=None, timeout: float = 600,
 
 
 def _run_forked(module, args, cmd, cwd, env, timeout):
-  _, path = _start()
+  path = _start()[1]
   umask = os.umask(0)
   os.umask(umask)
   with tempfile.TemporaryDirectory(prefix="upgrade_jax_cli_out_") as out:

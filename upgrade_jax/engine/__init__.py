@@ -36,6 +36,7 @@ __all__ = ["Checkpoints", "ConfigMismatch", "LoopRecord", "check_resumable", "co
            "data_digest", "StepConfig", "TrainConfig",
            "ValSet", "bucket_size", "evaluate", "make_val_set", "predict", "predict_proba",
            "FitResult", "fit", "TrainState", "create_train_state", "ema_update", "init_variables",
-           "learning_rate", "network_channels", "scale_learning_rate", "Batch", "crop_and_flip", "draw_indices", "gather_samples",
+           "learning_rate", "network_channels", "scale_learning_rate", "Batch", "crop_and_flip",
+           "draw_indices", "gather_samples",
            "make_train_step", "sample_crops", "take_samples", "TASKS", "Segment", "Task", "Upgrade", "make_task",
            "task_from_json", "ConfidentLearning", "PartialLabelling"]

@@ -107,8 +107,8 @@ class TrainConfig:
   # implementation of the same convolution). Every other field changes the
   # model or the random stream, and a checkpoint made with another value is
   # not resumed.
-  RESUMABLE_CHANGES = ("max_steps", "patience", "patience_growth", "log_every", "checkpoint_every",
-                       "eval_batch_size", "conv_impl", "data_placement")
+  RESUMABLE_CHANGES = ("max_steps", "patience", "patience_growth", "log_every",
+                       "checkpoint_every", "eval_batch_size", "conv_impl", "data_placement")
 
   def __post_init__(self):
     if isinstance(self.task, str):
