@@ -21,7 +21,7 @@ def prepare_cpu_benchmark(*, omp_wait_policy: str = "auto", xla_flags: str = "",
       passive: the benchmarks alternate JAX and PyTorch in one process, and
       actively waiting OpenMP threads spin through JAX's turn on the same
       cores (train step w16: JAX 382 ms under "active" vs 231 "passive",
-      PyTorch 157 vs 162; BUILD_NOTES, 2026-12-04). Before, "auto" was
+      PyTorch 157 vs 162; BUILD_NOTES.md). Before, "auto" was
       active on a machine with load <= 1, which was never the fair choice.
     xla_flags: appended to XLA_FLAGS.
     malloc_tuning: apply `tune_malloc`.

@@ -1,6 +1,6 @@
 """Time to simulate the default synthetic data set, with a reference alongside.
 
-Workload (issue 3): 30 volumes of 32×256×256 of a preset (default
+Workload: 30 volumes of 32×256×256 of a preset (default
 combined_hl60, both cell types). The reference, timed in the same run, is the
 bare image-formation cost of one volume: one 3-D Gaussian blur, a Poisson draw
 and the uint16 conversion, times n_volumes. The ratio says how much the cell

@@ -1,5 +1,5 @@
 """A training set larger than a device: 2000 synthetic slices of 1024² train
-within this machine's memory (issue 15, part 3). Prints one JSON line.
+within this machine's memory. Prints one JSON line.
 
     python -m benchmarks.large_set                      # 2000 x 1024², 30 steps
     python -m benchmarks.large_set --slices=200 --steps=10   # a quick look
@@ -30,6 +30,7 @@ from absl import app, flags
 
 from upgrade_jax import engine, parallel
 from upgrade_jax.data import io
+from upgrade_jax.data import stacking
 from upgrade_jax.data.types import Dataset
 
 flags.DEFINE_integer("slices", 2000, "Training slices.")
@@ -69,7 +70,7 @@ def build_set(n: int, size: int, seed: int = 0) -> tuple[Dataset, Dataset]:
   ext = np.full((n, 2), size, np.int32)
   train = Dataset(images, masks, np.zeros_like(masks), ext,
                   tuple(f"s{i}" for i in range(n)), scale)
-  val = io.volumes_to_dataset([vol], [(0, z) for z in range(4)], compact=True)
+  val = stacking.volumes_to_dataset([vol], [(0, z) for z in range(4)], compact=True)
   val = val.replace(targets=(val.targets > 0).astype(np.int32))
   return train, val
 

@@ -1,6 +1,6 @@
 """Jitted, vmapped `perturb` against a host numpy/scipy reference, same run.
 
-Workload (issue 2): 64 label maps of 256×256 with about 40 cells each;
+Workload: 64 label maps of 256×256 with about 40 cells each;
 70% omission, then bias with q_max = 6. The host reference does one mask at a
 time with numpy + scipy.ndimage, as a PyTorch DataLoader worker would.
 
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage as ndi
 
-from upgrade_jax.perturb import PerturbConfig, perturb, relabel_sequential
+from upgrade_jax.perturb import PerturbConfig, perturb
+from upgrade_jax.data.labels import relabel_sequential
 
 
 def make_labels(rng, batch, size, cells):

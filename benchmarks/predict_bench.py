@@ -1,6 +1,6 @@
 """Inference throughput of the upgrade UNet: JAX (`engine.predict_proba`) against PyTorch.
 
-Workload (issue 16): the upgrade network (2 input channels: image + LQ mask)
+Workload: the upgrade network (2 input channels: image + LQ mask)
 predicting full images of 256x256 and 1024x1024, batch 8 as the pipeline's
 `predict_batch`, widths (w, 2w, 4w, 8w, 8w) for w = 16 (the quickstart) and
 32. The JAX side is the library call users run, `engine.predict_proba`, from

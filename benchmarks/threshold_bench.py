@@ -6,10 +6,10 @@ chosen on every slice of the 24 training volumes by pooled Dice, then scored
 on the test slices (pooled Dice). Two intensity scales are reported: "max"
 (per-image max normalisation: the pipeline's baseline up to commit 979b759)
 and "raw" (the 16-bit values as they are, a truly global threshold: the
-pipeline's baseline since issue 10, `pipeline.threshold_baseline`). The reference, side by
+pipeline's baseline, `pipeline.threshold_baseline`). The reference, side by
 side, is the paper's best global threshold on its own synthetic sets (Table
 "global thresholding": 0.89 on HL60, 0.21 on granulocytes in the combined
-set) and the bounds of issue 3 (<= 0.92 and <= 0.5).
+set) and the difficulty bounds the presets are built to (<= 0.92 and <= 0.5).
 
 Prints one JSON line.
 
@@ -23,7 +23,8 @@ import json
 import time
 
 from upgrade_jax.baselines import threshold
-from upgrade_jax.data import io, sampling, synthetic
+from upgrade_jax.data import sampling, synthetic
+from upgrade_jax.data import stacking
 
 PAPER = {"hl60": 0.89, "combined_granulocytes": 0.21}
 BOUND = {"hl60": 0.92, "combined_granulocytes": 0.5}
@@ -44,8 +45,8 @@ def main():
     train, test = sampling.hold_out(vols, args.n_test, seed=args.seed)
     row = {}
     for scale, norm in (("max", "max"), ("raw", "none")):
-      r = threshold.fit_and_evaluate(io.volumes_to_dataset(train, normalisation=norm),
-                                     io.volumes_to_dataset(test, normalisation=norm))
+      r = threshold.fit_and_evaluate(stacking.volumes_to_dataset(train, normalisation=norm),
+                                     stacking.volumes_to_dataset(test, normalisation=norm))
       row[scale] = {"fraction": r.fraction, "train_dice": round(r.train_dice, 4),
                     "test_dice": round(r.test_dice, 4)}
     if preset in BOUND:
@@ -53,7 +54,7 @@ def main():
       row.update(paper=PAPER[preset], bound=BOUND[preset], holds=worst <= BOUND[preset])
       holds &= row["holds"]
     out["presets"][preset] = row
-  out["pipeline_scale"] = "raw"   # what pipeline.threshold_baseline uses (issue 10)
+  out["pipeline_scale"] = "raw"   # what pipeline.threshold_baseline uses
   out["all_bounds_hold"] = holds
   out["seconds"] = round(time.perf_counter() - start, 1)
   print(json.dumps(out))

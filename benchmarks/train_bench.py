@@ -1,6 +1,6 @@
 """Train-step throughput of the upgrade UNet: JAX (this library) against PyTorch.
 
-Workload (issue 4): batch 4, 128x128 crops, UNet widths (w, 2w, 4w, 8w, 8w)
+Workload: batch 4, 128x128 crops, UNet widths (w, 2w, 4w, 8w, 8w)
 for w = 16 and 32, soft Dice, Adam. The JAX side is the library's own step
 (`engine.make_train_step`): crop sampling, flips, the pair function, the
 forward/backward pass, Adam and the Dice counts, all in one jitted program.

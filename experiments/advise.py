@@ -1,4 +1,4 @@
-r"""How much would more HQ labels improve the upgrade network? (issue 14)
+r"""How much would more HQ labels improve the upgrade network?
 
     python -m experiments.advise --hq_images=DIR --hq_labels=DIR --out_dir=DIR
     python -m experiments.advise --flagfile=experiments/configs/quickstart.cfg \
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import upgrade  # defines the run's flags
-from upgrade_jax.data.io import write_text
+from experiments import cli, run_config  # the run's flags come with run_config
+from upgrade_jax.files import write_text
 from upgrade_jax.rundir import InputError
 
 F = flags.FLAGS
@@ -67,13 +67,13 @@ def plan(out_dir: Path):
   from upgrade_jax import metrics, pipeline, rundir
   from upgrade_jax.pipeline.user import load_hq_pairs
 
-  v = upgrade.FlagView()
+  v = run_config.FlagView()
   if v.lq_images or v.lq_labels:
     raise InputError("--lq_images/--lq_labels do not apply to experiments.advise: it learns "
                      "from the HQ pairs only; remove them")
   user_mode = bool(v.hq_images or v.hq_labels)
-  upgrade.check_flag_combination(v, user_flags=("hq_images", "hq_labels"))
-  cfg = upgrade.build_config(v)
+  run_config.check_flag_combination(v, user_flags=("hq_images", "hq_labels"))
+  cfg = run_config.build_config(v)
   _fractions(), _predict_n()
   if user_mode:
     if not v.hq_labels:
@@ -85,7 +85,7 @@ def plan(out_dir: Path):
     rundir.check_out_dir(out_dir, guard, owner="advise")
     hq, train_idx, val_idx = load_hq_pairs(cfg, v.hq_images, v.hq_labels)
     return cfg, hq.subset(train_idx), hq.subset(val_idx), None, guard
-  volumes, guard = pipeline.prepare_run(cfg, out_dir, log=upgrade.log_line, owner="advise")
+  volumes, guard = pipeline.prepare_run(cfg, out_dir, log=cli.log_line, owner="advise")
   data = pipeline.prepare_rep(cfg, volumes, seed=cfg.seed)
   valid = data.test.valid_mask()
 
@@ -100,7 +100,7 @@ def plan(out_dir: Path):
 
 def run(out_dir: Path, planned) -> dict:
   from upgrade_jax import advise, rundir
-  from upgrade_jax.data.io import json_safe
+  from upgrade_jax.files import json_safe
   from upgrade_jax.pipeline import run_key
 
   cfg, hq_train, hq_val, score, guard = planned
@@ -108,7 +108,7 @@ def run(out_dir: Path, planned) -> dict:
   with rundir.RunLock(out_dir, owner="advise"):
     rundir.remove_stale_temps(out_dir)
     points = advise.learning_curve(cfg.upgrade, hq_train, hq_val, sizes, out_dir / "curve",
-                                   seed=cfg.seed, score=score, log=upgrade.log_line,
+                                   seed=cfg.seed, score=score, log=cli.log_line,
                                    context={"advise": run_key(cfg)})
     n_now = sizes[-1]
     out = {"n_train": len(hq_train), "n_val": len(hq_val), "points": points}
@@ -159,16 +159,16 @@ def main(argv):
   if len(argv) > 1:
     sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
     return 2
-  upgrade.setup_runtime()
+  cli.setup_runtime()
   out_dir = Path(F.out_dir)
-  planned = upgrade.one_line_errors(plan, out_dir, checking=True)
-  out = upgrade.one_line_errors(run, out_dir, planned)
+  planned = cli.one_line_errors(plan, out_dir, checking=True)
+  out = cli.one_line_errors(run, out_dir, planned)
   for key in ("val_dice", "test_dice"):
     if key in out:
-      upgrade.log_line(f"{key}: {out[key]['sentence']}")
-  upgrade.log_line(f"advice in {out_dir / 'advice.json'}, {out_dir / 'advice.png'}")
+      cli.log_line(f"{key}: {out[key]['sentence']}")
+  cli.log_line(f"advice in {out_dir / 'advice.json'}, {out_dir / 'advice.png'}")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=upgrade.parse_flags_one_line)
+  app.run(main, flags_parser=cli.parse_flags_one_line)

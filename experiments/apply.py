@@ -29,7 +29,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments import upgrade as upgrade_cli  # its shared flags and error handling
+from experiments import cli, run_flags  # the shared CLI; the run flags apply may share
 
 F = flags.FLAGS
 
@@ -37,10 +37,6 @@ flags.DEFINE_string("model", None, "The model/ folder a training run left (out_d
 flags.DEFINE_string("images", None, "Folder of images to upgrade the labels of.")
 flags.DEFINE_string("labels", None, "Folder of their LQ labels (same file names).")
 
-# Flags of experiments.upgrade that mean something here; any other one given
-# would be silently ignored, so it is an error.
-SHARED = ("out_dir", "output", "tile", "tile_margin", "review_top", "debug",
-          "compilation_cache")
 
 
 def check_flags() -> None:
@@ -49,8 +45,8 @@ def check_flags() -> None:
   for name in ("model", "images", "labels"):
     if not getattr(F, name):
       raise InputError(f"--{name} is required")
-  ignored = sorted(f"--{f.name}" for f in F.get_flags_for_module(upgrade_cli)
-                   if f.present and f.name not in SHARED)
+  ignored = sorted(f"--{f.name}" for f in F.get_flags_for_module(run_flags)
+                   if f.present and f.name not in run_flags.APPLY_FLAGS)
   if ignored:
     raise InputError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply "
                      "to experiments.apply (the model folder fixes the network); remove them")
@@ -87,7 +83,7 @@ def plan(out_dir: Path):
 def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
   import numpy as np
 
-  from upgrade_jax import export, instances, review, rundir
+  from upgrade_jax import export, files, instances, metrics, review, rundir
   from upgrade_jax.data import io
 
   t0 = time.perf_counter()
@@ -98,19 +94,19 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
     written, rows, packed = [], [], {}
     for k, (stem, image_path, label_path) in enumerate(pairs):
       image, lq = export.load_sample(image_path, label_path, upgrader)
-      # The probabilities once: upgrade_sample's mask is this > THRESHOLD.
+      # The probabilities once: upgrade_sample's mask is this > FOREGROUND_THRESHOLD.
       probs = export.sample_probability(upgrader, image, lq)
-      mask = probs > export.THRESHOLD
+      mask = probs > metrics.FOREGROUND_THRESHOLD
       labels = instances.labels_from_mask(mask, lq, F.output)
       written.append(str(io.write_labels(target / f"{stem}.tif", labels, guard=guard)))
       rows.append(review.image_review(lq, mask, probs, stem))
       packed[stem] = (np.packbits(mask), mask.shape)   # 1 bit a pixel for the overlays
-      upgrade_cli.log_line(f"[{k + 1}/{len(pairs)}] {stem}: {image.shape[0]}x{image.shape[1]}, "
+      cli.log_line(f"[{k + 1}/{len(pairs)}] {stem}: {image.shape[0]}x{image.shape[1]}, "
                        f"{int(lq.max())} LQ -> {int(labels.max())} upgraded objects")
-    files = {stem: (image_path, label_path) for stem, image_path, label_path in pairs}
+    paths_of = {stem: (image_path, label_path) for stem, image_path, label_path in pairs}
 
     def sample(stem):   # the top N again from disk: memory holds one image at a time
-      image, lq = export.load_sample(*files[stem], upgrader)
+      image, lq = export.load_sample(*paths_of[stem], upgrader)
       bits, shape = packed[stem]
       return image, lq, np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape) > 0
 
@@ -120,7 +116,7 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
               "upgraded": written, "review": [r["name"] for r in ranked],
               "seconds": time.perf_counter() - t0,
               "command": " ".join(sys.argv)}
-    io.write_text(out_dir / "apply.json", json.dumps(record, indent=2), guard=guard)
+    files.write_text(out_dir / "apply.json", json.dumps(record, indent=2), guard=guard)
   return record
 
 
@@ -128,14 +124,14 @@ def main(argv):
   if len(argv) > 1:
     sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
     return 2
-  upgrade_cli.setup_runtime()
+  cli.setup_runtime()
   out_dir = Path(F.out_dir)
-  upgrader, pairs, guard = upgrade_cli.one_line_errors(plan, out_dir, checking=True)
-  record = upgrade_cli.one_line_errors(execute, out_dir, upgrader, pairs, guard)
-  upgrade_cli.log_line(f"wrote {len(record['upgraded'])} upgraded label files to "
+  upgrader, pairs, guard = cli.one_line_errors(plan, out_dir, checking=True)
+  record = cli.one_line_errors(execute, out_dir, upgrader, pairs, guard)
+  cli.log_line(f"wrote {len(record['upgraded'])} upgraded label files to "
                    f"{out_dir / 'upgraded'} in {record['seconds']:.1f}s")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=upgrade_cli.parse_flags_one_line)
+  app.run(main, flags_parser=cli.parse_flags_one_line)

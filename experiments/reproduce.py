@@ -31,7 +31,8 @@ from absl import app, flags
 
 from experiments.reproduction import records, render
 from experiments.reproduction.entries import PAPER_NUMBERS, select
-from upgrade_jax.data.io import write_text
+from upgrade_jax.files import write_text
+from upgrade_jax.pipeline.config import HQ_COST
 
 ROOT = Path(__file__).resolve().parents[1]
 DISCUSSION = ROOT / "experiments" / "reproduction" / "discussion.md"
@@ -143,7 +144,7 @@ def document(root: Path, doc: Path, data_dirs: dict, root_label: str | None = No
       out += [f"![{e.table}]({fig_dir.name}/{png.name})", ""]
       if e.table == "figure_3_6":
         out += ["Costs: " + "; ".join(
-            f"n_hq={v}: " + ", ".join(f"{k} {render.annotation_cost(d, k, 5.0):g}"
+            f"n_hq={v}: " + ", ".join(f"{k} {render.annotation_cost(d, k, HQ_COST):g}"
                                        for k in ("hq", "lq", "hq_upgraded")
                                        if k in d["segmentation_dice"])
             for v, d in pts), ""]

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments import upgrade  # defines the run's flags
-from upgrade_jax.data.io import write_text
+from experiments import cli, run_config, upgrade  # the run's flags come with run_config
+from upgrade_jax.files import write_text
 from upgrade_jax.rundir import InputError
 
 F = flags.FLAGS
@@ -81,7 +81,7 @@ def plan_points(out_dir: Path, index: int | None = None):
   views = []
   for v, _ in points:
     try:
-      views.append(upgrade.FlagView().with_value(name, v))
+      views.append(run_config.FlagView().with_value(name, v))
     except (ValueError, flags.Error) as e:
       raise InputError(f"--sweep: bad value {v!r} for --{name}: {e}") from e
   from upgrade_jax import rundir
@@ -181,28 +181,28 @@ def main(argv):
     return 2
   out_dir = Path(F.out_dir)
   if F.list:
-    upgrade.one_line_errors(list_points, out_dir, checking=True)
+    cli.one_line_errors(list_points, out_dir, checking=True)
     return 0
   if F.collect:
-    figure = upgrade.one_line_errors(collect, out_dir, checking=True)
-    upgrade.log_line(f"sweep collected: {figure}, {out_dir / 'sweep.json'}")
+    figure = cli.one_line_errors(collect, out_dir, checking=True)
+    cli.log_line(f"sweep collected: {figure}, {out_dir / 'sweep.json'}")
     return 0
-  upgrade.setup_runtime()
-  index = upgrade.one_line_errors(array_index, checking=True)
-  name, plans = upgrade.one_line_errors(plan_points, out_dir, index, checking=True)
+  cli.setup_runtime()
+  index = cli.one_line_errors(array_index, checking=True)
+  name, plans = cli.one_line_errors(plan_points, out_dir, index, checking=True)
   from upgrade_jax import rundir
   rundir.mark_owner(out_dir, "sweep")
   results = []
   for v, plan in plans:
-    upgrade.log_line(f"sweep {name}={v} -> {plan.out_dir}")
-    results.append(upgrade.one_line_errors(upgrade.execute, plan))
+    cli.log_line(f"sweep {name}={v} -> {plan.out_dir}")
+    results.append(cli.one_line_errors(upgrade.execute, plan))
   if index is not None:
-    upgrade.log_line(f"sweep point {index} done; --collect when every point has run")
+    cli.log_line(f"sweep point {index} done; --collect when every point has run")
     return 0
-  figure = upgrade.one_line_errors(collect, out_dir)
-  upgrade.log_line(f"sweep done: {figure}, {out_dir / 'sweep.json'}")
+  figure = cli.one_line_errors(collect, out_dir)
+  cli.log_line(f"sweep done: {figure}, {out_dir / 'sweep.json'}")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=upgrade.parse_flags_one_line)
+  app.run(main, flags_parser=cli.parse_flags_one_line)

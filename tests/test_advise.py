@@ -1,4 +1,4 @@
-"""The HQ-budget advisor (issue 14): the trend fit and the advice by hand,
+"""The HQ-budget advisor: the trend fit and the advice by hand,
 and the CLI end to end on a tiny synthetic run."""
 
 import json

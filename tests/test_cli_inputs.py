@@ -121,7 +121,7 @@ def _out_under_file(root):
 
 
 def _iterate_on_last_output(root):
-  # The layout of issue 8: a previous run left out/upgraded/<name>.tif; the
+  # The data-loss layout: a previous run left out/upgraded/<name>.tif; the
   # user now upgrades those labels again into the same out_dir.
   (root / "out/upgraded").mkdir(parents=True)
   for p in (root / "lq/labels").iterdir():
@@ -216,7 +216,7 @@ CASES = [
      "hq1.tif"),
     ("3d_image_in_2d_folder", _write("lq/images/lq4.tif", np.zeros((5, 48, 48), np.uint16)),
      "lq4.tif"),
-    # Issue 14: user mode takes (Z, H, W) stacks, but only as image + label pairs.
+    # User mode takes (Z, H, W) stacks, but only as image + label pairs.
     ("stack_z_mismatch", _stack_pair("lq", "lq4", 5, 4), "lq4.tif"),
     ("stack_label_4d", _label_4d, "hq1.tif"),
     ("z_consistent_in_user_mode", _flags("--z_consistent"), "--z_consistent"),
@@ -331,7 +331,7 @@ def test_sweep_bad_value_is_refused_before_any_point_runs(tmp_path):
 def test_real_run_cleans_its_temporaries_writes_readable_files_and_refuses_iterating(tmp_path):
   """A real (tiny) user-mode run: a killed run's temporary file is removed,
   outputs are group-readable, and upgrading its own output again into the
-  same out_dir (issue 8's data-loss layout) is refused with nothing changed."""
+  same out_dir (the data-loss layout) is refused with nothing changed."""
   root = tmp_path / "case"
   _make_user_folders(root)
   stale = root / "out/upgraded" / f".lq4.tif.x1y2{rundir.TEMP_SUFFIX}"

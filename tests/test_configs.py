@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from absl import flags
 
-from experiments import sweep, upgrade  # noqa: F401  (define every flag)
+from experiments import run_config, run_flags, sweep  # noqa: F401  (define every flag)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.cfg"))
 # Overlays, only meaningful after another flagfile (tested with their base below).
@@ -29,8 +29,8 @@ def parsed(*args):
 @pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
 def test_flagfile_builds_a_config(path):
   with parsed(f"--flagfile={path}") as F:
-    upgrade.check_flag_combination(upgrade.FlagView())  # no flag the mode would ignore
-    cfg = upgrade.build_config()
+    run_config.check_flag_combination(run_config.FlagView())  # no flag the mode would ignore
+    cfg = run_config.build_config()
     assert F.out_dir and F.out_dir.startswith("runs/")
     if F.sweep:
       name, values = sweep.parse_sweep(F.sweep)
@@ -45,10 +45,10 @@ def test_flagfile_builds_a_config(path):
                          ids=lambda p: p.stem)
 def test_cpu_scale_overrides_the_scale_and_keeps_the_row(row):
   with parsed(f"--flagfile={row}") as F:
-    paper = upgrade.build_config()
+    paper = run_config.build_config()
   with parsed(f"--flagfile={row}", f"--flagfile={row.parent / 'cpu_scale.cfg'}") as F:
-    upgrade.check_flag_combination(upgrade.FlagView())
-    cpu = upgrade.build_config()
+    run_config.check_flag_combination(run_config.FlagView())
+    cpu = run_config.build_config()
     assert F.reps == 3
   assert cpu.data.volume_shape == (32, 256, 256) and cpu.upgrade.widths[0] == 16
   assert (cpu.data.preset, cpu.data.n_hq, cpu.lq_perturb, cpu.upgrade.task) == (
@@ -61,7 +61,7 @@ def test_quickstart_is_the_readme_main_job():
   assert "experiments/configs/quickstart.cfg" in readme
 
 
-# The paper's Table 3.1 HQ sizes (its "Slices" column; issue 10).
+# The paper's Table 3.1 HQ sizes (its "Slices" column).
 PAPER_N_HQ = {"table_3_1_omission_granulocytes": 80, "table_3_1_bias_granulocytes": 40,
               "table_3_1_inclusion_granulocytes": 10, "table_3_1_combined_granulocytes": 10,
               "table_3_1_omission_hl60": 10, "table_3_1_bias_hl60": 10}
@@ -70,47 +70,49 @@ PAPER_N_HQ = {"table_3_1_omission_granulocytes": 80, "table_3_1_bias_granulocyte
 @pytest.mark.parametrize("name", sorted(PAPER_N_HQ))
 def test_table_3_1_configs_use_the_papers_hq_sizes(name):
   with parsed(f"--flagfile={CONFIGS[0].parent / (name + '.cfg')}"):
-    cfg = upgrade.build_config()
+    cfg = run_config.build_config()
     assert cfg.data.n_hq == PAPER_N_HQ[name]
     assert cfg.data.n_volumes - cfg.data.n_test == 10   # the paper's 10 training volumes
 
 
 def test_fig_3_6_keeps_ten_percent_hq():
   with parsed(f"--flagfile={CONFIGS[0].parent / 'fig_3_6_cost.cfg'}", "--n_hq=8"):
-    cfg = upgrade.build_config()
+    cfg = run_config.build_config()
     assert cfg.data.n_hq / (cfg.data.n_hq + cfg.data.n_lq) == pytest.approx(0.1)
 
 
 def test_sweep_points_read_views_and_leave_the_flags_alone():
   with parsed("--out_dir=runs/x", "--n_hq=10", "--others=felzenszwalb",
               "--felzenszwalb_min_size=500") as F:
-    view = upgrade.FlagView().with_value("n_hq", "5")
+    view = run_config.FlagView().with_value("n_hq", "5")
     assert view.n_hq == 5 and F.n_hq == 10 and view.present("n_hq")
-    cfg = upgrade.build_config(view)
-    assert cfg.data.n_hq == 5 and upgrade.build_config().data.n_hq == 10
+    cfg = run_config.build_config(view)
+    assert cfg.data.n_hq == 5 and run_config.build_config().data.n_hq == 10
     # The Felzenszwalb settings are part of the data config (and so of results.json).
     assert cfg.data.felzenszwalb.min_size == 500
     with pytest.raises(ValueError):
-      upgrade.FlagView().with_value("scenarios", "hq,bogus")
+      run_config.FlagView().with_value("scenarios", "hq,bogus")
     with pytest.raises(ValueError):
-      upgrade.FlagView().with_value("n_hq", "1")  # below the flag's lower bound
+      run_config.FlagView().with_value("n_hq", "1")  # below the flag's lower bound
 
 
 def test_cli_defaults_come_from_the_library_configs():
   from upgrade_jax.engine import TrainConfig
   from upgrade_jax.pipeline import DataConfig, PipelineConfig
   with parsed("--out_dir=runs/x"):
-    cfg = upgrade.build_config()
+    cfg = run_config.build_config()
   lib = PipelineConfig()
   for f in ("n_volumes", "volume_shape", "n_test", "n_hq", "others", "data_seed",
             "normalisation", "felzenszwalb", "hq_perturb", "source", "preset"):
     assert getattr(cfg.data, f) == getattr(DataConfig(), f), f
-  assert cfg.lq_perturb == lib.lq_perturb and cfg.upgrade.task.perturb == lib.lq_perturb
+  assert cfg.lq_perturb == lib.lq_perturb
+  # One default P: the library trains u_θ with the LQ set's perturbation, as the CLI does.
+  assert cfg.upgrade.task.perturb == lib.upgrade.task.perturb == lib.lq_perturb
   for f in ("widths", "crop", "batch_size", "lr", "patience", "log_every", "conv_impl"):
     assert getattr(cfg.upgrade, f) == getattr(TrainConfig(), f), f
   # The CLI's own, on purpose: CPU-sized training.
-  assert cfg.upgrade.max_steps == upgrade.CLI_DEFAULTS["max_steps"]
-  assert cfg.upgrade.steps_per_epoch == upgrade.CLI_DEFAULTS["steps_per_epoch"]
+  assert cfg.upgrade.max_steps == run_flags.CLI_DEFAULTS["max_steps"]
+  assert cfg.upgrade.steps_per_epoch == run_flags.CLI_DEFAULTS["steps_per_epoch"]
   assert (cfg.scenarios, cfg.reps, cfg.seed) == (lib.scenarios, lib.reps, lib.seed)
 
 
@@ -126,10 +128,10 @@ def test_quickstart_is_the_inclusion_granulocytes_row_at_cpu_scale():
   # The reproduction's inclusion_granulocytes entry then holds the quickstart's own seeds.
   from upgrade_jax.pipeline import run_key
   with parsed(f"--flagfile={CONFIGS[0].parent / 'quickstart.cfg'}"):
-    quick = upgrade.build_config()
+    quick = run_config.build_config()
   row = CONFIGS[0].parent / "table_3_1_inclusion_granulocytes.cfg"
   with parsed(f"--flagfile={row}", f"--flagfile={row.parent / 'cpu_scale.cfg'}"):
-    cpu = upgrade.build_config()
+    cpu = run_config.build_config()
   assert run_key(quick) == run_key(cpu)
   # The row's scenarios but LQ only and HQ + LQ (left out for time), in the row's order.
   assert quick.scenarios == tuple(s for s in cpu.scenarios if s not in ("lq", "hq_lq"))
@@ -140,13 +142,13 @@ def test_method_flags_reach_the_configs_and_their_defaults_leave_the_run_key_alo
   from upgrade_jax.pipeline.config import run_key
 
   with parsed("--out_dir=runs/x") as F:
-    base = upgrade.build_config()
+    base = run_config.build_config()
   with parsed("--out_dir=runs/x", "--scenarios=hq,confident_learning,partial_labelling",
               "--cl_confidence=0.9", "--cl_folds=3", "--pl_gamma=0.8",
               "--pl_pseudo_weight=0.2", "--pl_separation_weight=0.05",
               "--pl_ramp_start=10", "--pl_ramp_end=20") as F:
-    upgrade.check_flag_combination(upgrade.FlagView())
-    cfg = upgrade.build_config()
+    run_config.check_flag_combination(run_config.FlagView())
+    cfg = run_config.build_config()
   assert (cfg.confident_learning.confidence, cfg.confident_learning.folds) == (0.9, 3)
   pl = cfg.partial_labelling
   assert (pl.gamma, pl.pseudo_weight, pl.separation_weight, pl.ramp_start, pl.ramp_end) == (
@@ -159,14 +161,14 @@ def test_method_flags_reach_the_configs_and_their_defaults_leave_the_run_key_alo
 
 
 def test_sweep_points_over_lq_flags_build_different_lq_sets():
-  # Regression (issue 28): build_config read the global F.lq_*, not the point's
+  # Regression: build_config read the global F.lq_*, not the point's
   # view, so a --sweep=lq_omission_rate=... ran every point on the same LQ set.
   from upgrade_jax.pipeline import data as pipeline_data
   with parsed("--out_dir=runs/x", "--n_volumes=3", "--n_test=1", "--volume_shape=6,96,96",
               "--n_hq=2", "--omission_rate=0.5", "--inclusion_rate=0.0"):
     name, values = sweep.parse_sweep("lq_omission_rate=0.0,0.8")
-    cfgs = [upgrade.build_config(upgrade.FlagView().with_value(name, v)) for v in values]
-    plain = upgrade.build_config()
+    cfgs = [run_config.build_config(run_config.FlagView().with_value(name, v)) for v in values]
+    plain = run_config.build_config()
   assert [c.lq_perturb.omission_rate for c in cfgs] == [0.0, 0.8]
   assert plain.lq_perturb.omission_rate == 0.5   # unset lq_*: the training perturbation's
   assert all(c.upgrade.task.perturb.omission_rate == 0.5 for c in cfgs)
@@ -179,14 +181,14 @@ def test_sweep_points_over_lq_flags_build_different_lq_sets():
 def test_lr_drop_flags_reach_the_networks_they_name():
   from upgrade_jax.pipeline.config import run_key
   with parsed("--out_dir=runs/x", "--seg_lr_drops=1", "--seg_patience_growth=0.5"):
-    cfg = upgrade.build_config()
+    cfg = run_config.build_config()
     assert (cfg.segment.lr_drops, cfg.segment.patience_growth) == (1, 0.5)
     assert (cfg.upgrade.lr_drops, cfg.upgrade.patience_growth) == (0, 0.0)
     key = run_key(cfg)
     assert key["segment"]["lr_drops"] == 1 and "lr_drops" not in key["upgrade"]
   with parsed("--out_dir=runs/x", "--lr_drops=2", "--lr_drop_factor=0.5"):
-    cfg = upgrade.build_config()
+    cfg = run_config.build_config()
     assert cfg.segment.lr_drops == cfg.upgrade.lr_drops == 2
     assert cfg.segment.lr_drop_factor == cfg.upgrade.lr_drop_factor == 0.5
   with parsed("--out_dir=runs/x", "--lr_drops=2", "--seg_lr_drops=0"):
-    assert upgrade.build_config().segment.lr_drops == 0
+    assert run_config.build_config().segment.lr_drops == 0

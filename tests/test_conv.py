@@ -26,11 +26,10 @@ def _vjp_all(f, *args):
     ((2, 5, 5, 8), 2, (1, 1), "SAME"),     # the head
     ((1, 7, 6, 3), 4, (2, 3), "SAME"),     # even kernel: SAME pads 0 before, 1 after
 ])
-@pytest.mark.parametrize("impl", ["xla", "im2col"])
-def test_conv_impls_match_flax_conv(impl, shape, cout, ksize, padding):
+def test_conv_matches_flax_conv(shape, cout, ksize, padding):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   ref = nn.Conv(cout, ksize, padding=padding)
-  ours = conv.get_conv(impl)(features=cout, kernel_size=ksize, padding=padding)
+  ours = conv.get_conv("xla")(features=cout, kernel_size=ksize, padding=padding)
   params = ref.init(jax.random.PRNGKey(1), x)
   # Same parameter tree, so checkpoints do not depend on the implementation.
   assert jax.tree.structure(ours.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(params)
@@ -60,41 +59,14 @@ def test_xla_conv_forward_is_the_direct_sum_for_few_channels():
   assert "conv_general_dilated" in str(big)
 
 
-def test_im2col_conv_without_bias_and_under_jit_grad():
-  x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, 10, 6))
-  ref = nn.Conv(7, (3, 3), padding="SAME", use_bias=False)
-  ours = conv.Im2colConv(7, (3, 3), padding="SAME", use_bias=False)
-  params = ref.init(jax.random.PRNGKey(4), x)
-  assert set(params["params"]) == {"kernel"}
-  loss = lambda m: jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1)))
-  for a, b in zip(jax.tree.leaves(loss(ours)(params, x)), jax.tree.leaves(loss(ref)(params, x))):
-    np.testing.assert_allclose(a, b, **TOL)
-
-
-def test_im2col_weight_gradient_is_hand_computed_correlation():
-  # dW[i, j, c, o] = sum_{b,h,w} xpad[b, h+i, w+j, c] * dy[b, h, w, o], by loops.
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(1, 4, 5, 2)).astype(np.float32)
-  dy = rng.normal(size=(1, 4, 5, 3)).astype(np.float32)
-  k = rng.normal(size=(3, 3, 2, 3)).astype(np.float32)
-  _, vjp = jax.vjp(lambda k: conv.conv2d_im2col_grad(jnp.asarray(x), k, ((1, 1), (1, 1))), k)
-  (dw,) = vjp(jnp.asarray(dy))
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  want = np.zeros_like(k)
-  for i in range(3):
-    for j in range(3):
-      want[i, j] = np.einsum("bhwc,bhwo->co", xp[:, i:i + 4, j:j + 5], dy)
-  np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
-
-
 def test_get_conv_unknown_and_bad_padding():
   with pytest.raises(ValueError, match="unknown"):
     conv.get_conv("winograd")
   x = jnp.zeros((1, 4, 4, 1))
   with pytest.raises(ValueError, match="padding"):
-    conv.Im2colConv(2, (3, 3), padding="CIRCULAR").init(jax.random.PRNGKey(0), x)
+    conv.Conv(2, (3, 3), padding="CIRCULAR").init(jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
-    conv.Im2colConv(2, (3, 3)).init(jax.random.PRNGKey(0), jnp.zeros((4, 4, 1)))
+    conv.Conv(2, (3, 3)).init(jax.random.PRNGKey(0), jnp.zeros((4, 4, 1)))
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 5), (3, 4, 4, 1)])

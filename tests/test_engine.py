@@ -112,7 +112,7 @@ def test_strength_mix_draws_weaker_perturbations():
                      max_label=ds.max_label, valid=valid, train=True)
     flips[mix] = np.mean(np.asarray(x[..., 1]) != np.asarray(t), axis=(1, 2))
   # Fixed rate: each sample flips ~0.4 of its pixels (p is the fraction
-  # flipped, issue 10); mixed: U[0, 0.4].
+  # flipped); mixed: U[0, 0.4].
   assert np.all(np.abs(flips[False] - 0.4) < 0.15)
   assert abs(flips[True].mean() - 0.2) < 0.06 and flips[True].min() < 0.1
 
@@ -203,7 +203,7 @@ def test_early_stopping_keeps_best_and_finished_run_returns(tmp_path, toy_sets):
   # Another config in the same workdir is refused.
   with pytest.raises(ValueError, match="another config .*seed: 0 -> 1"):
     T.fit(_toy_config(seed=1), train, val, tmp_path, log=lambda s: None)
-  # Issue 10: the checkpoint also keeps the caller's context (the pipeline's
+  # The checkpoint also keeps the caller's context (the pipeline's
   # data, LQ perturbation, seeds) and a digest of the data; a resume with
   # another context, or other data of the same shapes, is refused too.
   with pytest.raises(T.ConfigMismatch, match=r"context\.lq_perturb"):

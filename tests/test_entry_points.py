@@ -1,4 +1,4 @@
-"""The entry points as a new user meets them (issue 29): the advisor in user
+"""The entry points as a new user meets them: the advisor in user
 mode with the README's command, `sweep --collect` over a user-mode sweep,
 `reproduce` with a bad entry or a stray argument, and out_dirs holding files
 an entry point did not write. Every refusal: exit 2, one line on stderr, no

@@ -133,7 +133,7 @@ def test_apply_reproduces_the_training_run(trained):
     assert tifffile.imread(root / "applied/upgraded" / n).dtype == np.uint16
   rec = json.loads((root / "applied/apply.json").read_text())
   assert rec["output"] == "instances" and len(rec["upgraded"]) == 4
-  # Issue 14: both write the review queue, from the same probabilities.
+  # Both write the review queue, from the same probabilities.
   assert (root / "run/review.csv").read_text() == (root / "applied/review.csv").read_text()
   assert len(list((root / "applied/review").glob("*.png"))) == 4 and len(rec["review"]) == 4
   assert "wrote 4 upgraded label files" in proc.stdout

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from upgrade_jax import rundir
-from upgrade_jax.data import io
+from upgrade_jax import files, rundir
+from upgrade_jax.data import intensity, io, stacking
 from upgrade_jax.data.types import Volume
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -40,7 +40,7 @@ def test_folder_reads_grey_rgb_and_dtypes(tmp_path):
   assert [v.name for v in vols] == ["a", "b", "c"]
   assert vols[0].image.shape == (1, 8, 10) and vols[1].image.shape == (1, 12, 6, 3)
   assert vols[1].target.dtype == np.int32 and not vols[1].others.any()
-  ds = io.volumes_to_dataset(vols, normalisation="max")
+  ds = stacking.volumes_to_dataset(vols, normalisation="max")
   assert ds.images.shape == (3, 12, 10, 1) and ds.images.dtype == np.float32
   np.testing.assert_array_equal(ds.extents, [[8, 10], [12, 6], [8, 8]])
   # Padding is zero; labels are relabelled 1..n; max normalisation per image.
@@ -52,7 +52,7 @@ def test_folder_reads_grey_rgb_and_dtypes(tmp_path):
   rgb = vols[1].image[0].astype(np.float64)
   grey = rgb @ [0.299, 0.587, 0.114]
   np.testing.assert_allclose(ds.images[1, :12, :6, 0], grey / grey.max(), rtol=1e-5)
-  ds_rgb = io.volumes_to_dataset(vols, channels="rgb")
+  ds_rgb = stacking.volumes_to_dataset(vols, channels="rgb")
   assert ds_rgb.channels == 3
   np.testing.assert_allclose(ds_rgb.images[0, ..., 0], ds_rgb.images[0, ..., 2])
 
@@ -66,7 +66,7 @@ def test_folder_with_others_and_png(tmp_path):
   tifffile.imwrite(tmp_path / "labels" / "x.tif", _labels((6, 7)))
   (tmp_path / "others").mkdir()
   tifffile.imwrite(tmp_path / "others" / "x.tif", _labels((6, 7), ids=(2, 4)))
-  (v,) = io.load_source("folder", images_dir=tmp_path / "images",
+  (v,) = io.folder(images_dir=tmp_path / "images",
                         labels_dir=tmp_path / "labels", others_dir=tmp_path / "others")
   assert v.image.shape == (1, 6, 7) and sorted(np.unique(v.others)) == [0, 2, 4]
 
@@ -103,8 +103,6 @@ def test_validation_errors(tmp_path):
     io.folder(tmp_path / "empty", tmp_path / "labels")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     io.folder(tmp_path / "nope", tmp_path / "labels")
-  with pytest.raises(ValueError, match="unknown data source"):
-    io.load_source("zarr")
 
 
 def test_stack_reads_volumes_with_channels(tmp_path):
@@ -116,7 +114,7 @@ def test_stack_reads_volumes_with_channels(tmp_path):
   (v,) = io.stack(tmp_path / "img.tif", tmp_path / "lab.tif")
   assert v.image.shape == (4, 9, 8, 3) and v.target.shape == (4, 9, 8)
   tifffile.imwrite(tmp_path / "grey.tif", image[..., 0], photometric="minisblack")
-  (g,) = io.load_source("stack", image_path=tmp_path / "grey.tif",
+  (g,) = io.stack(image_path=tmp_path / "grey.tif",
                         label_path=tmp_path / "lab.tif")
   assert g.image.shape == (4, 9, 8)
   (two,) = io.stack(tmp_path / "img.tif", tmp_path / "lab.tif", slices=[3, 1])
@@ -131,19 +129,19 @@ def test_stack_reads_volumes_with_channels(tmp_path):
 
 def test_normalise():
   img = np.array([[0, 50], [100, 200]], np.uint16)
-  np.testing.assert_allclose(io.normalise(img, "max"), img / 200.0)
-  assert not io.normalise(np.zeros((3, 3), np.uint8), "max").any()
-  assert not io.normalise(np.zeros((3, 3), np.uint8)).any()   # flat: 0, not inf
+  np.testing.assert_allclose(intensity.normalise(img, "max"), img / 200.0)
+  assert not intensity.normalise(np.zeros((3, 3), np.uint8), "max").any()
+  assert not intensity.normalise(np.zeros((3, 3), np.uint8)).any()   # flat: 0, not inf
   ramp = np.arange(1000, dtype=np.float32)
-  p = io.normalise(ramp, "percentile", percentiles=(10, 90))
+  p = intensity.normalise(ramp, "percentile", percentiles=(10, 90))
   lo, hi = np.percentile(ramp, (10, 90))
   # Not clipped (csbdeep's normalize): the tails stay below 0 and above 1.
   np.testing.assert_allclose(p, (ramp - lo) / (hi - lo), rtol=1e-5, atol=1e-6)
   assert p.dtype == np.float32 and p.min() < 0 and p.max() > 1
-  raw = io.normalise(img, "none")
+  raw = intensity.normalise(img, "none")
   assert raw.dtype == np.float32 and raw.max() == 200
   with pytest.raises(ValueError, match="normalisation"):
-    io.normalise(img, "zscore")
+    intensity.normalise(img, "zscore")
 
 
 def test_volume_normalisation_divides_by_the_volume_max():
@@ -151,19 +149,19 @@ def test_volume_normalisation_divides_by_the_volume_max():
   img = np.array([[[10, 20], [0, 40]], [[100, 200], [50, 0]]], np.uint16)   # (2, 2, 2)
   lab = np.zeros((2, 2, 2), np.int32)
   vols = [Volume(img, lab, lab, "a"), Volume(img * 3, lab, lab, "b")]
-  ds = io.volumes_to_dataset(vols, [(0, 0), (0, 1), (1, 0)], normalisation="volume")
+  ds = stacking.volumes_to_dataset(vols, [(0, 0), (0, 1), (1, 0)], normalisation="volume")
   np.testing.assert_allclose(ds.images[0, ..., 0], img[0] / 200.0)   # not / 40
   np.testing.assert_allclose(ds.images[1, ..., 0], img[1] / 200.0)
   np.testing.assert_allclose(ds.images[2, ..., 0], img[0] * 3 / 600.0)
-  per_image = io.volumes_to_dataset(vols, [(0, 0)], normalisation="max")
+  per_image = stacking.volumes_to_dataset(vols, [(0, 0)], normalisation="max")
   np.testing.assert_allclose(per_image.images[0, ..., 0], img[0] / 40.0)
   # RGB volumes: the scale is taken after the channel policy (luma).
   rgb = np.stack([img, img, img], -1)
-  grey = io.volumes_to_dataset([Volume(rgb, lab, lab, "c")], normalisation="volume")
+  grey = stacking.volumes_to_dataset([Volume(rgb, lab, lab, "c")], normalisation="volume")
   np.testing.assert_allclose(grey.images[..., 0], img / 200.0, rtol=1e-5)
   # One image is a one-slice volume; an all-zero volume stays zero.
-  np.testing.assert_allclose(io.normalise(img[0], "volume"), io.normalise(img[0], "max"))
-  zero = io.volumes_to_dataset([Volume(img * 0, lab, lab, "z")], normalisation="volume")
+  np.testing.assert_allclose(intensity.normalise(img[0], "volume"), intensity.normalise(img[0], "max"))
+  zero = stacking.volumes_to_dataset([Volume(img * 0, lab, lab, "z")], normalisation="volume")
   assert not zero.images.any()
 
 
@@ -213,15 +211,15 @@ def test_write_labels_leaves_nothing_on_failure(tmp_path, monkeypatch):
 def test_stack_samples_checks():
   img = np.zeros((4, 4))
   with pytest.raises(ValueError, match="no samples"):
-    io.stack_samples([])
+    stacking.stack_samples([])
   with pytest.raises(ValueError, match="s1: others shape"):
-    io.stack_samples([(img, np.zeros((4, 4), int), np.zeros((3, 4), int), "s1")])
+    stacking.stack_samples([(img, np.zeros((4, 4), int), np.zeros((3, 4), int), "s1")])
   with pytest.raises(ValueError, match=r"s2: image shape \(4, 4\) does not match"):
-    io.stack_samples([(img, np.zeros((4, 5), int), None, "s2")])
+    stacking.stack_samples([(img, np.zeros((4, 5), int), None, "s2")])
 
 
 def test_synthetic_source():
-  vols = io.load_source("synthetic", preset="hl60", seed=0, n_volumes=1, shape=(8, 64, 64))
+  vols = io.synthetic(preset="hl60", seed=0, n_volumes=1, shape=(8, 64, 64))
   assert isinstance(vols[0], Volume) and vols[0].image.dtype == np.uint16
 
 
@@ -231,10 +229,10 @@ def test_reads_shared_epfl_mito():
   if not root.is_dir():
     pytest.skip(f"{root} not present")
   for split in ("train", "test"):
-    (v,) = io.load_source("epfl_mito", root=root, split=split, slices=[0, 27])
+    (v,) = io.epfl_mito(root=root, split=split, slices=[0, 27])
     assert v.image.dtype == np.uint8 and v.image.shape == (2, 768, 1024)
     assert v.target.shape == v.image.shape and v.target.max() > 0
-  ds = io.volumes_to_dataset([v])
+  ds = stacking.volumes_to_dataset([v])
   assert ds.images.shape == (2, 768, 1024, 1) and ds.targets.max() >= 5
   full = tifffile.imread(root / "test" / "labels.tif", key=27)
   np.testing.assert_array_equal(v.target[1], full)
@@ -253,7 +251,7 @@ def test_reads_shared_dsb2018():
       break
   vols = io.folder(root / "images", root / "labels", names=picks)
   assert any(v.image.ndim == 4 for v in vols)  # an RGB image (1, H, W, 3)
-  ds = io.volumes_to_dataset(vols)
+  ds = stacking.volumes_to_dataset(vols)
   assert ds.channels == 1 and len(ds) == len(picks)
   assert all(ds.targets[i].max() >= 1 for i in range(len(ds)))
 
@@ -264,7 +262,7 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
   old = os.umask(umask)
   try:
     a = io.write_labels(tmp_path / "a.tif", np.ones((4, 4), np.int32))
-    b = io.write_text(tmp_path / "b.json", "{}")
+    b = files.write_text(tmp_path / "b.json", "{}")
   finally:
     os.umask(old)
   assert a.stat().st_mode & 0o777 == mode
@@ -297,25 +295,25 @@ def test_percentile_normalisation_is_csbdeeps_normalize():
   rng = np.random.default_rng(0)
   grey = rng.gamma(2.0, 300.0, (64, 48)).astype(np.uint16)
   rgb = rng.integers(0, 255, (40, 30, 3)).astype(np.uint8)
-  assert io.PERCENTILES == (1.0, 99.8)
-  np.testing.assert_allclose(io.normalise(grey), csbdeep.normalize(grey, 1, 99.8),
+  assert intensity.PERCENTILES == (1.0, 99.8)
+  np.testing.assert_allclose(intensity.normalise(grey), csbdeep.normalize(grey, 1, 99.8),
                              rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(io.normalise(rgb), csbdeep.normalize(rgb, 1, 99.8, axis=(0, 1)),
+  np.testing.assert_allclose(intensity.normalise(rgb), csbdeep.normalize(rgb, 1, 99.8, axis=(0, 1)),
                              rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(io.normalise(grey, percentiles=(3, 99)),
+  np.testing.assert_allclose(intensity.normalise(grey, percentiles=(3, 99)),
                              csbdeep.normalize(grey, 3, 99), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="percentiles"):
-    io.normalise(grey, percentiles=(99, 1))
+    intensity.normalise(grey, percentiles=(99, 1))
 
 
 def test_percentile_default_in_datasets_and_configs():
   from upgrade_jax.pipeline import DataConfig, run_key, PipelineConfig
   img = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
   lab = np.zeros((64, 64), np.int32)
-  ds = io.stack_samples([(img, lab, None, "a")])
-  np.testing.assert_allclose(ds.normalised()[0, ..., 0], io.normalise(img), rtol=1e-6)
+  ds = stacking.stack_samples([(img, lab, None, "a")])
+  np.testing.assert_allclose(ds.normalised()[0, ..., 0], intensity.normalise(img), rtol=1e-6)
   assert DataConfig().normalisation == "percentile"
-  assert DataConfig().percentiles == io.PERCENTILES
+  assert DataConfig().percentiles == intensity.PERCENTILES
   # The percentiles are in the run key only where they change a number.
   assert "percentiles" in run_key(PipelineConfig())["data"]
   assert "percentiles" not in run_key(PipelineConfig(data=DataConfig(normalisation="max")))["data"]

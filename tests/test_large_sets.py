@@ -1,4 +1,4 @@
-"""Training sets larger than a device (issue 15, part 3): compact images
+"""Training sets larger than a device: compact images
 normalised on the device, the streaming placement, and the automatic choice
 between them. Each compact or streamed run must train exactly as the
 replicated float32 run of the same data (the equivalence the placements
@@ -13,7 +13,7 @@ import pytest
 
 from upgrade_jax import engine as T
 from upgrade_jax import parallel
-from upgrade_jax.data import io
+from upgrade_jax.data import stacking
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.perturb import PerturbConfig
 
@@ -37,9 +37,9 @@ def _raw_samples(n, seed, scale=1000):
 def _make_sets(norm):
   train = _raw_samples(16, 0)
   val = _raw_samples(4, 1)
-  return (io.stack_samples(train, normalisation=norm),
-          io.stack_samples(train, compact=True, normalisation=norm),
-          io.stack_samples(val, normalisation=norm))
+  return (stacking.stack_samples(train, normalisation=norm),
+          stacking.stack_samples(train, compact=True, normalisation=norm),
+          stacking.stack_samples(val, normalisation=norm))
 
 
 @pytest.fixture(scope="module", params=["max", "percentile"])
@@ -81,9 +81,9 @@ def test_compact_sets_keep_labels_in_the_smallest_type(sets):
   yy, xx = np.mgrid[:40, :50]
   many = (yy // 2) * 25 + xx // 2 + 1            # 500 ids, 1..500
   one = [(np.ones((40, 50), np.uint8), many, None, "many")]
-  big = io.stack_samples(one, compact=True)
+  big = stacking.stack_samples(one, compact=True)
   assert big.targets.dtype == np.int16 and big.targets.max() == 500
-  np.testing.assert_array_equal(big.targets[0], io.stack_samples(one).targets[0])
+  np.testing.assert_array_equal(big.targets[0], stacking.stack_samples(one).targets[0])
   # Mixed with an int32 set, the concatenation promotes: no id wraps.
   assert concat([big, cmp.subset([0])]).targets.max() == 500
 
@@ -101,10 +101,10 @@ def test_compact_dataset_is_validated():
   with pytest.raises(ValueError, match="image_offset"):
     Dataset(img.astype(np.float32), lab, lab, ext, ("a", "b"), None, np.ones(2, np.float32))
   with pytest.raises(ValueError, match="one channel"):
-    io.stack_samples([(np.zeros((4, 4, 3), np.uint8), lab[0], None, "rgb")],
+    stacking.stack_samples([(np.zeros((4, 4, 3), np.uint8), lab[0], None, "rgb")],
                      normalisation="percentile", channels="rgb", compact=True)
   with pytest.raises(ValueError, match="weighted sum"):
-    io.stack_samples([(np.zeros((4, 4, 3), np.uint8), lab[0], None, "rgb")], compact=True)
+    stacking.stack_samples([(np.zeros((4, 4, 3), np.uint8), lab[0], None, "rgb")], compact=True)
 
 
 def test_device_bytes_per_pixel(sets):
@@ -191,8 +191,8 @@ def test_compact_percentile_sets_of_mixed_sizes_keep_zero_padding():
   rng = np.random.default_rng(3)
   samples = [(rng.integers(100, 4000, (h, w)).astype(np.uint16), np.ones((h, w), np.int32),
               None, f"s{h}") for h, w in ((40, 24), (32, 48), (48, 48))]
-  flt = io.stack_samples(samples)
-  cmp = io.stack_samples(samples, compact=True)
+  flt = stacking.stack_samples(samples)
+  cmp = stacking.stack_samples(samples, compact=True)
   assert cmp.compact and cmp.image_offset is not None and (cmp.image_offset > 0).all()
   np.testing.assert_array_equal(cmp.normalised(), flt.images)
   mesh = parallel.make_mesh()

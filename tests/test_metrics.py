@@ -1,4 +1,4 @@
-"""Statistics over repetitions (issue 10): ddof, the paired difference, the
+"""Statistics over repetitions: ddof, the paired difference, the
 smallest Wilcoxon p a small n can reach. Oracles are hand computations."""
 
 import math
@@ -74,7 +74,7 @@ def test_oracle_check_marks_rows_whose_ceiling_is_below_the_floor():
   assert not oracle_check([0.90, 0.91], [0.80, 0.82])["unconverged"]
   # One repetition has no interval: the noise floor decides.
   assert oracle_check([0.80], [0.80 + NOISE_FLOOR / 2])["unconverged"] is False
-  one = oracle_check([0.647], [0.659])   # the quickstart's seed 3 (issue 28)
+  one = oracle_check([0.647], [0.659])   # the quickstart's seed 3
   assert one["noise"] == NOISE_FLOOR and one["unconverged"]
   # A tiny interval never makes the noise smaller than the floor.
   tight = oracle_check([0.795, 0.795, 0.795], [0.80, 0.80, 0.80])

@@ -1,5 +1,6 @@
 """Several JAX processes on one machine: 2 processes x 2 CPU devices train what
-1 process x 4 devices trains, write each file once, and resume after a kill.
+1 process x 4 devices trains, write each file once, and resume after a kill
+(the killed run, resumed, is the one compared with the 1-process run).
 
 Each run is the CLI (experiments.upgrade) in subprocesses on localhost: the
 device count is fixed when JAX starts (XLA_FLAGS), and a process joins the
@@ -10,12 +11,12 @@ collectives on CPU).
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,17 +85,15 @@ def model_vars(out_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """out_dirs: "one" (1 x 4 devices), "two" (2 x 2), "killed" (2 x 2, killed
-  after its first epoch's checkpoint, then rerun to the end)."""
+  """out_dirs: "one" (1 x 4 devices) and "two" (2 x 2 devices, killed after its
+  first epoch's checkpoint, then rerun to the end). The 2-process run both
+  checks the trajectory and the resume: five processes instead of seven."""
   tmp = tmp_path_factory.mktemp("multiprocess")
-  dirs = {k: tmp / k for k in ("one", "two", "killed")}
-  t0 = time.perf_counter()
+  dirs = {k: tmp / k for k in ("one", "two")}
   one = launch(dirs["one"], 1, 4)
-  two = launch(dirs["two"], 2, 2)
-  logs = {"one": finish(one), "two": finish(two)}
   # Kill both processes (SIGKILL) as soon as process 0 reports epoch 1: its
   # checkpoint (step 2) is committed, training goes on towards step 6.
-  killed = launch(dirs["killed"], 2, 2)
+  killed = launch(dirs["two"], 2, 2)
   seen = []
   for line in killed[0].stdout:
     seen.append(line)
@@ -104,9 +103,8 @@ def runs(tmp_path_factory):
     p.send_signal(signal.SIGKILL)
   rest = [p.communicate(timeout=60) for p in killed]
   assert " epoch 1 " in seen[-1], f"no epoch 1 before the kill:\n{''.join(seen)}\n{rest}"
-  assert not (dirs["killed"] / "results.json").exists()
-  logs["resumed"] = finish(launch(dirs["killed"], 2, 2))
-  logs["seconds"] = time.perf_counter() - t0
+  assert not (dirs["two"] / "results.json").exists()
+  logs = {"one": finish(one), "two": finish(launch(dirs["two"], 2, 2))}
   return dirs, logs
 
 
@@ -133,15 +131,9 @@ def test_two_processes_train_what_one_process_trains(runs):
 
 
 @pytest.mark.slow
-def test_a_killed_two_process_run_resumes_to_the_same_result(runs):
+def test_a_killed_two_process_run_resumes_from_its_checkpoint(runs):
   dirs, logs = runs
-  for out in logs["resumed"]:
-    assert "resuming from step" in out, out
-  a, b = model_vars(dirs["two"]), model_vars(dirs["killed"])
-  for k in a:  # the same programs on the same devices replay the same steps
-    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
-  r2 = json.loads((dirs["two"] / "results.json").read_text())
-  rk = json.loads((dirs["killed"] / "results.json").read_text())
-  assert rk["annotation_dice"] == r2["annotation_dice"]
-  for tif in (dirs["two"] / "upgraded").iterdir():
-    assert (dirs["killed"] / "upgraded" / tif.name).read_bytes() == tif.read_bytes()
+  for out in logs["two"]:
+    step = re.search(r"resuming from step (\d+)", out)
+    assert step and int(step.group(1)) >= 2, out   # from a checkpoint, not from scratch
+  assert not list(dirs["two"].rglob("*.upgrade_jax.tmp"))

@@ -11,6 +11,8 @@ import scipy.ndimage as ndi
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from upgrade_jax import perturb as P
+from upgrade_jax.data import labels as host_labels
+from upgrade_jax.perturb import _morphology, _presence, components
 
 SQUARE = np.ones((3, 3), bool)
 
@@ -23,7 +25,7 @@ def random_instances(rng, h, w, n, r=(2, 6)):
     cy, cx = rng.integers(0, h), rng.integers(0, w)
     rad = rng.uniform(*r)
     lab[((yy - cy) ** 2 + (xx - cx) ** 2 <= rad * rad) & (lab == 0)] = i + 1
-  return P.relabel_sequential(lab)
+  return host_labels.relabel_sequential(lab)
 
 
 def scipy_bias(mask, q, dilate):
@@ -32,8 +34,8 @@ def scipy_bias(mask, q, dilate):
 
 
 # Jitted once per shape: eager dispatch of every small op would dominate.
-binary_bias = jax.jit(P._binary_bias, static_argnums=3)
-instance_bias = jax.jit(P._instance_bias, static_argnums=3)
+binary_bias = jax.jit(_morphology._binary_bias, static_argnums=3)
+instance_bias = jax.jit(_morphology._instance_bias, static_argnums=3)
 
 
 def n_ids(lab):
@@ -62,7 +64,7 @@ def test_bias_public_api_draws_q_and_operation():
   rng = np.random.default_rng(0)
   mask = rng.random((40, 50)) < 0.5
   seen = set()
-  draw = jax.jit(lambda k: P._draw_bias(k, 4))
+  draw = jax.jit(lambda k: components._draw_bias(k, 4))
   bias = jax.jit(lambda k, m: P.bias(k, m, 4))
   for i in range(80):
     key = jax.random.key(i)
@@ -123,25 +125,25 @@ def test_presence_and_lookup_match_numpy(size):
     want_present[b, ids[b]] = True
   want_present |= table
   want_lookup = np.stack([table[b][ids[b]] for b in range(3)])
-  present = jax.jit(jax.vmap(lambda i, t: P._present_ids(i.reshape(-1), t)))
-  lookup = jax.jit(jax.vmap(P._lookup))
+  present = jax.jit(jax.vmap(lambda i, t: _presence._present_ids(i.reshape(-1), t)))
+  lookup = jax.jit(jax.vmap(_presence._lookup))
   np.testing.assert_array_equal(np.asarray(present(ids, table)), want_present)
   np.testing.assert_array_equal(np.asarray(lookup(table, ids)), want_lookup)
   for b in range(3):
     np.testing.assert_array_equal(
-        np.asarray(P._present_ids(jnp.asarray(ids[b]).reshape(-1), jnp.asarray(table[b]))),
+        np.asarray(_presence._present_ids(jnp.asarray(ids[b]).reshape(-1), jnp.asarray(table[b]))),
         want_present[b])
-    np.testing.assert_array_equal(np.asarray(P._lookup(jnp.asarray(table[b]), ids[b])),
+    np.testing.assert_array_equal(np.asarray(_presence._lookup(jnp.asarray(table[b]), ids[b])),
                                   want_lookup[b])
   # Nested vmap, and an unbatched table with batched ids.
-  nested = jax.jit(jax.vmap(jax.vmap(P._lookup)))
+  nested = jax.jit(jax.vmap(jax.vmap(_presence._lookup)))
   np.testing.assert_array_equal(
       np.asarray(nested(table[None].repeat(2, 0), ids[None].repeat(2, 0))),
       np.stack([want_lookup] * 2))
-  shared = jax.jit(jax.vmap(P._lookup, in_axes=(None, 0)))
+  shared = jax.jit(jax.vmap(_presence._lookup, in_axes=(None, 0)))
   np.testing.assert_array_equal(np.asarray(shared(table[0], ids)),
                                 np.stack([table[0][i] for i in ids]))
-  nested_present = jax.jit(jax.vmap(jax.vmap(lambda i, t: P._present_ids(i.reshape(-1), t))))
+  nested_present = jax.jit(jax.vmap(jax.vmap(lambda i, t: _presence._present_ids(i.reshape(-1), t))))
   np.testing.assert_array_equal(
       np.asarray(nested_present(ids[None].repeat(2, 0), table[None].repeat(2, 0))),
       np.stack([want_present] * 2))
@@ -236,7 +238,7 @@ def test_inclusion_adds_floor_rate_m_objects_on_background(rate):
   lab = random_instances(rng, 64, 64, 12)
   others = random_instances(rng, 64, 64, 15)
   others[lab > 0] = 0  # others are other cells: not on the targets
-  others = P.relabel_sequential(others)
+  others = host_labels.relabel_sequential(others)
   m = n_ids(others)
   max_label = 20
   for seed in range(4):
@@ -271,7 +273,7 @@ def test_inclusion_count_rules():
   assert {count(s, "stochastic") for s in range(40)} == {1, 2}
 
 
-# ---------------------------------------------------------------- count rules (issue 10)
+# ---------------------------------------------------------------- count rules
 
 def _mean_count(fn, n_keys=4000):
   keys = jax.random.split(jax.random.key(123), n_keys)
@@ -350,7 +352,7 @@ def make_pair(seed=0, h=48, w=40):
   lab = random_instances(rng, h, w, 14)
   others = random_instances(rng, h, w, 8)
   others[lab > 0] = 0
-  return lab, P.relabel_sequential(others)
+  return lab, host_labels.relabel_sequential(others)
 
 
 def test_perturb_identity_config():
@@ -475,22 +477,22 @@ def test_under_jit_out_of_range_ids_are_clipped_not_raised():
 
 def test_relabel_sequential():
   lab = np.array([[0, 7, 7], [3, 0, 100]])
-  np.testing.assert_array_equal(P.relabel_sequential(lab), [[0, 2, 2], [1, 0, 3]])
-  np.testing.assert_array_equal(P.relabel_sequential(np.array([[5, 9]])), [[1, 2]])
+  np.testing.assert_array_equal(host_labels.relabel_sequential(lab), [[0, 2, 2], [1, 0, 3]])
+  np.testing.assert_array_equal(host_labels.relabel_sequential(np.array([[5, 9]])), [[1, 2]])
   with pytest.raises(ValueError, match="integer"):
-    P.relabel_sequential(np.zeros((2, 2), np.float32))
+    host_labels.relabel_sequential(np.zeros((2, 2), np.float32))
 
 
 def test_felzenszwalb_objects_avoid_targets():
   rng = np.random.default_rng(6)
   lab = random_instances(rng, 64, 64, 6, r=(4, 8))
   img = ndi.gaussian_filter(rng.random((64, 64)), 2) + 0.5 * (lab > 0)
-  others = P.felzenszwalb_objects(
-      img, lab, P.FelzenszwalbConfig(scale=20, sigma=0.8, min_size=10, max_area_fraction=0.2))
+  others = host_labels.felzenszwalb_objects(
+      img, lab, host_labels.FelzenszwalbConfig(scale=20, sigma=0.8, min_size=10, max_area_fraction=0.2))
   assert others.shape == lab.shape and others.dtype == np.int32
   assert not np.any((others > 0) & (lab > 0))
   ids = np.unique(others[others > 0])
   np.testing.assert_array_equal(ids, np.arange(1, len(ids) + 1))
   assert len(ids) > 0
   with pytest.raises(ValueError, match="does not match"):
-    P.felzenszwalb_objects(img[:10], lab)
+    host_labels.felzenszwalb_objects(img[:10], lab)

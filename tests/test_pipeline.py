@@ -42,89 +42,8 @@ def tree_digest(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_and_resume(tmp_path):
-  out = tmp_path / "run"
-  args = TINY + ["--scenarios=hq_upgraded", "--reps=2", f"--out_dir={out}"]
-  proc = run_cli(args)
-  assert "Annotations" in proc.stdout and "Segmentation" in proc.stdout  # the table
-  d = json.loads((out / "results.json").read_text())
-  for k in ("lq", "upgraded"):
-    assert set(d["annotation_dice"][k]) >= {"mean", "std", "per_rep"}
-    assert len(d["annotation_dice"][k]["per_rep"]) == 2
-    assert 0.0 <= d["annotation_dice"][k]["mean"] <= 1.0
-  assert set(d["segmentation_dice"]) == {"hq_upgraded", "threshold"}
-  assert "hq_upgraded_vs_threshold" in d["wilcoxon"]
-  for k in ("config", "versions", "timings"):
-    assert d[k]
-  assert d["config"]["upgrade"]["task"]["perturb"]["omission_rate"] == 0.7
-  # Issue 13: instance scores beside Dice, and the saved upgrader of rep 0.
-  assert set(d["annotation_instances"]) == {"lq", "upgraded"}
-  assert len(d["annotation_instances"]["upgraded"]["f1@0.5"]["per_rep"]) == 2
-  assert "Instances" in proc.stdout and (out / "model" / "model.json").is_file()
-  assert d["versions"]["jax"]
-  # mean/std really are the statistics of the per-rep values.
-  per = d["segmentation_dice"]["hq_upgraded"]["per_rep"]
-  assert d["segmentation_dice"]["hq_upgraded"]["mean"] == pytest.approx(np.mean(per))
-  assert d["segmentation_dice"]["hq_upgraded"]["std"] == pytest.approx(np.std(per, ddof=1))
-  csv_text = (out / "results.csv").read_text()
-  assert csv_text.startswith("kind,name,rep,dice")
-  for fig in ("scenarios.png", "overlays.png"):
-    assert (out / fig).stat().st_size > 1000
-  tifs = sorted((out / "upgraded").glob("*.tif"))
-  assert len(tifs) == 6  # one per LQ slice (--n_lq=6)
-  lab = tifffile.imread(tifs[0])
-  assert lab.dtype == np.uint16 and lab.ndim == 2
-  # Same command again: every repetition is already finished, nothing retrains.
-  before = json.loads((out / "rep0" / "rep.json").read_text())
-  proc2 = run_cli(args)
-  assert proc2.stdout.count("already finished") == 2
-  assert "training the upgrade network" not in proc2.stdout
-  assert json.loads((out / "rep0" / "rep.json").read_text()) == before
-  # The reproduction's record (rep.json only, no checkpoints) seeds a folder on
-  # another machine: the CLI takes its repetitions as finished.
-  from experiments.reproduction import records
-  records.sync(["run"], tmp_path, tmp_path / "record")
-  assert records.seed_run("run", tmp_path / "record", tmp_path / "new") == 2
-  seeded = run_cli(args[:-1] + [f"--out_dir={tmp_path / 'new' / 'run'}"])
-  assert seeded.stdout.count("already finished") == 2
-  assert "training the" not in seeded.stdout
-  # Issue 10. Every rep records its full config and the effective LQ rates.
-  assert d["reps"][0]["config"]["data"]["preset"] == "hl60"
-  rates = d["reps"][0]["effective_rates"]
-  assert 0.0 <= rates["omission"] <= 1.0 and rates["targets"] > 0
-  assert rates["omission"] == pytest.approx(rates["omitted"] / rates["targets"])
-  assert len(d["effective_rates"]["omission"]["per_rep"]) == 2
-  assert "Effective LQ perturbation rates" in proc.stdout
-  assert "smallest possible Wilcoxon p is 0.5" in proc.stdout
-  # Another preset into the same out_dir: refused with one line naming it.
-  bad = run_cli(args + ["--preset=granulocytes"], check=False)
-  assert bad.returncode != 0
-  err = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
-  assert len(err) == 1 and "data.preset" in err[0], bad.stderr[-2000:]
-  assert json.loads((out / "rep0" / "rep.json").read_text()) == before
-  # One more scenario is a legitimate extension: only it is trained.
-  proc3 = run_cli(args[:-1] + ["--scenarios=hq_upgraded,hq", "--reps=1", f"--out_dir={out}"])
-  assert "adding hq" in proc3.stdout and "training the upgrade network" in proc3.stdout
-  assert "training the segmentation network: hq_upgraded" not in proc3.stdout
-  after = json.loads((out / "rep0" / "rep.json").read_text())
-  assert after["segmentation_dice"]["hq_upgraded"] == before["segmentation_dice"]["hq_upgraded"]
-  assert "hq" in after["segmentation_dice"]
-  # Issue 15: the synthetic uint16 images are kept compact by default; the
-  # float32 host form gives the same numbers and masks, bit for bit.
-  flt = tmp_path / "float"
-  run_cli(TINY + ["--scenarios=hq_upgraded", "--reps=1", "--nocompact_images",
-                  f"--out_dir={flt}"])
-  rep_f = json.loads((flt / "rep0" / "rep.json").read_text())
-  for k in ("annotation_dice", "segmentation_dice", "upgrade_best_val_dice"):
-    assert rep_f[k] == before[k], k
-  assert rep_f["config"] == before["config"]   # the run key leaves the form out
-  for tif in tifs:
-    assert (flt / "upgraded" / tif.name).read_bytes() == tif.read_bytes()
-
-
-@pytest.mark.slow
 def test_synthetic_run_writes_the_review_queue_z_consistent(tmp_path):
-  # Issue 14: the review queue of rep 0's LQ training set, with each slice's
+  # The review queue of rep 0's LQ training set, with each slice's
   # Dice against the truth; the LQ set made with --z_consistent.
   out = tmp_path / "run"
   run_cli(TINY + ["--scenarios=", "--threshold_baseline=false", "--z_consistent",
@@ -199,7 +118,7 @@ def test_user_mode_writes_one_label_file_per_lq_image(tmp_path):
 
 @pytest.mark.slow
 def test_user_mode_takes_stacks_and_writes_stacks(tmp_path):
-  # Issue 14: (Z, H, W) TIFF stacks of images and labels, beside a 2-D file.
+  # (Z, H, W) TIFF stacks of images and labels, beside a 2-D file.
   from conftest import toy_discs
   ds = toy_discs(12, (48, 56), seed=4)
   img = (ds.images[..., 0] * 1000).clip(0).astype(np.uint16)
@@ -232,7 +151,8 @@ def test_user_mode_on_dsb2018_split(tmp_path):
   if not (src / "images").is_dir():
     pytest.skip(f"shared data not found at {src}")
   from upgrade_jax.data import io
-  from upgrade_jax.perturb import omission, relabel_sequential
+  from upgrade_jax.perturb import omission
+  from upgrade_jax.data.labels import relabel_sequential
   import jax
   names = sorted(p.stem for p in (src / "images").glob("*.tif"))
   grey = [n for n in names if io.read_image(src / "images" / f"{n}.tif").ndim == 2]
@@ -373,7 +293,7 @@ def test_sweep_figure_and_parser(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# Issue 10: numbers a scientist can trust.
+# Numbers a scientist can trust.
 
 def _finished_rep(out: Path, cfg, rep=0, scenarios=("hq",)):
   """A rep.json as a finished run of `cfg` leaves it (numbers made up)."""
@@ -511,31 +431,30 @@ def test_synthetic_test_set_does_not_depend_on_n_volumes():
 def test_sweep_points_as_separate_jobs_collect_to_the_in_process_sweep(tmp_path):
   # A scheduler runs each point as its own process (--index, or the array
   # index variable), then --collect; the result equals the in-process sweep.
-  base = TINY + ["--scenarios=", "--threshold_baseline=false", "--sweep=n_hq=2,3,4"]
+  base = TINY + ["--scenarios=", "--threshold_baseline=false", "--sweep=n_hq=2,4"]
   run_cli(base + [f"--out_dir={tmp_path / 'one'}"], module="experiments.sweep")
   listed = run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--list"],
                    module="experiments.sweep").stdout.splitlines()
-  assert [l.split("\t")[1] for l in listed] == ["n_hq=2", "n_hq=3", "n_hq=4"]
+  assert [l.split("\t")[1] for l in listed] == ["n_hq=2", "n_hq=4"]
   assert all(l.endswith("todo") for l in listed) and not (tmp_path / "jobs").exists()
   proc = run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--collect"],
                  module="experiments.sweep", check=False)
   assert proc.returncode == 2 and "have not finished" in proc.stderr
-  for k in (2, 0):
-    run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", f"--index={k}"], module="experiments.sweep")
+  run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--index=1"], module="experiments.sweep")
   env_job = cli.run(
       "experiments.sweep", [f"--compilation_cache={CACHE}", *base, f"--out_dir={tmp_path / 'jobs'}"],
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "SLURM_ARRAY_TASK_ID": "1"}, timeout=600)
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "SLURM_ARRAY_TASK_ID": "0"}, timeout=600)
   assert env_job.returncode == 0, env_job.stderr[-2000:]
   assert not (tmp_path / "jobs" / "sweep.json").exists()   # points only, no collection
   run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--collect"], module="experiments.sweep")
   a = json.loads((tmp_path / "one" / "sweep.json").read_text())
   b = json.loads((tmp_path / "jobs" / "sweep.json").read_text())
-  assert a == b and [p["value"] for p in a["points"]] == [2, 3, 4]
+  assert a == b and [p["value"] for p in a["points"]] == [2, 4]
   assert (tmp_path / "jobs" / "sweep_n_hq.png").stat().st_size > 1000
 
 
 def test_every_scenario_validates_on_the_same_held_out_slices_with_its_own_labels():
-  # The validation rule (issue 28): HQ val + val_extra of the scenario's other
+  # The validation rule: HQ val + val_extra of the scenario's other
   # training slices, with its labels; held out of its training set.
   hq, val, lq = _ds(2, 8, 8, name="hq"), _ds(1, 8, 8, name="val"), _ds(12, 8, 8, name="lq")
   up, truth = _ds(12, 8, 8, name="up"), _ds(12, 8, 8, name="truth")

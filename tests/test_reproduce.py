@@ -1,5 +1,5 @@
 """docs/reproduction.md is generated from rep.json files and the paper's
-numbers (issue 11): fake finished repetitions in, markdown cells out."""
+numbers: fake finished repetitions in, markdown cells out."""
 
 import json
 

@@ -81,7 +81,7 @@ def test_lock_refuses_a_live_run_and_dies_with_a_killed_one(tmp_path):
 
 
 def test_check_owner_refuses_files_it_did_not_write(tmp_path):
-  # Issue 29: no entry point overwrites a file it did not write.
+  # No entry point overwrites a file it did not write.
   new, empty = tmp_path / "new", tmp_path / "empty"
   empty.mkdir()
   for d in (new, empty):

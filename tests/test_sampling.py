@@ -96,10 +96,10 @@ def test_make_splits():
   hq_names = set(s.hq_train.names) | set(s.hq_val.names)
   assert hq_names == {f"{train[v].name}_z{z:03d}" for v, z in s.hq_picks}
   assert s.test.targets.max() == 2 and s.test.others.max() == 1  # relabelled
-  # Percentile-normalised by default: each slice as io.normalise makes it.
-  from upgrade_jax.data import io
+  # Percentile-normalised by default: each slice as intensity.normalise makes it.
+  from upgrade_jax.data import intensity
   assert s.test.images.dtype == np.float32
-  np.testing.assert_allclose(s.test.images[0, ..., 0], io.normalise(test[0].image[0]), rtol=1e-6)
+  np.testing.assert_allclose(s.test.images[0, ..., 0], intensity.normalise(test[0].image[0]), rtol=1e-6)
   s2 = sampling.make_splits(train, test, n_hq=5, seed=0, n_lq=4)
   assert len(s2.lq_truth) == 4 and set(s2.lq_picks) <= set(s.lq_picks)
   with pytest.raises(ValueError, match="n_lq=20"):
@@ -128,7 +128,7 @@ def test_make_lq_is_seeded_and_follows_the_config():
   assert not np.array_equal(a.targets, c.targets)
 
 
-# ---------------------------------------------------------------- issue 10
+# ---------------------------------------------------------------- numbers a scientist can trust
 
 def test_test_volumes_do_not_depend_on_n_volumes():
   # Figure 3.4 sweeps the number of training volumes: the test set must stay

@@ -109,7 +109,7 @@ def test_errors():
     threshold.apply_threshold(ds, 0.5, "inverted")
 
 
-# ---------------------------------------------------------------- issue 10
+# ---------------------------------------------------------------- numbers a scientist can trust
 
 def _two_slice_volume(name):
   """Slice A: bright cells (1000) on a grey background (120). Slice B: dim
@@ -156,13 +156,13 @@ def test_pipeline_threshold_reads_percentile_normalised_images_by_default():
   # percentile-normalised images the networks read (StarDist's inputs), one
   # global threshold on them.
   from upgrade_jax import pipeline
-  from upgrade_jax.data import io
+  from upgrade_jax.data import stacking
   cfg = pipeline.PipelineConfig(data=pipeline.DataConfig(n_hq=4), scenarios=())
   assert pipeline.stages.threshold_intensities(cfg) == "percentile"
   volumes = ([_two_slice_volume("a"), _two_slice_volume("b")], [_two_slice_volume("t")])
   data = pipeline.prepare_rep(cfg, volumes, seed=0)
   result = pipeline.threshold_baseline(cfg, volumes, data)
-  hq = io.volumes_to_dataset(volumes[0], normalisation="percentile")
-  test = io.volumes_to_dataset(volumes[1], normalisation="percentile")
+  hq = stacking.volumes_to_dataset(volumes[0], normalisation="percentile")
+  test = stacking.volumes_to_dataset(volumes[1], normalisation="percentile")
   ref = threshold.fit_and_evaluate(hq, test)
   assert (result.threshold, result.test_dice) == pytest.approx((ref.threshold, ref.test_dice))

@@ -97,18 +97,6 @@ def test_upconv_equals_conv_transpose():
   np.testing.assert_allclose(ours, ref.apply(variables, x), rtol=1e-5, atol=1e-5)
 
 
-def test_conv_impls_share_variables_and_logits(model_and_vars):
-  # A checkpoint trained with one conv implementation loads into the other.
-  model, variables = model_and_vars
-  im2col = UNet(widths=WIDTHS, conv_impl="im2col")
-  x = jax.random.normal(jax.random.PRNGKey(3), (1, 16, 16, 2))
-  shapes = jax.eval_shape(functools.partial(im2col.init, train=False),
-                          jax.random.PRNGKey(0), x)
-  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
-  np.testing.assert_allclose(_apply(im2col, variables, x), _apply(model, variables, x),
-                             rtol=1e-4, atol=1e-4)
-
-
 def test_pad_and_crop():
   x = jnp.ones((2, 17, 33, 3))
   padded, hw = pad_to_multiple(x, 16)

@@ -31,25 +31,25 @@ import jax
 import numpy as np
 
 import upgrade_jax
-from upgrade_jax import instances, rundir
-from upgrade_jax.data import io
+from upgrade_jax import files, instances, rundir
+from upgrade_jax.data import intensity, io, stacking
 from upgrade_jax.data.types import Dataset
 from upgrade_jax.engine.state import TrainState
 from upgrade_jax.engine.tasks import Task, task_from_json
 from upgrade_jax.engine.tiling import TileConfig, predict_image
+from upgrade_jax.metrics import FOREGROUND_THRESHOLD
 from upgrade_jax.models.unet import MULTIPLE, UNet
 from upgrade_jax.rundir import InputError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_JSON", "VARIABLES", "Upgrader",
            "save_upgrader", "load_upgrader", "upgrader_from_state", "load_sample",
-           "upgrade_sample", "sample_probability", "upgrade_probs", "upgrade_masks"]
+           "upgrade_sample", "sample_probability", "upgrade_probs"]
 
 FORMAT = "upgrade_jax.upgrader"
 # Bumped when a saved model's meaning changes; a loader refuses newer formats.
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 VARIABLES = "variables.npz"
-THRESHOLD = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +60,9 @@ class Upgrader:
     model: the UNet; variables: its {'params', 'batch_stats'}.
     task: the training task (builds the network input from image + label).
     image_channels: C of the images after the channel policy.
-    channels: the channel policy ("grey" or "rgb", see io.to_channels).
+    channels: the channel policy ("grey" or "rgb", see intensity.to_channels).
     normalisation: the input normalisation ("percentile", "max", "volume": on
-      one image as "max"; see io.normalise).
+      one image as "max"; see intensity.normalise).
     tiling: how prediction cuts large images.
     percentiles: (low, high) of "percentile" normalisation.
     meta: model.json as read (None for an upgrader made in memory).
@@ -76,17 +76,17 @@ class Upgrader:
   normalisation: str = "percentile"
   tiling: TileConfig = TileConfig()
   meta: dict | None = dataclasses.field(default=None, compare=False)
-  percentiles: tuple[float, float] = io.PERCENTILES
+  percentiles: tuple[float, float] = intensity.PERCENTILES
 
 
 def upgrader_from_state(state: TrainState, *, image_channels: int, channels: str = "grey",
                         normalisation: str = "percentile",
                         tiling: TileConfig = TileConfig(),
-                        percentiles=io.PERCENTILES) -> Upgrader:
+                        percentiles=intensity.PERCENTILES) -> Upgrader:
   """The Upgrader of a trained TrainState (its variables on the host)."""
   variables = jax.tree.map(np.asarray, jax.device_get(state.variables))
   return Upgrader(state.model, variables, state.task, image_channels, channels,
-                  normalisation, tiling, percentiles=io.check_percentiles(percentiles))
+                  normalisation, tiling, percentiles=intensity.check_percentiles(percentiles))
 
 
 def _flatten(tree, prefix="") -> dict[str, np.ndarray]:
@@ -132,7 +132,7 @@ def save_upgrader(directory, upgrader: Upgrader, *, train: dict | None = None,
   path = directory / VARIABLES
   if guard is not None:
     guard.check_output(path)
-  io._atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+  files.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
   meta = {
       "format": FORMAT, "format_version": FORMAT_VERSION,
       "package_version": upgrade_jax.__version__,
@@ -145,13 +145,13 @@ def save_upgrader(directory, upgrader: Upgrader, *, train: dict | None = None,
                 "channels": upgrader.channels, "normalisation": upgrader.normalisation,
                 "percentiles": list(upgrader.percentiles),
                 "label_input": "LQ label > 0, a 0/1 channel after the image channels"},
-      "prediction": {"threshold": THRESHOLD, **dataclasses.asdict(upgrader.tiling)},
+      "prediction": {"threshold": FOREGROUND_THRESHOLD, **dataclasses.asdict(upgrader.tiling)},
       "train": train or {},
       "versions": {"jax": jax.__version__, "numpy": np.__version__},
       "files": {VARIABLES: hashlib.sha256(data).hexdigest()},
   }
   # model.json last: a folder without it is an incomplete export.
-  io.write_json(directory / MODEL_JSON, meta, guard=guard)
+  files.write_json(directory / MODEL_JSON, meta, guard=guard)
   return directory
 
 
@@ -202,7 +202,7 @@ def load_upgrader(directory) -> Upgrader:
                         batch=int(pred["batch"]))
     image_channels = int(inp["image_channels"])
     # Models saved before the field existed used the then-default (1, 99.8).
-    percentiles = io.check_percentiles(inp.get("percentiles", io.PERCENTILES))
+    percentiles = intensity.check_percentiles(inp.get("percentiles", intensity.PERCENTILES))
     with np.load(_bytes_io.BytesIO(data)) as z:
       variables = _unflatten({k: z[k] for k in z.files})
   except (KeyError, TypeError, ValueError) as e:
@@ -251,7 +251,7 @@ def load_sample(image_path, label_path, upgrader: Upgrader) -> tuple[np.ndarray,
   if labels.ndim != 2:
     raise ValueError(f"{label_path}: expected a 2-D label image, got shape {labels.shape}")
   image = io.read_image(image_path)
-  ds = io.stack_samples([(image, labels, None, f"{image_path} vs {label_path}")],
+  ds = stacking.stack_samples([(image, labels, None, f"{image_path} vs {label_path}")],
                         normalisation=upgrader.normalisation, channels=upgrader.channels,
                         percentiles=upgrader.percentiles)
   if ds.channels != upgrader.image_channels:
@@ -276,14 +276,14 @@ def upgrade_sample(upgrader: Upgrader, image: np.ndarray, lq_labels: np.ndarray,
   """
   if output not in instances.OUTPUTS:
     raise ValueError(f"output must be one of {instances.OUTPUTS}, got {output!r}")
-  mask = sample_probability(upgrader, image, lq_labels) > THRESHOLD
+  mask = sample_probability(upgrader, image, lq_labels) > FOREGROUND_THRESHOLD
   return mask, instances.labels_from_mask(mask, lq_labels, output)
 
 
 def sample_probability(upgrader: Upgrader, image: np.ndarray,
                        lq_labels: np.ndarray) -> np.ndarray:
   """(H, W) float32: u_θ's foreground probability for one (H, W, C) image and
-  its (H, W) LQ labels; the upgraded mask is this > THRESHOLD."""
+  its (H, W) LQ labels; the upgraded mask is this > FOREGROUND_THRESHOLD."""
   return predict_image(upgrader.model, upgrader.variables, upgrader.task, image,
                        lq_labels > 0, config=upgrader.tiling)
 
@@ -305,9 +305,3 @@ def upgrade_probs(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.
     probs[i, :h, :w] = sample_probability(upgrader, ds.normalised([i])[0, :h, :w],
                                           lq_labels[i, :h, :w])
   return probs
-
-
-def upgrade_masks(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.ndarray:
-  """(N, H, W) bool upgraded masks of a Dataset, False outside each extent
-  (`upgrade_probs` > THRESHOLD)."""
-  return upgrade_probs(upgrader, ds, lq_labels) > THRESHOLD

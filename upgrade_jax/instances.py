@@ -32,8 +32,8 @@ __all__ = ["OUTPUTS", "components", "instances_from_upgrade", "has_instances",
            "summary_scores", "labels_from_mask"]
 
 # What the upgraded files hold: "instances" (touching cells separated) or
-# "mask" (connected components of the upgraded mask: the behaviour before
-# issue 13).
+# "mask" (connected components of the upgraded mask: the plain mask a user
+# asks for with --output=mask).
 OUTPUTS = ("instances", "mask")
 THRESHOLDS = (0.5, 0.75)
 # The Data Science Bowl 2018 score: TP/(TP+FP+FN) averaged over IoU 0.5:0.05:0.95.

@@ -12,6 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+# A probability above this is foreground: every mask made from a network's
+# probability map (training Dice, prediction, upgraded labels, apply) uses it.
+FOREGROUND_THRESHOLD = 0.5
+
 
 def extent_mask(extents, h: int, w: int, xp=np):
   """(N, h, w) bool: True inside each sample's valid (height, width).

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from upgrade_jax import rundir
-from upgrade_jax.data.io import json_safe, write_text
+from upgrade_jax.files import json_safe, write_text
 
 PACKAGES = ("upgrade_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "scipy", "scikit-image", "tifffile", "absl-py", "matplotlib")
@@ -45,7 +45,7 @@ def versions() -> dict:
 
 
 def instance_summary(reps: list) -> dict:
-  """Issue 13: {"lq"|"upgraded": {"f1@0.5": {mean, std, per_rep}, ...}} of
+  """{"lq"|"upgraded": {"f1@0.5": {mean, std, per_rep}, ...}} of
   the reps' "annotation_instances" (test-set instance matching), or {}."""
   from upgrade_jax.metrics import summarize
 
@@ -82,7 +82,7 @@ def write_results(out_dir, results, extra: dict | None = None) -> dict:
       w.writerow(["annotation", k, r["rep"], f"{r['annotation_dice'][k]:.6f}"])
     for k, v in r["segmentation_dice"].items():
       w.writerow(["segmentation", k, r["rep"], f"{v:.6f}"])
-  for r in results.reps:  # issue 13: instance scores as rows of kind "instances"
+  for r in results.reps:  # instance scores as rows of kind "instances"
     for k, scores in r.get("annotation_instances", {}).items():
       for m, v in scores.items():
         w.writerow(["instances", f"{k}:{m}", r["rep"], f"{v:.6f}"])

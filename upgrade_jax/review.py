@@ -35,7 +35,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from upgrade_jax import rundir
-from upgrade_jax.data import io
+from upgrade_jax import files
 from upgrade_jax.data.types import Dataset
 
 __all__ = ["SCORE", "COLUMNS", "binary_entropy", "image_review", "rank_rows", "review_csv",
@@ -180,7 +180,7 @@ def write_review(directory, rows: Sequence[dict],
   """
   directory = Path(directory)
   ranked = rank_rows(rows)
-  io.write_text(directory / "review.csv", review_csv(ranked), guard=guard)
+  files.write_text(directory / "review.csv", review_csv(ranked), guard=guard)
   if not rundir.is_primary_process():  # several JAX processes: process 0 writes
     return ranked
   folder = directory / "review"
@@ -196,7 +196,7 @@ def write_review(directory, rows: Sequence[dict],
              f"{r['changed_fraction']:.1%} changed, +{r['objects_added']}/"
              f"-{r['objects_removed']} objects")
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", r["name"])
-    io.write_bytes(folder / f"{r['rank']:03d}_{safe}.png", _overlay_png(image, lq, up, title),
+    files.write_bytes(folder / f"{r['rank']:03d}_{safe}.png", _overlay_png(image, lq, up, title),
                    guard=guard)
   return ranked
 

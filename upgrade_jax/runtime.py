@@ -4,7 +4,7 @@ XLA:CPU allocates its large temporaries afresh at every execution. glibc serves
 blocks above its mmap threshold (at most 32 MB) with mmap and unmaps them on
 free, so every train step page-faults them in again: 30-57 k minor faults and
 ~50 ms of system time per step on this project's 2-core machine. Keeping them
-in the heap removes the faults (-10 % step time; BUILD_NOTES.md, performance).
+in the heap removes the faults (-10 % step time; BUILD_NOTES.md).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ ENTRIES: tuple[Entry, ...] = (
     # §3.3.3 on EPFL mitochondria: hq, hq_upgraded and the oracle.
     *(Entry(f"epfl_{p}", "epfl", p, (f"epfl_{p}.cfg",), _REAL, needs="epfl")
       for p in ("omission", "inclusion", "bias")),
-    # The payoff on real data (issue 28): HQ sizes swept, HQ only / HQ + LQ / HQ +
+    # The payoff on real data : HQ sizes swept, HQ only / HQ + LQ / HQ +
     # upgraded / oracle, Dice and the instance scores; the cost curves.
     Entry("dsb_payoff_omission", "payoff", "dsb2018 omission 70%", ("dsb_payoff.cfg",),
           sweep=True, needs="dsb"),
@@ -87,7 +87,7 @@ ENTRIES: tuple[Entry, ...] = (
           ("--reps=2", "--scenarios="), sweep=True),
     Entry("figure_3_6_cost", "figure_3_6", "n_hq", ("fig_3_6_cost.cfg",), ("--reps=2",),
           sweep=True),
-    # Table 3.3: the competing methods (issue 12) on combined_hl60, 20 HQ slices.
+    # Table 3.3: the competing methods on combined_hl60, 20 HQ slices.
     Entry("table_3_3_omission", "table_3_3", "omission", ("table_3_3_sota.cfg",)),
     Entry("table_3_3_inclusion", "table_3_3", "inclusion", ("table_3_3_sota.cfg",),
           ("--omission_rate=0.0", "--inclusion_rate=0.7",
@@ -115,7 +115,7 @@ ENTRIES: tuple[Entry, ...] = (
       for r in ("inclusion_granulocytes", "omission_hl60")),
     # Does the combined preset's oracle lose to HQ only because of per-image
     # max normalisation? A dim slice at a volume's edge gets its background
-    # stretched from ~0.2 to ~0.35 (BUILD_NOTES, "The payoff"); with one scale
+    # stretched from ~0.2 to ~0.35 (BUILD_NOTES.md); with one scale
     # per volume it keeps its volume's level. Same seeds and budget as the row.
     Entry("check_volume_norm", "check", "inclusion_hl60",
           ("table_3_1_inclusion_hl60.cfg", _CPU),

@@ -3,9 +3,8 @@ kept in the repository beside the document it makes.
 
 Why: the run folders (runs/reproduction/, git-ignored, gigabytes of
 checkpoints) live on one machine. A machine is not kept between sittings,
-and losing them lost a whole day of finished repetitions once (BUILD_NOTES,
-"The payoff, measured"). A rep.json is a few kB of numbers and the run key,
-so the record keeps them all, and docs/reproduction.md is rendered from the
+and losing them once lost a whole day of finished repetitions. A rep.json is
+a few kB of numbers and the run key, so the record keeps them all, and docs/reproduction.md is rendered from the
 record alone: a repetition finished on any machine is never computed again.
 
 Layout: the run folders' own, with only the rep.json files, so the renderer
@@ -31,7 +30,7 @@ import json
 import re
 from pathlib import Path
 
-from upgrade_jax.data.io import write_text
+from upgrade_jax.files import write_text
 
 __all__ = ["sync", "seed_run", "rep_files", "RECORD_DROPS"]
 

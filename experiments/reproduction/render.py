@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.reproduction.entries import TABLE_3_1_ROWS, Entry
+from upgrade_jax.pipeline.config import HQ_COST
 from upgrade_jax.pipeline.run import Results
 from upgrade_jax.report import save_figure
 
@@ -300,7 +301,7 @@ def plot_figure_3_4(pts, path: Path) -> None:
   _save(fig, path)
 
 
-def plot_figure_3_6(pts, path: Path, hq_cost: float = 5.0) -> None:
+def plot_figure_3_6(pts, path: Path, hq_cost: float = HQ_COST) -> None:
   """Segmentation Dice against annotation cost in LQ-label units: each
   scenario of each point is a point of its own curve."""
   import matplotlib
@@ -414,7 +415,7 @@ def metric_of(d: dict, scenario: str, metric: str) -> dict | None:
   return (d.get("segmentation_instances") or {}).get(scenario, {}).get(metric)
 
 
-def payoff(e: Entry, root: Path, hq_cost: float = 5.0) -> tuple[str, list]:
+def payoff(e: Entry, root: Path, hq_cost: float = HQ_COST) -> tuple[str, list]:
   """A payoff sweep as a table (per HQ size and scenario: Dice, F1@0.5, DSB
   score; HQ + upg. − HQ only paired with its 95% interval) and its points."""
   pts = payoff_points(e, root)

@@ -9,51 +9,31 @@ is a Volume with one slice):
               (the StarDist / Cellpose convention; DSB2018 and users' data)
   stack       one TIFF image stack (Z, H, W[, C]) with its label stack
 
-`load_source(name, **kwargs)` picks one by name. `volumes_to_dataset` (or
-`stack_samples` for loose 2-D samples) then pads slices of different sizes
-into one `Dataset`.
-
-Channel policy: the images of one Dataset share C. `channels="grey"` (the
-default) converts RGB(A) to grey with the ITU-R 601 luma weights, so DSB2018's
-mix of grey fluorescence and RGB histology becomes C=1; `channels="rgb"`
-repeats grey images to 3 channels and keeps RGB. Normalisation to float32 is
-per image: "percentile" (the default, as StarDist and Cellpose: csbdeep's
-`normalize`, which maps the 1st and 99.8th percentiles of each channel to 0
-and 1 without clipping) or "max" (divide by the image's maximum, the paper's);
-"none" keeps the raw values as float32.
+`data.stacking.volumes_to_dataset` (or `stack_samples` for loose 2-D samples)
+then pads slices of different sizes into one `Dataset`; `data.normalise` holds
+the channel policy and the normalisations.
 
 Matching: an image and its label file match when their names without the
 extension are equal (a.png matches a.tif). Label files must hold non-negative
 integers; floats are accepted only when every value is integral.
-
-Why ~470 lines in one module: every rule about a user's files (which files
-match, what a valid label is, how outputs are written atomically and safely)
-lives here, so that the readers and writers cannot disagree.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import tifffile
 
 from upgrade_jax import rundir
-from upgrade_jax.data.types import Dataset, Volume, label_dtype
-from upgrade_jax.perturb import relabel_sequential
+from upgrade_jax.data.types import Volume
+from upgrade_jax.files import atomic_write
 
 __all__ = ["IMAGE_SUFFIXES", "read_array", "read_image", "read_labels", "check_labels",
-           "normalise", "to_channels", "stack_samples", "volumes_to_dataset",
-           "write_labels", "write_bytes", "write_json", "json_safe", "pair_files", "folder", "stack", "epfl_mito", "synthetic", "SOURCES",
-           "load_source"]
+           "write_labels", "pair_files", "folder", "stack", "epfl_mito", "synthetic"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 _TIFF = (".tif", ".tiff")
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -156,317 +136,6 @@ def _split_channels(image: np.ndarray, label_shape, source) -> np.ndarray:
                    "axis of 1-4)")
 
 
-def to_channels(image: np.ndarray, channels: str) -> np.ndarray:
-  """(..., C) float32 image → (..., 1) for "grey" or (..., 3) for "rgb".
-
-  Alpha (C=4, or C=2 grey+alpha) is dropped first.
-  """
-  img = np.asarray(image, np.float32)
-  c = img.shape[-1]
-  if c in (2, 4):
-    img, c = img[..., :c - 1], c - 1
-  if channels == "grey":
-    return img if c == 1 else (img @ _LUMA)[..., None]
-  if channels == "rgb":
-    return np.repeat(img, 3, axis=-1) if c == 1 else img
-  raise ValueError(f"channels must be 'grey' or 'rgb', got {channels!r}")
-
-
-# The normalisation methods `normalise` knows, and the default percentiles
-# of "percentile" (StarDist's and Cellpose's: csbdeep.utils.normalize(x, 1, 99.8)).
-NORMALISATIONS = ("max", "percentile", "volume", "none")
-PERCENTILES = (1.0, 99.8)
-
-
-def check_percentiles(percentiles) -> tuple[float, float]:
-  """(low, high) as floats, with 0 <= low < high <= 100; else ValueError."""
-  try:
-    lo, hi = (float(p) for p in percentiles)
-  except (TypeError, ValueError):
-    raise ValueError(f"percentiles must be two numbers (low, high), got {percentiles!r}") \
-        from None
-  if not 0.0 <= lo < hi <= 100.0:
-    raise ValueError(f"percentiles ({lo:g}, {hi:g}) must satisfy 0 <= low < high <= 100")
-  return lo, hi
-
-
-def percentile_affine(image: np.ndarray, percentiles=PERCENTILES) -> tuple[np.ndarray, np.ndarray]:
-  """(offset, divisor), each (C,) float32: "percentile" normalisation of an
-  (H, W, C) image is (image - offset) / divisor per channel, the channel's
-  low and high percentiles mapped to 0 and 1 (csbdeep's normalize with
-  axis=(0, 1): channels independently). A flat channel (high == low) gets
-  divisor 1, so it becomes 0, not inf."""
-  lo_p, hi_p = check_percentiles(percentiles)
-  img = np.asarray(image)
-  flat = img.reshape(-1, img.shape[-1]).astype(np.float64)
-  lo, hi = np.percentile(flat, (lo_p, hi_p), axis=0)
-  span = hi - lo
-  return lo.astype(np.float32), np.where(span > 0, span, 1.0).astype(np.float32)
-
-
-def normalise(image: np.ndarray, method: str = "percentile", *,
-              percentiles=PERCENTILES) -> np.ndarray:
-  """Per-image normalisation to float32.
-
-  Args:
-    image: (H, W, C) uint8, uint16, bool or float ((H, W) is one channel).
-    method: "percentile" maps each channel's low and high `percentiles` to 0
-      and 1 without clipping (csbdeep's `normalize`, as StarDist and
-      Cellpose); "max" divides by the image's maximum (the paper's; an
-      all-zero image stays zero); "none" only converts to float32 (data
-      normalised already, or a global threshold on raw intensities);
-      "volume" is "max" over a whole 3-D stack (`volumes_to_dataset`), and
-      on one image the same as "max" (an image is a one-slice stack).
-    percentiles: (low, high) of "percentile", in [0, 100].
-
-  Returns:
-    float32 array of the same shape.
-  """
-  img = np.asarray(image, np.float32)
-  if method in ("max", "volume"):
-    top = float(img.max(initial=0.0))
-    return img / top if top > 0 else np.zeros_like(img)
-  if method == "percentile":
-    chans = img if img.ndim >= 3 else img[..., None]
-    offset, divisor = percentile_affine(chans, percentiles)
-    # float32 throughout: the device's normalisation of a compact set
-    # (engine.step.take_samples) computes exactly this.
-    return ((chans - offset) / divisor).astype(np.float32).reshape(img.shape)
-  if method == "none":
-    return img
-  raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {method!r}")
-
-
-# --------------------------------------------------------------------------
-# From samples to one padded Dataset.
-
-def stack_samples(samples: Sequence, *, normalisation: str = "percentile",
-                  channels: str = "grey", scales: Sequence[float] | None = None,
-                  compact: bool | str = False, percentiles=PERCENTILES) -> Dataset:
-  """Pads 2-D samples of different sizes into one Dataset.
-
-  Args:
-    samples: (image, target, others, name) tuples; image (H, W) or (H, W, C)
-      of any numeric dtype, target and others (H, W) integer (others may be
-      None). Sizes may differ between samples.
-    normalisation: per-image method, see `normalise`; "volume" divides each
-      image by its entry of `scales` (without scales: as "max").
-    channels: "grey" or "rgb", see `to_channels`.
-    scales: per-sample divisors for normalisation="volume" (volumes_to_dataset
-      passes each slice its volume's max).
-    compact: True keeps integer images in their source dtype with
-      Dataset.image_scale (the divisor of each sample) and, for
-      "percentile", Dataset.image_offset: normalised on the device by the
-      train step, bit for bit as here; 1-2 bytes a pixel instead of 4. Needs
-      integer, single-channel images (or RGB under the "rgb" policy with
-      "max"/"volume"/"none": a percentile affine is per channel). "auto":
-      compact when every sample allows it and is 8 or 16 bits, else float32.
-      False: float32.
-    percentiles: (low, high) of "percentile" normalisation.
-
-  Returns:
-    Dataset with images (N, Hmax, Wmax, C) float32 (or the source integer
-    dtype when compact), targets/others relabelled 1..n per sample (int32;
-    compact: int8/int16/int32, the smallest that holds the ids), zero
-    padding at the bottom/right, and extents (N, 2).
-  """
-  if not samples:
-    raise ValueError("stack_samples: no samples")
-  if scales is not None and len(scales) != len(samples):
-    raise ValueError(f"stack_samples: {len(scales)} scales for {len(samples)} samples")
-  if normalisation not in NORMALISATIONS:
-    raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
-  percentiles = check_percentiles(percentiles)
-  checked = []
-  for image, target, others, name in samples:
-    target = check_labels(target, name)
-    if target.ndim != 2:
-      raise ValueError(f"{name}: target must be (H, W), got shape {target.shape}")
-    others = np.zeros_like(target) if others is None else check_labels(others, name)
-    if others.shape != target.shape:
-      raise ValueError(f"{name}: others shape {others.shape} != target shape {target.shape}")
-    checked.append((_split_channels(np.asarray(image), target.shape, name), target, others,
-                    name))
-  if compact == "auto":
-    compact = all(_compact_ok(raw, channels, normalisation) for raw, *_ in checked)
-  prepared, divisors, offsets = [], [], []
-  for i, (raw, target, others, name) in enumerate(checked):
-    img = _compact_channels(raw, channels, name) if compact else to_channels(raw, channels)
-    offset = 0.0
-    if normalisation == "percentile":
-      if compact and img.shape[-1] != 1:
-        raise ValueError(f"{name}: compact percentile normalisation needs one channel, got "
-                         f"{img.shape[-1]}; use compact=False")
-      if compact:   # the device applies the affine (engine.step.take_samples)
-        off, div = percentile_affine(img, percentiles)
-        offset, top = float(off[0]), float(div[0])
-      else:
-        img, top = normalise(img, "percentile", percentiles=percentiles), 1.0
-    elif normalisation == "volume" and scales is not None:
-      top = float(scales[i])
-    elif normalisation in ("max", "volume"):
-      top = float(img.max(initial=0))
-    else:
-      top = 1.0
-    top = top if top > 0 else 1.0   # an all-zero image stays zero
-    if not compact and normalisation not in ("none", "percentile"):
-      img = np.asarray(img, np.float32) / top
-    divisors.append(top)
-    offsets.append(offset)
-    prepared.append((img, relabel_sequential(target), relabel_sequential(others), str(name)))
-  h = max(p[1].shape[0] for p in prepared)
-  w = max(p[1].shape[1] for p in prepared)
-  n, c = len(prepared), prepared[0][0].shape[-1]
-  dtype = np.result_type(*(p[0].dtype for p in prepared)) if compact else np.float32
-  # A compact set also keeps its labels small: the ids are 1..n per sample,
-  # so int8 or int16 hold them where a sample has < 128 or < 32768 cells
-  # (2000 LQ slices of 1024² then need 4 GiB of host labels, not 16). The
-  # engine narrows them the same way for the device.
-  label_type = (label_dtype(*(a for p in prepared for a in p[1:3])) if compact
-                else np.int32)
-  images = np.zeros((n, h, w, c), dtype)
-  targets = np.zeros((n, h, w), label_type)
-  others = np.zeros((n, h, w), label_type)
-  extents = np.zeros((n, 2), np.int32)
-  for i, (img, tgt, oth, _) in enumerate(prepared):
-    hi, wi = tgt.shape
-    images[i, :hi, :wi] = img
-    targets[i, :hi, :wi] = tgt
-    others[i, :hi, :wi] = oth
-    extents[i] = (hi, wi)
-  scale = np.asarray(divisors, np.float32) if compact else None
-  offset = np.asarray(offsets, np.float32) if compact and normalisation == "percentile" else None
-  return Dataset(images, targets, others, extents, tuple(p[3] for p in prepared), scale,
-                 offset)
-
-
-def _compact_ok(image: np.ndarray, channels: str, normalisation: str = "max") -> bool:
-  """Whether `compact="auto"` keeps this (H, W, C) image as integers."""
-  c = image.shape[-1] - (image.shape[-1] in (2, 4))
-  if normalisation == "percentile" and not (c == 1 and channels == "grey"):
-    return False   # one affine per sample: one channel
-  return (np.issubdtype(image.dtype, np.integer) and image.dtype.itemsize <= 2
-          and (c == 1 or (channels == "rgb" and c == 3)))
-
-
-def _compact_channels(image: np.ndarray, channels: str, name) -> np.ndarray:
-  """(H, W, C) integer image after the channel policy, still integer: only
-  policies that do not mix channels (grey of 1 channel, rgb of 1 or 3)."""
-  if not np.issubdtype(image.dtype, np.integer):
-    raise ValueError(f"{name}: compact images must be integers, got {image.dtype}; "
-                     "use the float form")
-  c = image.shape[-1]
-  if c in (2, 4):
-    image, c = image[..., :c - 1], c - 1
-  if channels == "grey" and c == 1:
-    return image
-  if channels == "rgb":
-    return np.repeat(image, 3, axis=-1) if c == 1 else image
-  raise ValueError(f"{name}: a {c}-channel image under the '{channels}' policy is a "
-                   "weighted sum, not integers; use the float form")
-
-
-def volumes_to_dataset(volumes: Sequence[Volume], picks=None, **kwargs) -> Dataset:
-  """The slices `picks` [(volume_idx, slice_idx), ...] (default: all) as a Dataset.
-
-  Sample names are "<volume name>_z<slice>" for multi-slice volumes and the
-  volume name for single-slice ones. kwargs go to `stack_samples`.
-  normalisation="volume" divides every slice by the maximum of its whole
-  volume (after the channel policy), so a slice near the volume's edge, with
-  few cells, keeps the background level of the rest of its volume; per-image
-  "max" would stretch it (a dim edge slice's background rises from ~0.2 to
-  ~0.35 of full scale in the synthetic volumes: BUILD_NOTES, "The payoff").
-  """
-  if picks is None:
-    picks = [(v, z) for v, vol in enumerate(volumes) for z in range(vol.num_slices)]
-  if kwargs.get("normalisation") == "volume":
-    channels = kwargs.get("channels", "grey")
-    tops = {v: _volume_max(volumes[v], channels) for v in {v for v, _ in picks}}
-    kwargs = {**kwargs, "scales": [tops[v] for v, _ in picks]}
-  samples = []
-  for v, z in picks:
-    vol = volumes[v]
-    name = vol.name if vol.num_slices == 1 else f"{vol.name}_z{z:03d}"
-    samples.append((vol.image[z], vol.target[z], vol.others[z], name))
-  return stack_samples(samples, **kwargs)
-
-
-def _volume_max(vol: Volume, channels: str) -> float:
-  """The maximum of a volume's image after the channel policy (float)."""
-  return max(float(to_channels(_split_channels(np.asarray(vol.image[z]), vol.target[z].shape,
-                                               vol.name), channels).max(initial=0.0))
-             for z in range(vol.num_slices))
-
-
-# --------------------------------------------------------------------------
-# Writing.
-
-def json_safe(x):
-  """`x` with numpy scalars as Python numbers, tuples as lists and frozen
-  configs (dataclasses) as dicts; a dataclass with a `to_json` method (a
-  training task, a TrainConfig) is written as that method says."""
-  if hasattr(x, "to_json") and dataclasses.is_dataclass(x):
-    return json_safe(x.to_json())
-  if dataclasses.is_dataclass(x) and not isinstance(x, type):
-    return {f.name: json_safe(getattr(x, f.name)) for f in dataclasses.fields(x)}
-  if isinstance(x, dict):
-    return {k: json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [json_safe(v) for v in x]
-  if isinstance(x, (np.integer, np.floating, np.bool_)):
-    return x.item()
-  return x
-
-
-def write_json(path, obj, *, guard: rundir.InputGuard | None = None) -> Path:
-  """Writes `obj` (see json_safe) as indented JSON, atomically."""
-  return write_text(path, json.dumps(json_safe(obj), indent=2), guard=guard)
-
-
-def _atomic_write(path: Path, write) -> Path:
-  """Calls write(tmp_name) on a temporary file beside `path`, then renames it
-  onto `path` in one step: readers never see a partial file, a failure leaves
-  none, and a killed run's leftover is removed by `rundir.remove_stale_temps`.
-  The file gets the mode `open` would give it (umask), not mkstemp's 0600.
-
-  With several JAX processes (upgrade_jax.parallel) every process runs the
-  same program and would write the same file: only process 0 writes, so they
-  never race on one path; the others return `path` at once."""
-  if not rundir.is_primary_process():
-    return path
-  fd, tmp = rundir.temp_path_for(path)
-  try:
-    os.close(fd)
-    write(tmp)
-    os.chmod(tmp, rundir.output_mode())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
-
-
-def write_text(path, text: str, *, guard: rundir.InputGuard | None = None) -> Path:
-  """Writes a text file atomically, creating the folder. For results.json /
-  .csv and other run records. `guard` refuses paths that are inputs."""
-  path = Path(path)
-  if guard is not None:
-    guard.check_output(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_bytes(path, data: bytes, *, guard: rundir.InputGuard | None = None) -> Path:
-  """Writes bytes (a PNG, an archive) atomically, creating the folder.
-  `guard` refuses paths that are inputs."""
-  path = Path(path)
-  if guard is not None:
-    guard.check_output(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  return _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
 def write_labels(path, labels: np.ndarray, *,
                  guard: rundir.InputGuard | None = None) -> Path:
   """Writes an instance/binary label map as a zlib TIFF, atomically.
@@ -488,8 +157,9 @@ def write_labels(path, labels: np.ndarray, *,
     raise FileNotFoundError(f"output folder does not exist: {path.parent}")
   arr = arr.astype(np.uint16 if arr.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32)
   # minisblack: a short stack (Z <= 4) must not be stored as one RGB image.
-  return _atomic_write(path, lambda tmp: tifffile.imwrite(
+  return atomic_write(path, lambda tmp: tifffile.imwrite(
       tmp, arr, compression="zlib", photometric="minisblack"))
+
 
 
 # --------------------------------------------------------------------------
@@ -626,19 +296,3 @@ def synthetic(preset: str, *, seed: int, n_volumes: int, **kwargs) -> list[Volum
   from upgrade_jax.data import synthetic as sim
   return sim.generate(preset, seed=seed, n_volumes=n_volumes, **kwargs)
 
-
-SOURCES: dict[str, Callable[..., list[Volume]]] = {
-    "synthetic": synthetic,
-    "epfl_mito": epfl_mito,
-    "folder": folder,
-    "stack": stack,
-}
-
-
-def load_source(name: str, **kwargs) -> list[Volume]:
-  """Loads a source by name: load_source("folder", images_dir=..., labels_dir=...)."""
-  try:
-    loader = SOURCES[name]
-  except KeyError:
-    raise ValueError(f"unknown data source {name!r}; choose one of {sorted(SOURCES)}") from None
-  return loader(**kwargs)

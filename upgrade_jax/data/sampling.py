@@ -31,7 +31,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from upgrade_jax.data.io import volumes_to_dataset
+from upgrade_jax.data.stacking import volumes_to_dataset
 from upgrade_jax.data.types import Dataset, Volume
 from upgrade_jax.perturb import PerturbConfig, perturb, perturb_counts
 

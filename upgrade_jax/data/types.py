@@ -63,7 +63,7 @@ class Dataset:
       float32 divisors: the network sees (images[i] - image_offset[i]) /
       image_scale[i] inside the sample's extent, 0 outside (`normalised`),
       computed on the device by the train step. The same float32 arithmetic
-      as io.stack_samples', so a compact set trains exactly as its float32
+      as stacking.stack_samples', so a compact set trains exactly as its float32
       form (tests/test_large_sets.py).
     image_offset: None (offset 0: "max", "volume", "none"), or (N,) float32
       offsets of a compact "percentile" set (each sample's low percentile).

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from upgrade_jax.data.io import json_safe
+from upgrade_jax.files import json_safe
 from upgrade_jax.data.types import Dataset
 from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.state import TrainState

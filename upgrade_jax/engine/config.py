@@ -53,7 +53,7 @@ class TrainConfig:
       checkpoint selection and prediction use (0: the raw weights). Why: at
       a constant Adam learning rate the raw weights' validation Dice jumps
       by 0.05-0.1 between validations, so early stopping on it stopped on
-      a lucky early peak (BUILD_NOTES, convergence of the rule).
+      a lucky early peak (BUILD_NOTES.md).
   The state:
     lr: Adam learning rate (held in the optimizer state).
     seed: the run's seed; all keys derive from it.
@@ -65,7 +65,7 @@ class TrainConfig:
     lr_drops: how many times a plateau lowers the learning rate instead of
       ending the run (0: the first plateau ends it). Why: at a constant Adam
       rate the validation Dice plateaus while a lower rate still gains
-      0.005-0.03 (BUILD_NOTES, convergence of the rule); the counter starts
+      0.005-0.03 (BUILD_NOTES.md); the counter starts
       afresh after each drop.
     lr_drop_factor: what a drop multiplies the learning rate by, in (0, 1).
     patience_growth: g >= 0; the patience of a stage becomes

@@ -22,7 +22,7 @@ from upgrade_jax.engine import xla_options
 from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.state import TrainState
 from upgrade_jax.engine.tasks import Task
-from upgrade_jax.metrics import dice_counts, extent_mask, pooled_dice
+from upgrade_jax.metrics import FOREGROUND_THRESHOLD, dice_counts, extent_mask, pooled_dice
 from upgrade_jax.models.unet import MULTIPLE
 
 __all__ = ["ValSet", "make_val_set", "evaluate", "bucket_size", "predict_proba", "predict"]
@@ -60,8 +60,8 @@ def make_val_set(config: TrainConfig, val: Dataset, max_label: int,
                         jnp.asarray(val.targets, jnp.int32),
                         jnp.asarray(val.others, jnp.int32), valid=jnp.asarray(valid))
   target = np.asarray(target)
-  if target.dtype != bool:   # a soft or coded target: foreground is > 0.5
-    target = target > 0.5
+  if target.dtype != bool:   # a soft or coded target: foreground is > FOREGROUND_THRESHOLD
+    target = target > FOREGROUND_THRESHOLD
   n = len(val)
   nb = -(-n // b)
 
@@ -199,7 +199,7 @@ def predict_proba(state, images, labels=None, *, batch_size: int = 8,
 
 def predict(state, images, labels=None, *, batch_size: int = 8,
             extents=None, task: Task | None = None) -> np.ndarray:
-  """(N, H, W) bool prediction (foreground probability > 0.5); see
+  """(N, H, W) bool prediction (foreground probability > FOREGROUND_THRESHOLD); see
   predict_proba for the arguments."""
   return predict_proba(state, images, labels, batch_size=batch_size,
-                       extents=extents, task=task) > 0.5
+                       extents=extents, task=task) > FOREGROUND_THRESHOLD

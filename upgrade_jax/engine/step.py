@@ -21,7 +21,7 @@ from upgrade_jax import parallel
 from upgrade_jax.engine import xla_options
 from upgrade_jax.engine.config import StepConfig, TrainConfig
 from upgrade_jax.engine.state import TrainState, ema_update
-from upgrade_jax.metrics import dice_counts, extent_mask
+from upgrade_jax.metrics import FOREGROUND_THRESHOLD, dice_counts, extent_mask
 
 __all__ = ["Batch", "crop_and_flip", "draw_indices", "gather_samples", "take_samples",
            "sample_crops", "make_train_step"]
@@ -86,7 +86,7 @@ def take_samples(data: parallel.DeviceData, idx=None) -> tuple[Batch, Any]:
   ext = pick(data.extents)
   images = pick(data.images)
   valid = extent_mask(ext, h, w, xp=jnp)
-  if data.scale is not None:   # compact: the same float32 arithmetic as io.stack_samples
+  if data.scale is not None:   # compact: the same float32 arithmetic as stacking.stack_samples
     # XLA rewrites x / broadcast(s) as x * broadcast(1 / s), which rounds
     # differently; the barrier keeps a true division, so a compact set trains
     # bit for bit as its host-normalised float32 form.
@@ -204,7 +204,7 @@ def _build_train_step(config: StepConfig, mesh, max_label: int, streamed: bool):
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    hard = target if target.dtype == jnp.bool_ else target > 0.5  # soft or coded targets
+    hard = target if target.dtype == jnp.bool_ else target > FOREGROUND_THRESHOLD  # soft or coded targets
     counts = dice_counts(logits[..., 1] > logits[..., 0], hard, valid)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state,

@@ -11,7 +11,7 @@ image runs as overlapping tiles of one fixed shape; neighbouring tiles
 overlap by at least 2·margin and each output pixel comes from the tile in
 which it lies deepest (centre-crop stitching), so every pixel sees at least
 `margin` px of context on every side that has image: no visible seams
-(BUILD_NOTES, "Upgrade as a tool").
+(BUILD_NOTES.md).
 
 Each image is predicted on its own (tiles of one image batched together,
 never images with each other), so an image's result depends on the image,

@@ -3,7 +3,7 @@
 Forward-only programs (prediction, tiling, validation) on XLA:CPU compile
 without YNNPACK's fusions, so convolutions run as Eigen's: 1.1-1.3x faster at
 256² and equal at 1024² on 2-core AMD EPYC machines (BUILD_NOTES.md,
-"Prediction, 2026-12-04"), outputs within 1e-6 of the default compile and
+performance), outputs within 1e-6 of the default compile and
 2.4e-7 of PyTorch's.
 
 The train step keeps XLA's default (YNNPACK on). Without YNNPACK it ran 14-22 %
@@ -11,8 +11,8 @@ faster on the Zen 2, but jaxlib 0.10.2 then computes wrong gradients for the
 UNet at batch >= 4: against a float64 oracle, relative error 4e-4 at batch 4
 and 8.6e-2 at batch 8 (64², widths 16..128), where the default compile is
 within 1e-5; single convolutions are exact either way. The quickstart's
-upgrade network then never validated above 0.59 Dice (BUILD_NOTES.md, "XLA:CPU
-without YNNPACK: faster, and wrong gradients"). tests/test_xla_options.py holds
+upgrade network then never validated above 0.59 Dice (BUILD_NOTES.md,
+performance). tests/test_xla_options.py holds
 the oracle.
 
 A user who sets `xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS keeps

@@ -11,14 +11,11 @@ on the implementation:
             (the UNet's first layer: image + mask) is convolved forward as
             kh*kw*Cin broadcast multiply-adds, one fused elementwise loop;
             its gradients are still XLA's convolution VJP.
-  "im2col"  the same forward convolution; the gradients come from a
-            jax.custom_vjp. dx is the convolution of dy with the flipped,
-            transposed kernel (what XLA emits too); dW is one dot_general of
-            the im2col patches of x with dy. 1x1 kernels are a plain matmul.
 
-"xla" is the faster of the two on XLA:CPU (jax 0.10): building the patches
-costs more than YNNPACK's own weight gradient (BUILD_NOTES.md, issue 4). The small-Cin
-forward is 2.3x faster than XLA:CPU's convolution at 8 x 256^2 x 2 -> 16
+The registry is where a device-specific convolution would go. An im2col
+variant (dW as one dot_general of the patches) was measured slower on XLA:CPU
+than XLA's own weight gradient and removed (BUILD_NOTES.md). The
+small-Cin forward is 2.3x faster than XLA:CPU's convolution at 8 x 256^2 x 2 -> 16
 (11.5 vs 26.2 ms) and slower from 16 channels on (BUILD_NOTES.md).
 
 Two more hot ops of the UNet train step, written for XLA:CPU:
@@ -26,7 +23,7 @@ Two more hot ops of the UNet train step, written for XLA:CPU:
                   mask gradient instead of XLA's argmax reduce-window + scatter.
   BatchNormReLU   relu(nn.BatchNorm(x)) with the same variables and a fused,
                   hand-written gradient.
-Each saves a few percent of the step; BUILD_NOTES.md (issue 4) has the numbers.
+Each saves a few percent of the step; BUILD_NOTES.md (performance) has the numbers.
 """
 
 from __future__ import annotations
@@ -61,65 +58,13 @@ def _pads(padding, kernel_hw) -> tuple[tuple[int, int], ...]:
   return pads
 
 
-def _im2col(x, kernel_hw, pads):
-  """Patches of x for a stride-1 conv.
-
-  x: (B, H, W, C) -> (B, Ho, Wo, kh * kw * C), ordered (i, j, c) like a
-  kernel (kh, kw, C, O) reshaped to (kh * kw * C, O).
-  """
-  kh, kw = kernel_hw
-  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-  cols = [xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)]
-  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-
-
 def _conv(x, kernel, pads):
   return lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=_DN)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d_im2col_grad(x, kernel, pads):
-  """Stride-1 2-D convolution with dot_general (im2col) weight gradients.
-
-  Args:
-    x: (B, H, W, Cin) float32.
-    kernel: (kh, kw, Cin, Cout) float32.
-    pads: ((top, bottom), (left, right)) static zero padding.
-
-  Returns:
-    (B, H + top + bottom - kh + 1, W + left + right - kw + 1, Cout), equal to
-    lax.conv_general_dilated(x, kernel, (1, 1), pads) (NHWC, HWIO).
-  """
-  return _conv(x, kernel, pads)
-
-
-def _conv_fwd(x, kernel, pads):
-  return _conv(x, kernel, pads), (x, kernel)
-
-
-def _conv_bwd(pads, res, dy):
-  x, kernel = res
-  kh, kw, cin, cout = kernel.shape
-  # dx: full correlation of dy with the spatially flipped kernel, Cin <-> Cout.
-  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-  dx_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
-             (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
-  if min(min(p) for p in dx_pads) < 0:
-    raise ValueError(f"conv2d_im2col_grad: padding {pads} larger than kernel - 1")
-  dx = _conv(dy, flipped, dx_pads)
-  # dW: patches (M, kh*kw*Cin)^T @ dy (M, Cout), M = B * Ho * Wo, one matmul.
-  cols = _im2col(x, (kh, kw), pads).reshape(-1, kh * kw * cin)
-  dw = lax.dot_general(cols, dy.reshape(-1, cout), (((0,), (0,)), ((), ())))
-  return dx, dw.reshape(kh, kw, cin, cout)
-
-
-conv2d_im2col_grad.defvjp(_conv_fwd, _conv_bwd)
-
-
 # Up to this many input channels the "xla" conv's forward is the direct sum
 # below: measured faster than XLA:CPU's convolution at 1, 2 and 4 channels,
-# 3.6x slower at 16 (BUILD_NOTES.md, 2026-12-04).
+# 3.6x slower at 16 (BUILD_NOTES.md).
 SMALL_CIN = 4
 
 
@@ -176,15 +121,6 @@ def conv2d_xla(x, kernel, pads):
   return _conv(x, kernel, pads)
 
 
-def conv2d_im2col(x, kernel, pads):
-  """conv2d_im2col_grad; a 1x1 kernel is a plain matmul (autodiff is a matmul too)."""
-  if kernel.shape[:2] == (1, 1):
-    if any(p != (0, 0) for p in pads):
-      x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
-  return conv2d_im2col_grad(x, kernel, pads)
-
-
 class _StrideOneConv(nn.Module):
   """A stride-1 2-D conv with flax.linen.Conv's fields and variables ('kernel'
   (kh, kw, Cin, features), 'bias' (features,)). (B, H, W, Cin) -> (B, H', W',
@@ -222,13 +158,6 @@ class Conv(_StrideOneConv):
   computing conv2d_xla."""
 
   conv_fn = staticmethod(conv2d_xla)
-
-
-class Im2colConv(_StrideOneConv):
-  """The "im2col" conv: drop-in for nn.Conv (stride 1, no dilation, no
-  groups) whose weight gradient is one im2col matmul (conv2d_im2col)."""
-
-  conv_fn = staticmethod(conv2d_im2col)
 
 
 @jax.custom_vjp
@@ -347,7 +276,7 @@ class BatchNormReLU(nn.Module):
     return y
 
 
-_IMPLS = {"xla": Conv, "im2col": Im2colConv}
+_IMPLS = {"xla": Conv}
 
 
 def get_conv(impl: str = "xla"):

@@ -25,9 +25,9 @@ asked for more scenarios trains only the missing ones. `run_user` is the same
 method on a user's folders of real HQ and LQ annotations.
 """
 
-from upgrade_jax.perturb import FelzenszwalbConfig
-from upgrade_jax.pipeline.config import (LQ_SOURCES, OTHERS_MODES, ConfigMismatch, DataConfig,
-                                         PipelineConfig, run_key)
+from upgrade_jax.data.labels import FelzenszwalbConfig
+from upgrade_jax.pipeline.config import (HQ_COST, LQ_SOURCES, OTHERS_MODES, ConfigMismatch,
+                                         DataConfig, PipelineConfig, run_key)
 from upgrade_jax.pipeline.data import RepData, check_counts, hq_picks, load_volumes, prepare_rep
 from upgrade_jax.pipeline.others import OTHERS, felzenszwalb_volumes, target_area_range
 from upgrade_jax.pipeline.run import Results, discard_reps, prepare_run, run, run_rep
@@ -36,7 +36,7 @@ from upgrade_jax.pipeline.sources import SOURCES
 from upgrade_jax.pipeline.stages import threshold_baseline, upgrade_labels, write_upgraded
 from upgrade_jax.pipeline.user import OPTIMISTIC, UserData, UserInputs, prepare_user, run_user
 
-__all__ = ["FelzenszwalbConfig", "LQ_SOURCES", "OTHERS_MODES", "ConfigMismatch", "DataConfig",
+__all__ = ["FelzenszwalbConfig", "HQ_COST", "LQ_SOURCES", "OTHERS_MODES", "ConfigMismatch", "DataConfig",
            "PipelineConfig", "run_key", "OTHERS", "SOURCES", "RepData", "check_counts",
            "felzenszwalb_volumes", "hq_picks", "load_volumes", "prepare_rep",
            "target_area_range", "Results", "discard_reps", "prepare_run", "run", "run_rep",

@@ -11,20 +11,25 @@ import dataclasses
 import json
 from pathlib import Path
 
-from upgrade_jax import engine, instances
-from upgrade_jax.data import io
+from upgrade_jax import engine, files, instances
+from upgrade_jax.data import intensity
 from upgrade_jax.engine.tiling import TileConfig
-from upgrade_jax.perturb import FelzenszwalbConfig, PerturbConfig
+from upgrade_jax.perturb import PerturbConfig
+from upgrade_jax.data.labels import FelzenszwalbConfig
 from upgrade_jax.pipeline.others import OTHERS
 from upgrade_jax.pipeline.scenarios import DEFAULT_SCENARIOS, SCENARIOS
 from upgrade_jax.pipeline.sources import SOURCES
 
-__all__ = ["DataConfig", "PipelineConfig", "OTHERS_MODES", "LQ_SOURCES", "run_key",
+__all__ = ["DataConfig", "PipelineConfig", "OTHERS_MODES", "LQ_SOURCES", "HQ_COST", "run_key",
            "check_rep", "ConfigMismatch"]
 
 ConfigMismatch = engine.ConfigMismatch
 OTHERS_MODES = tuple(OTHERS)   # what inclusion draws from (pipeline.others)
 LQ_SOURCES = ("perturb", "predictions")
+# The LQ set's perturbation when none is given: 70% of the cells omitted.
+_DEFAULT_LQ = PerturbConfig(omission_rate=0.7)
+# What one HQ label costs in LQ labels (Figure 3.6's cost axis, --cost_budget).
+HQ_COST = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +63,13 @@ class DataConfig:
       StarDist and Cellpose: each image's `percentiles` mapped to 0 and 1),
       "max" (the paper's: x / the image's max), or "volume": one scale per
       3-D volume, x / the volume's max, so dim slices near a volume's edge
-      keep its background level (io.volumes_to_dataset). The threshold
+      keep its background level (stacking.volumes_to_dataset). The threshold
       baseline reads percentile-normalised images under "percentile" and
       raw intensities otherwise (the paper's).
     percentiles: (low, high) percentiles of "percentile" normalisation.
     compact_images: keep 8- and 16-bit single-channel images in their
       source dtype on the host and the devices, normalised on the device by
-      the train step (io.stack_samples compact="auto"): 2-4x less memory,
+      the train step (stacking.stack_samples compact="auto"): 2-4x less memory,
       the same results bit for bit. Float or mixed-channel sources stay
       float32.
     felzenszwalb: the segments inclusion draws from with others="felzenszwalb"
@@ -75,7 +80,7 @@ class DataConfig:
     z_consistent: the fixed LQ sets (LQ training, test and validation
       slices) omit and include whole 3-D instances: a cell omitted is
       omitted in every slice, as an annotator skipping a cell would
-      (upgrade_jax.perturb3d); salt-and-pepper and bias stay per slice. Off:
+      (upgrade_jax.data.lq_volumes); salt-and-pepper and bias stay per slice. Off:
       each slice chooses on its own (the paper's P). Needs volumes with 3-D
       ids: synthetic or stack sources, others "labels" or "none".
   """
@@ -94,7 +99,7 @@ class DataConfig:
   others: str = "labels"
   data_seed: int = 0
   normalisation: str = "percentile"
-  percentiles: tuple[float, float] = io.PERCENTILES
+  percentiles: tuple[float, float] = intensity.PERCENTILES
   compact_images: bool = True
   hq_perturb: PerturbConfig = PerturbConfig()
   felzenszwalb: FelzenszwalbConfig = FelzenszwalbConfig()
@@ -102,12 +107,12 @@ class DataConfig:
 
   @property
   def compact(self):
-    """io.stack_samples' `compact` argument for this config."""
+    """stacking.stack_samples' `compact` argument for this config."""
     return "auto" if self.compact_images else False
 
   @property
   def image_kwargs(self) -> dict:
-    """How images become network inputs: io.stack_samples' (and
+    """How images become network inputs: stacking.stack_samples' (and
     volumes_to_dataset's, sampling.make_splits') keyword arguments."""
     return {"normalisation": self.normalisation, "percentiles": self.percentiles,
             "compact": self.compact}
@@ -137,8 +142,8 @@ class DataConfig:
     if self.hq_volumes is not None and self.hq_volumes < 1:
       raise ValueError(f"DataConfig.hq_volumes must be >= 1, got {self.hq_volumes}")
     object.__setattr__(self, "volume_shape", tuple(int(s) for s in self.volume_shape))
-    object.__setattr__(self, "percentiles", io.check_percentiles(self.percentiles))
-    if self.normalisation not in io.NORMALISATIONS or self.normalisation == "none":
+    object.__setattr__(self, "percentiles", intensity.check_percentiles(self.percentiles))
+    if self.normalisation not in intensity.NORMALISATIONS or self.normalisation == "none":
       raise ValueError(f"--normalisation={self.normalisation!r}: choose one of percentile, "
                        "max, volume")
 
@@ -180,9 +185,11 @@ class PipelineConfig:
   """
 
   data: DataConfig = DataConfig()
-  upgrade: engine.TrainConfig = engine.TrainConfig(task=engine.Upgrade())
+  # u_θ trains with the same P that makes the LQ set unless told otherwise (the
+  # CLI's default too): one default perturbation, _DEFAULT_LQ.
+  upgrade: engine.TrainConfig = engine.TrainConfig(task=engine.Upgrade(perturb=_DEFAULT_LQ))
   segment: engine.TrainConfig = engine.TrainConfig(task=engine.Segment())
-  lq_perturb: PerturbConfig = PerturbConfig(omission_rate=0.7)
+  lq_perturb: PerturbConfig = _DEFAULT_LQ
   scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
   threshold_baseline: bool = True
   reps: int = 1
@@ -242,7 +249,7 @@ def run_key(cfg: PipelineConfig) -> dict:
   training perturbations, training settings, seeds (and the Felzenszwalb
   settings when inclusion draws from them). Stored in rep.json and with every
   checkpoint; a resume with another key is refused."""
-  d = io.json_safe(cfg)
+  d = files.json_safe(cfg)
   for k in _RUNTIME_FIELDS:
     d.pop(k)
   for net in ("upgrade", "segment"):

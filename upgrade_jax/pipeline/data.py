@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from upgrade_jax import engine, perturb3d, rundir
+from upgrade_jax import engine, rundir
+from upgrade_jax.data import lq_volumes
 from upgrade_jax.data import sampling
 from upgrade_jax.data.types import Dataset
 from upgrade_jax.perturb import PerturbConfig
@@ -97,9 +98,9 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
   # Independent streams for the LQ training set, the test set's LQ and the
   # LQ validation set of the "lq" scenario.
   if cfg.data.z_consistent:   # whole 3-D cells omitted / included
-    lq, c_lq = perturb3d.make_lq(lq_truth, train_vols, cfg.lq_perturb, seed=seed * 5 + 1)
-    test_lq, c_test = perturb3d.make_lq(test, test_vols, cfg.lq_perturb, seed=seed * 5 + 2)
-    val_lq, _ = perturb3d.make_lq(hq_val, train_vols, cfg.lq_perturb, seed=seed * 5 + 3)
+    lq, c_lq = lq_volumes.make_lq(lq_truth, train_vols, cfg.lq_perturb, seed=seed * 5 + 1)
+    test_lq, c_test = lq_volumes.make_lq(test, test_vols, cfg.lq_perturb, seed=seed * 5 + 2)
+    val_lq, _ = lq_volumes.make_lq(hq_val, train_vols, cfg.lq_perturb, seed=seed * 5 + 3)
     counts = {"lq_set": c_lq, "test_lq_set": c_test}
   else:
     lq = sampling.make_lq(lq_truth, cfg.lq_perturb, seed=seed * 5 + 1)

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from upgrade_jax.data.types import Dataset
-from upgrade_jax.perturb import FelzenszwalbConfig, felzenszwalb_objects
+from upgrade_jax.data.labels import FelzenszwalbConfig, felzenszwalb_objects
 
 __all__ = ["OTHERS", "with_others", "felzenszwalb_volumes", "target_area_range"]
 

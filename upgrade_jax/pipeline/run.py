@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from upgrade_jax import metrics, parallel, rundir
-from upgrade_jax.data import io
+from upgrade_jax import files
 from upgrade_jax.pipeline import stages
 from upgrade_jax.pipeline.config import PipelineConfig, check_rep, run_key
 from upgrade_jax.pipeline.data import check_counts, data_inputs, hq_picks, load_volumes
@@ -66,7 +66,7 @@ def run_rep(cfg: PipelineConfig, volumes, rep: int, out_dir: Path, *,
   stages.train_scenarios(cfg, data, upgraded, run)
   stages.score_threshold(cfg, volumes, data, run)
   result["timings"] = run.timings
-  io.write_json(done, result)
+  files.write_json(done, result)
   return _select(result, cfg)
 
 

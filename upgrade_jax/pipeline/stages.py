@@ -26,8 +26,9 @@ import numpy as np
 
 from upgrade_jax import engine, export, instances, metrics, parallel, review, rundir
 from upgrade_jax.baselines import threshold as threshold_lib
-from upgrade_jax.data import io
+from upgrade_jax.data import io, stacking
 from upgrade_jax.data.types import Dataset, concat
+from upgrade_jax.metrics import FOREGROUND_THRESHOLD
 from upgrade_jax.pipeline.config import PipelineConfig
 from upgrade_jax.pipeline.data import RepData, predicted_lq, prepare_rep
 from upgrade_jax.pipeline.methods import TRAINERS, fit_segment
@@ -123,7 +124,7 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
     # The probabilities once, thresholded as engine.predict does: the masks
     # are those of upgrade_labels, and the review queue gets their doubt.
     probs = upgrade_probs(fit.state_best, data.lq_masks, cfg.predict_batch)
-    masks = probs > THRESHOLD
+    masks = probs > FOREGROUND_THRESHOLD
     upgraded = data.lq_masks.replace(targets=masks.astype(np.int32))
     lq_valid = data.lq_masks.valid_mask()
     ann["lq_train_set"] = {
@@ -206,8 +207,6 @@ def score_threshold(cfg: PipelineConfig, volumes, data: RepData, run: RepRun) ->
 # --------------------------------------------------------------------------
 # Helpers of the stages.
 
-# engine.predict's threshold: a mask is foreground probability > 0.5.
-THRESHOLD = 0.5
 
 
 def upgrade_probs(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
@@ -219,7 +218,7 @@ def upgrade_probs(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
 
 def upgrade_labels(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
   """(N, H, W) bool: u_θ(image, LQ mask) for every sample of `ds` (LQ targets)."""
-  return upgrade_probs(state, ds, batch_size) > THRESHOLD
+  return upgrade_probs(state, ds, batch_size) > FOREGROUND_THRESHOLD
 
 
 def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray,
@@ -277,7 +276,7 @@ def threshold_baseline(cfg: PipelineConfig, volumes, data: RepData):
   train_vols, test_vols = volumes
   norm = ({"normalisation": "percentile", "percentiles": cfg.data.percentiles}
           if threshold_intensities(cfg) == "percentile" else {"normalisation": "none"})
-  raw = lambda vols, picks: io.volumes_to_dataset(vols, picks, **norm)  # noqa: E731
+  raw = lambda vols, picks: stacking.volumes_to_dataset(vols, picks, **norm)  # noqa: E731
   hq = concat([data.hq_train, data.hq_val])
   hq_raw = raw(train_vols, list(data.hq_picks))
   index = {n: i for i, n in enumerate(hq_raw.names)}

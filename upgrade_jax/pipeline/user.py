@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from upgrade_jax import engine, export, instances, review, rundir
-from upgrade_jax.data import io, sampling
+from upgrade_jax import engine, export, files, instances, metrics, review, rundir
+from upgrade_jax.data import io, sampling, stacking
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.pipeline.config import PipelineConfig, run_key
 from upgrade_jax.pipeline.others import with_others
@@ -91,7 +91,7 @@ def load_hq_pairs(cfg: PipelineConfig, hq_images, hq_labels, others_labels=""):
     fewer than 2 pairs exist; io's errors for unreadable or mismatched files.
   """
   vols = io.folder(hq_images, hq_labels, others_labels or None, stacks=True)
-  hq = io.volumes_to_dataset(vols, **cfg.data.image_kwargs)
+  hq = stacking.volumes_to_dataset(vols, **cfg.data.image_kwargs)
   if not np.any(hq.targets > 0):
     raise InputError(f"none of the {len(vols)} label files in --hq_labels={hq_labels} holds "
                      "a labelled object (all pixels 0); label the cells with ids > 0")
@@ -118,7 +118,7 @@ def prepare_user(cfg: PipelineConfig, user: UserData, out_dir) -> UserInputs:
   hq, train_idx, val_idx = load_hq_pairs(cfg, user.hq_images, user.hq_labels,
                                          user.others_labels)
   lq_vols = io.folder(user.lq_images, user.lq_labels, stacks=True)
-  lq = io.volumes_to_dataset(lq_vols, **cfg.data.image_kwargs)
+  lq = stacking.volumes_to_dataset(lq_vols, **cfg.data.image_kwargs)
   if hq.channels != lq.channels:
     raise InputError(f"the images in --hq_images have {hq.channels} channel(s) but those in "
                      f"--lq_images {lq.channels}; give both in the same channel layout")
@@ -183,7 +183,7 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
     # (tiled), as experiments.apply does: its files equal these.
     upgrader = export_upgrader(cfg, fit, d.hq.channels, out_dir, d.guard)
     probs = export.upgrade_probs(upgrader, d.lq_masks, d.lq_instances)
-    masks = probs > export.THRESHOLD
+    masks = probs > metrics.FOREGROUND_THRESHOLD
     paths = write_user_labels(out_dir / "upgraded", d, masks, cfg.output)
     log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
     ranked = review.write_dataset_review(out_dir, d.lq_masks, masks, probs,
@@ -200,5 +200,5 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
                        out_dir / "seg_hq_upgraded", log=log, context=key)
       result["segmentation_best_val_dice"] = seg.best_val_dice
       log(f"segmentation network: best validation Dice {seg.best_val_dice:.4f} ({OPTIMISTIC})")
-    io.write_json(out_dir / "results.json", result, guard=d.guard)
+    files.write_json(out_dir / "results.json", result, guard=d.guard)
   return result

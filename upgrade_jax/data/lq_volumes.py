@@ -27,7 +27,8 @@ import numpy as np
 
 from upgrade_jax.data import sampling
 from upgrade_jax.data.types import Dataset, Volume
-from upgrade_jax.perturb import _COUNT_EPS, PerturbConfig, relabel_sequential
+from upgrade_jax.perturb import COUNT_EPS, PerturbConfig
+from upgrade_jax.data.labels import relabel_sequential
 
 __all__ = ["slice_picks", "choose_ids", "make_lq"]
 
@@ -35,7 +36,7 @@ __all__ = ["slice_picks", "choose_ids", "make_lq"]
 def slice_picks(ds: Dataset, volumes: Sequence[Volume]) -> list[tuple[int, int]]:
   """(volume_idx, slice_idx) of each sample of `ds`, read from its names
   ("<volume>_z<slice>", or "<volume>" for a single-slice volume), as
-  io.volumes_to_dataset names them."""
+  stacking.volumes_to_dataset names them."""
   by_name = {}
   for v, vol in enumerate(volumes):
     if vol.name in by_name:
@@ -57,10 +58,10 @@ def choose_ids(rng: np.random.Generator, ids: np.ndarray, rate: float,
                rounding: str) -> np.ndarray:
   """A uniform choice of k of the n `ids` (1-D int array), k as P counts:
   "stochastic" floor(r·n) + Bernoulli(frac(r·n)), "floor" floor(r·n),
-  "authors" max(1, int(r·n)) when n > 0 and r > 0 (perturb._count)."""
+  "authors" max(1, int(r·n)) when n > 0 and r > 0 (perturb.components._count)."""
   n = len(ids)
   x = float(rate) * n
-  base = np.floor(x + _COUNT_EPS)
+  base = np.floor(x + COUNT_EPS)
   if rounding == "floor":
     k = base
   elif rounding == "authors":
@@ -91,7 +92,7 @@ def make_lq(ds: Dataset, volumes: Sequence[Volume], config: PerturbConfig, *,
   draw what the per-slice mode draws).
 
   Args:
-    ds: Dataset of slices of `volumes` (io.volumes_to_dataset names).
+    ds: Dataset of slices of `volumes` (stacking.volumes_to_dataset names).
     volumes: the volumes, with 3-D instance ids.
     config: the LQ perturbation.
     seed: integer seed.

@@ -1,12 +1,12 @@
-"""Omission and inclusion of whole 3-D instances (upgrade_jax/perturb3d.py)."""
+"""Omission and inclusion of whole 3-D instances (upgrade_jax/lq_volumes.py)."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 
-from upgrade_jax import perturb3d, pipeline
-from upgrade_jax.data import io, sampling
+from upgrade_jax import pipeline
+from upgrade_jax.data import lq_volumes, sampling, stacking
 from upgrade_jax.data.types import Volume
 from upgrade_jax.perturb import PerturbConfig
 
@@ -36,7 +36,7 @@ def _volumes(n=2, z=6, size=48, cells=8):
 def _per_id(ds, lq, vols):
   """{(volume, id): [slice LQ mask == truth mask of the id, id present in LQ]} per slice."""
   out = {}
-  for i, (v, z) in enumerate(perturb3d.slice_picks(ds, vols)):
+  for i, (v, z) in enumerate(lq_volumes.slice_picks(ds, vols)):
     t = vols[v].target[z]
     for k in np.unique(t[t > 0]):
       m = t == k
@@ -48,9 +48,9 @@ def _per_id(ds, lq, vols):
 def test_z_consistent_omission_removes_whole_3d_instances():
   vols = _volumes()
   picks = [(v, z) for v in range(2) for z in (0, 2, 3, 5)]   # some slices, as an LQ set
-  ds = io.volumes_to_dataset(vols, picks)
+  ds = stacking.volumes_to_dataset(vols, picks)
   cfg = PerturbConfig(omission_rate=0.5)
-  lq, counts = perturb3d.make_lq(ds, vols, cfg, seed=3)
+  lq, counts = lq_volumes.make_lq(ds, vols, cfg, seed=3)
   kept = omitted = 0
   for (v, k), per_slice in _per_id(ds, lq, vols).items():
     intact = [a for a, _ in per_slice]
@@ -72,9 +72,9 @@ def test_z_consistent_omission_removes_whole_3d_instances():
 
 def test_z_consistent_inclusion_paints_whole_objects():
   vols = _volumes()
-  ds = io.volumes_to_dataset(vols)
-  lq, counts = perturb3d.make_lq(ds, vols, PerturbConfig(inclusion_rate=0.5), seed=0)
-  for i, (v, z) in enumerate(perturb3d.slice_picks(ds, vols)):
+  ds = stacking.volumes_to_dataset(vols)
+  lq, counts = lq_volumes.make_lq(ds, vols, PerturbConfig(inclusion_rate=0.5), seed=0)
+  for i, (v, z) in enumerate(lq_volumes.slice_picks(ds, vols)):
     t, o = vols[v].target[z], vols[v].others[z]
     np.testing.assert_array_equal(lq.targets[i][t > 0], 1)   # no cell lost
     painted = sorted(int(k) for k in np.unique(o[(o > 0) & (t == 0) & (lq.targets[i] > 0)]))
@@ -86,9 +86,9 @@ def test_z_consistent_inclusion_paints_whole_objects():
 
 def test_pixel_components_draw_what_the_per_slice_mode_draws():
   vols = _volumes(n=1)
-  ds = io.volumes_to_dataset(vols)
+  ds = stacking.volumes_to_dataset(vols)
   cfg = PerturbConfig(bias_max=2, salt_pepper_prob=0.05)
-  lq, _ = perturb3d.make_lq(ds, vols, cfg, seed=7)
+  lq, _ = lq_volumes.make_lq(ds, vols, cfg, seed=7)
   np.testing.assert_array_equal(lq.targets, sampling.make_lq(ds, cfg, seed=7).targets)
 
 
