@@ -90,7 +90,8 @@ def plan(out_dir: Path):
   valid = data.test.valid_mask()
 
   def score(fit) -> dict:  # the test set's upgraded-annotation Dice (Figure 3.4's quantity)
-    up = pipeline.upgrade_labels(fit.state_best, data.test_lq_masks, cfg.predict_batch)
+    up = pipeline.upgrade_labels(pipeline.upgrader_of(cfg, fit, data.hq_train.channels),
+                                 data.test_lq_masks)
     return {"test_dice": metrics.pooled_dice_np(up, data.test.targets, valid),
             "test_lq_dice": metrics.pooled_dice_np(data.test_lq_masks.targets,
                                                    data.test.targets, valid)}

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TEST_XLA_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny pipeline run of test_pipeline.py, upgrade network only: 3 epochs of
@@ -55,7 +57,7 @@ def _free_port() -> int:
 def launch(out_dir: Path, processes: int, devices: int, extra=()) -> list[subprocess.Popen]:
   """Starts `processes` CLI processes with `devices` CPU devices each."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"}
   args = [sys.executable, "-m", "experiments.upgrade", f"--compilation_cache={CACHE}",
           *TINY, f"--out_dir={out_dir}", *extra]
   if processes > 1:

@@ -33,12 +33,14 @@ from upgrade_jax.pipeline.others import OTHERS, felzenszwalb_volumes, target_are
 from upgrade_jax.pipeline.run import Results, discard_reps, prepare_run, run, run_rep
 from upgrade_jax.pipeline.scenarios import DEFAULT_SCENARIOS, SCENARIO_DATA, SCENARIOS
 from upgrade_jax.pipeline.sources import SOURCES
-from upgrade_jax.pipeline.stages import threshold_baseline, upgrade_labels, write_upgraded
+from upgrade_jax.pipeline.stages import (threshold_baseline, upgrade_labels, upgrader_of,
+                                         write_upgraded)
 from upgrade_jax.pipeline.user import OPTIMISTIC, UserData, UserInputs, prepare_user, run_user
 
-__all__ = ["FelzenszwalbConfig", "HQ_COST", "LQ_SOURCES", "OTHERS_MODES", "ConfigMismatch", "DataConfig",
-           "PipelineConfig", "run_key", "OTHERS", "SOURCES", "RepData", "check_counts",
-           "felzenszwalb_volumes", "hq_picks", "load_volumes", "prepare_rep",
+__all__ = ["FelzenszwalbConfig", "HQ_COST", "LQ_SOURCES", "OTHERS_MODES", "ConfigMismatch",
+           "DataConfig", "PipelineConfig", "run_key", "OTHERS", "SOURCES", "RepData",
+           "check_counts", "felzenszwalb_volumes", "hq_picks", "load_volumes", "prepare_rep",
            "target_area_range", "Results", "discard_reps", "prepare_run", "run", "run_rep",
-           "DEFAULT_SCENARIOS", "SCENARIO_DATA", "SCENARIOS", "threshold_baseline", "upgrade_labels",
-           "write_upgraded", "OPTIMISTIC", "UserData", "UserInputs", "prepare_user", "run_user"]
+           "DEFAULT_SCENARIOS", "SCENARIO_DATA", "SCENARIOS", "threshold_baseline",
+           "upgrade_labels", "upgrader_of", "write_upgraded", "OPTIMISTIC", "UserData",
+           "UserInputs", "prepare_user", "run_user"]

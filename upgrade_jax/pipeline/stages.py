@@ -35,8 +35,8 @@ from upgrade_jax.pipeline.methods import TRAINERS, fit_segment
 from upgrade_jax.pipeline.scenarios import SCENARIO_DATA
 
 __all__ = ["RepRun", "prepare_data", "train_upgrader", "upgrade_lq_sets", "train_scenarios",
-           "score_threshold", "upgrade_probs", "upgrade_labels", "write_upgraded", "export_upgrader",
-           "threshold_baseline", "figure_samples"]
+           "score_threshold", "upgrade_probs", "upgrade_labels", "upgrader_of", "write_upgraded",
+           "export_upgrader", "threshold_baseline", "figure_samples"]
 
 
 @dataclasses.dataclass
@@ -104,7 +104,13 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
   with each slice's Dice against the truth) and returns it as a Dataset of
   upgraded masks."""
   t0 = time.perf_counter()
-  upgraded_test = upgrade_labels(fit.state_best, data.test_lq_masks, cfg.predict_batch)
+  # Every upgraded label of the run, scored or written, comes from the Upgrader
+  # `experiments.apply` loads (rep 0 saves it to out_dir/model): one path.
+  if run.rep == 0:
+    upgrader = export_upgrader(cfg, fit, data.hq_train.channels, run.out_dir, run.guard)
+  else:
+    upgrader = upgrader_of(cfg, fit, data.hq_train.channels)
+  upgraded_test = upgrade_labels(upgrader, data.test_lq_masks)
   valid = data.test.valid_mask()
   ann = {"lq": metrics.pooled_dice_np(data.test_lq_masks.targets, data.test.targets, valid),
          "upgraded": metrics.pooled_dice_np(upgraded_test, data.test.targets, valid)}
@@ -117,13 +123,11 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
       "upgraded": instances.summary_scores(crop(data.test.targets), [
           instances.instances_from_upgrade(m, lq) for m, lq
           in zip(crop(upgraded_test), crop(data.test_lq_masks.targets))])}
-  if run.rep == 0:
-    export_upgrader(cfg, fit, data.hq_train.channels, run.out_dir, run.guard)
   upgraded = data.lq_masks
   if len(data.lq_masks):
-    # The probabilities once, thresholded as engine.predict does: the masks
-    # are those of upgrade_labels, and the review queue gets their doubt.
-    probs = upgrade_probs(fit.state_best, data.lq_masks, cfg.predict_batch)
+    # The probabilities once: the masks are those of upgrade_labels, and the
+    # review queue gets their doubt.
+    probs = upgrade_probs(upgrader, data.lq_masks)
     masks = probs > FOREGROUND_THRESHOLD
     upgraded = data.lq_masks.replace(targets=masks.astype(np.int32))
     lq_valid = data.lq_masks.valid_mask()
@@ -209,16 +213,24 @@ def score_threshold(cfg: PipelineConfig, volumes, data: RepData, run: RepRun) ->
 
 
 
-def upgrade_probs(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
+def upgrade_probs(upgrader: export.Upgrader, ds: Dataset) -> np.ndarray:
   """(N, H, W) float32: u_θ's foreground probability for every sample of
-  `ds` (LQ targets as the label input), 0 outside each extent."""
-  return engine.predict_proba(state, ds, ds.targets > 0, batch_size=batch_size,
-                              extents=ds.extents)
+  `ds` (LQ targets as the label input), 0 outside each extent; each sample
+  predicted alone and tiled, as `experiments.apply` predicts a file."""
+  return export.upgrade_probs(upgrader, ds, ds.targets)
 
 
-def upgrade_labels(state, ds: Dataset, batch_size: int = 8) -> np.ndarray:
+def upgrade_labels(upgrader: export.Upgrader, ds: Dataset) -> np.ndarray:
   """(N, H, W) bool: u_θ(image, LQ mask) for every sample of `ds` (LQ targets)."""
-  return upgrade_probs(state, ds, batch_size) > FOREGROUND_THRESHOLD
+  return upgrade_probs(upgrader, ds) > FOREGROUND_THRESHOLD
+
+
+def upgrader_of(cfg: PipelineConfig, fit: engine.FitResult,
+                image_channels: int) -> export.Upgrader:
+  """The Upgrader of a fit (its best u_θ, the run's normalisation and tiling)."""
+  return export.upgrader_from_state(fit.state_best, image_channels=image_channels,
+                                    normalisation=cfg.data.normalisation, tiling=cfg.tiling,
+                                    percentiles=cfg.data.percentiles)
 
 
 def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray,
@@ -245,9 +257,7 @@ def export_upgrader(cfg: PipelineConfig, fit: engine.FitResult, image_channels: 
   """Saves out_dir/model (the best u_θ, its config, normalisation and tiling)
   and returns the upgrader read back from it, so that a run writes its files
   exactly as `experiments.apply` will."""
-  up = export.upgrader_from_state(fit.state_best, image_channels=image_channels,
-                                  normalisation=cfg.data.normalisation, tiling=cfg.tiling,
-                                  percentiles=cfg.data.percentiles)
+  up = upgrader_of(cfg, fit, image_channels)
   export.save_upgrader(out_dir / "model", up, guard=guard, train={
       "best_val_dice": fit.best_val_dice, "best_step": fit.best_step,
       "config": cfg.upgrade.to_json()})
