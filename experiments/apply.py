@@ -102,7 +102,7 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
       rows.append(review.image_review(lq, mask, probs, stem))
       packed[stem] = (np.packbits(mask), mask.shape)   # 1 bit a pixel for the overlays
       cli.log_line(f"[{k + 1}/{len(pairs)}] {stem}: {image.shape[0]}x{image.shape[1]}, "
-                       f"{int(lq.max())} LQ -> {int(labels.max())} upgraded objects")
+                   f"{int(lq.max())} LQ -> {int(labels.max())} upgraded objects")
     paths_of = {stem: (image_path, label_path) for stem, image_path, label_path in pairs}
 
     def sample(stem):   # the top N again from disk: memory holds one image at a time
@@ -129,7 +129,7 @@ def main(argv):
   upgrader, pairs, guard = cli.one_line_errors(plan, out_dir, checking=True)
   record = cli.one_line_errors(execute, out_dir, upgrader, pairs, guard)
   cli.log_line(f"wrote {len(record['upgraded'])} upgraded label files to "
-                   f"{out_dir / 'upgraded'} in {record['seconds']:.1f}s")
+               f"{out_dir / 'upgraded'} in {record['seconds']:.1f}s")
   return 0
 
 

@@ -28,7 +28,6 @@ from upgrade_jax import engine, export, instances, metrics, parallel, review, ru
 from upgrade_jax.baselines import threshold as threshold_lib
 from upgrade_jax.data import io, stacking
 from upgrade_jax.data.types import Dataset, concat
-from upgrade_jax.metrics import FOREGROUND_THRESHOLD
 from upgrade_jax.pipeline.config import PipelineConfig
 from upgrade_jax.pipeline.data import RepData, predicted_lq, prepare_rep
 from upgrade_jax.pipeline.methods import TRAINERS, fit_segment
@@ -128,7 +127,7 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
     # The probabilities once: the masks are those of upgrade_labels, and the
     # review queue gets their doubt.
     probs = upgrade_probs(upgrader, data.lq_masks)
-    masks = probs > FOREGROUND_THRESHOLD
+    masks = probs > metrics.FOREGROUND_THRESHOLD
     upgraded = data.lq_masks.replace(targets=masks.astype(np.int32))
     lq_valid = data.lq_masks.valid_mask()
     ann["lq_train_set"] = {
@@ -222,7 +221,7 @@ def upgrade_probs(upgrader: export.Upgrader, ds: Dataset) -> np.ndarray:
 
 def upgrade_labels(upgrader: export.Upgrader, ds: Dataset) -> np.ndarray:
   """(N, H, W) bool: u_θ(image, LQ mask) for every sample of `ds` (LQ targets)."""
-  return upgrade_probs(upgrader, ds) > FOREGROUND_THRESHOLD
+  return upgrade_probs(upgrader, ds) > metrics.FOREGROUND_THRESHOLD
 
 
 def upgrader_of(cfg: PipelineConfig, fit: engine.FitResult,

@@ -21,12 +21,12 @@ from typing import Callable
 
 import numpy as np
 
-from upgrade_jax import engine, export, files, instances, metrics, review, rundir
+from upgrade_jax import engine, files, instances, metrics, review, rundir
 from upgrade_jax.data import io, sampling, stacking
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.pipeline.config import PipelineConfig, run_key
 from upgrade_jax.pipeline.others import with_others
-from upgrade_jax.pipeline.stages import export_upgrader
+from upgrade_jax.pipeline.stages import export_upgrader, upgrade_probs
 from upgrade_jax.rundir import InputError
 
 __all__ = ["UserData", "UserInputs", "OPTIMISTIC", "prepare_user", "run_user", "stack_labels",
@@ -182,7 +182,7 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
     # Export the upgrader, then upgrade through it one image at a time
     # (tiled), as experiments.apply does: its files equal these.
     upgrader = export_upgrader(cfg, fit, d.hq.channels, out_dir, d.guard)
-    probs = export.upgrade_probs(upgrader, d.lq_masks, d.lq_instances)
+    probs = upgrade_probs(upgrader, d.lq_masks)
     masks = probs > metrics.FOREGROUND_THRESHOLD
     paths = write_user_labels(out_dir / "upgraded", d, masks, cfg.output)
     log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
