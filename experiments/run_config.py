@@ -7,12 +7,13 @@ from __future__ import annotations
 from absl import flags
 
 from experiments.run_flags import (METHOD_FLAGS, NOT_IN_USER_MODE, SYNTHETIC_ONLY,
-                                   USER_FLAGS, VALUE_CHECKS)
+                                   USER_FLAGS, VALUE_CHECKS, method_flag)
 from upgrade_jax.engine import TrainConfig, Upgrade
 from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.perturb import PerturbConfig
 from upgrade_jax.data.labels import FelzenszwalbConfig
-from upgrade_jax.pipeline import DataConfig, PipelineConfig
+from upgrade_jax.pipeline import REGISTRY, DataConfig, PipelineConfig
+from upgrade_jax.pipeline.scenarios import METHOD
 
 F = flags.FLAGS
 
@@ -51,10 +52,31 @@ def _or(value, default):
   return default if value is None else value
 
 
+def method_options(v: FlagView) -> tuple:
+  """The competing methods' options Tasks that the flags change from the
+  registry's defaults; a bad combination is one line naming its flags."""
+  import dataclasses
+
+  out = []
+  for entry in REGISTRY.values():
+    if entry.options is None:
+      continue
+    values = {f.name: getattr(v, method_flag(entry, f.name))
+              for f in dataclasses.fields(entry.options)}
+    try:
+      task = dataclasses.replace(entry.options, **values)
+    except ValueError as e:
+      given = [f"--{method_flag(entry, k)}={x}" for k, x in values.items()
+               if v.present(method_flag(entry, k))]
+      raise ValueError(f"{', '.join(given) or entry.name}: {e}") from None
+    if task != entry.options:
+      out.append(task)
+  return tuple(out)
+
+
 def build_config(v: "FlagView | None" = None) -> PipelineConfig:
   """The flags (or a sweep point's view of them) as frozen configs; the
   library never sees a flag."""
-  from upgrade_jax import engine
   from upgrade_jax.engine import Segment
 
   v = v or FlagView()
@@ -116,12 +138,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                         predictor_hq=v.predictor_hq, output=v.output,
                         tiling=TileConfig(tile=v.tile, margin=v.tile_margin),
                         review_top=v.review_top, seg_val_extra=v.seg_val_extra,
-                        confident_learning=engine.ConfidentLearning(
-                            confidence=v.cl_confidence, folds=v.cl_folds),
-                        partial_labelling=engine.PartialLabelling(
-                            gamma=v.pl_gamma, pseudo_weight=v.pl_pseudo_weight,
-                            separation_weight=v.pl_separation_weight,
-                            ramp_start=v.pl_ramp_start, ramp_end=v.pl_ramp_end))
+                        options=method_options(v))
 
 
 def check_flag_combination(v: FlagView, user_flags: tuple[str, ...] = USER_FLAGS) -> None:
@@ -143,10 +160,10 @@ def check_flag_combination(v: FlagView, user_flags: tuple[str, ...] = USER_FLAGS
       raise InputError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply "
                        "in user mode (--hq_images ...): "
                        "every HQ pair is used and the LQ labels are yours; remove them")
-    other = [s for s in v.scenarios if s != "hq_upgraded"] if given("scenarios") else []
+    other = [s for s in v.scenarios if s != METHOD] if given("scenarios") else []
     if other:
       raise InputError(f"--scenarios={','.join(v.scenarios)}: user mode trains only "
-                       "hq_upgraded (it has no test set); use --scenarios=hq_upgraded or none")
+                       f"{METHOD} (it has no test set); use --scenarios={METHOD} or none")
     return
   if given("others_labels"):
     raise InputError("--others_labels applies only in user mode (with --hq_images ...); "

@@ -7,6 +7,8 @@ read are derived from those declarations.
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags
 
 from experiments import cli  # noqa: F401  (tunes malloc before jax; the process flags)
@@ -16,8 +18,8 @@ from upgrade_jax.engine import TrainConfig, Upgrade
 from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.instances import OUTPUTS
 from upgrade_jax.perturb import COUNT_ROUNDINGS
-from upgrade_jax.pipeline import (HQ_COST, LQ_SOURCES, OTHERS_MODES, SCENARIOS, SOURCES,
-                                  DataConfig, PipelineConfig)
+from upgrade_jax.pipeline import (HQ_COST, LQ_SOURCES, OTHERS_MODES, REGISTRY, SCENARIOS,
+                                  SOURCES, DataConfig, PipelineConfig)
 from upgrade_jax.data.intensity import check_percentiles as io_check_percentiles
 
 F = flags.FLAGS
@@ -223,31 +225,47 @@ flags.DEFINE_list("scenarios", list(_PIPE.scenarios), "Segmentation scenarios, a
 _scoped((SIMULATED,), flags.DEFINE_bool,
         "threshold_baseline", _PIPE.threshold_baseline, "Score the global-threshold "
         "baseline.")
-# The competing methods of Table 3.3 (--scenarios=...,confident_learning,partial_labelling).
-_CL, _PL = _PIPE.confident_learning, _PIPE.partial_labelling
-_scoped((SIMULATED, method("confident_learning")), flags.DEFINE_float,
-        "cl_confidence", _CL.confidence, "Confident Learning: soft target of a "
-        "corrected pixel towards its new class (the authors' 0.8/0.2).",
-        lower_bound=0.5, upper_bound=1.0)
-_scoped((SIMULATED, method("confident_learning")), flags.DEFINE_integer,
-        "cl_folds", _CL.folds, "Confident Learning: folds of the cross-fitted "
-        "teachers (K teachers, each predicts the fold it did not see).",
-        lower_bound=2)
-_scoped((SIMULATED, method("partial_labelling")), flags.DEFINE_float,
-        "pl_gamma", _PL.gamma, "Partial Labelling: cosine-similarity threshold of a "
-        "pseudo-label.", lower_bound=-1.0, upper_bound=1.0)
-_scoped((SIMULATED, method("partial_labelling")), flags.DEFINE_float,
-        "pl_pseudo_weight", _PL.pseudo_weight, "Partial Labelling: maximum weight "
-        "of the pseudo-label term.", lower_bound=0.0)
-_scoped((SIMULATED, method("partial_labelling")), flags.DEFINE_float,
-        "pl_separation_weight", _PL.separation_weight, "Partial Labelling: maximum "
-        "weight of the Fisher-style separation term.", lower_bound=0.0)
-_scoped((SIMULATED, method("partial_labelling")), flags.DEFINE_integer,
-        "pl_ramp_start", _PL.ramp_start, "Partial Labelling: train step where the "
-        "two weights start to ramp up from 0.", lower_bound=0)
-_scoped((SIMULATED, method("partial_labelling")), flags.DEFINE_integer,
-        "pl_ramp_end", _PL.ramp_end, "Partial Labelling: train step where they "
-        "reach their maximum.", lower_bound=0)
+# The competing methods' options, derived from the registry: one flag per
+# field of each method's options Task, --<flag_prefix>_<field>, its default
+# the registry's, its help the Task's docstring; only with its scenario.
+_DEFINE = {"float": flags.DEFINE_float, "int": flags.DEFINE_integer,
+           "bool": flags.DEFINE_bool}
+
+
+def attribute_docs(cls) -> dict[str, str]:
+  """{field: text} of the "Attributes:" section of a class docstring (a
+  line "a, b: text" documents both; indented lines continue it)."""
+  out, names, in_section = {}, [], False
+  for line in (cls.__doc__ or "").splitlines():
+    text = line.strip()
+    if text == "Attributes:":
+      in_section = True
+      continue
+    if not in_section or not text:
+      continue
+    head, sep, rest = text.partition(": ")
+    if sep and all(n.strip().isidentifier() for n in head.split(",")):
+      names = [n.strip() for n in head.split(",")]
+      for n in names:
+        out[n] = rest
+    else:
+      for n in names:
+        out[n] += " " + text
+  return out
+
+
+def method_flag(entry, field: str) -> str:
+  return f"{entry.flag_prefix}_{field}"
+
+
+for _entry in REGISTRY.values():
+  if _entry.options is None:
+    continue
+  _docs = attribute_docs(type(_entry.options))
+  for _field in dataclasses.fields(_entry.options):
+    _scoped((SIMULATED, method(_entry.name)), _DEFINE[_field.type],
+            method_flag(_entry, _field.name), getattr(_entry.options, _field.name),
+            f"--scenarios={_entry.name}: {_docs.get(_field.name, _field.name)}")
 _scoped((SIMULATED,), flags.DEFINE_integer,
         "reps", _PIPE.reps, "Repetitions (seeds seed..seed+reps-1).",
         lower_bound=1)

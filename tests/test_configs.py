@@ -149,12 +149,12 @@ def test_method_flags_reach_the_configs_and_their_defaults_leave_the_run_key_alo
               "--pl_ramp_start=10", "--pl_ramp_end=20") as F:
     run_config.check_flag_combination(run_config.FlagView())
     cfg = run_config.build_config()
-  assert (cfg.confident_learning.confidence, cfg.confident_learning.folds) == (0.9, 3)
-  pl = cfg.partial_labelling
+  cl = cfg.options_of("confident_learning")
+  assert (cl.confidence, cl.folds) == (0.9, 3)
+  pl = cfg.options_of("partial_labelling")
   assert (pl.gamma, pl.pseudo_weight, pl.separation_weight, pl.ramp_start, pl.ramp_end) == (
       0.8, 0.2, 0.05, 10, 20)
-  assert base.confident_learning == type(base).confident_learning  # the library defaults
-  assert base.partial_labelling == type(base).partial_labelling
+  assert base.options == ()  # the registry's defaults
   assert "confident_learning" not in run_key(base)
   key = run_key(cfg)
   assert key["confident_learning"]["confidence"] == 0.9 and key["partial_labelling"]["gamma"] == 0.8
@@ -192,3 +192,55 @@ def test_lr_drop_flags_reach_the_networks_they_name():
     assert cfg.segment.lr_drop_factor == cfg.upgrade.lr_drop_factor == 0.5
   with parsed("--out_dir=runs/x", "--lr_drops=2", "--seg_lr_drops=0"):
     assert run_config.build_config().segment.lr_drops == 0
+
+
+def test_method_flags_are_derived_from_the_registry():
+  """One flag per field of each method's options, defaulting to the registry's
+  value, with that field's docstring; a bad value names its flag."""
+  import dataclasses
+
+  from upgrade_jax.pipeline import REGISTRY
+
+  F = flags.FLAGS
+  derived = set()
+  for entry in REGISTRY.values():
+    if entry.options is None:
+      continue
+    for field in dataclasses.fields(entry.options):
+      name = f"{entry.flag_prefix}_{field.name}"
+      derived.add(name)
+      assert F[name].default == getattr(entry.options, field.name)
+    assert set(run_flags.METHOD_FLAGS[entry.name]) == {
+        f"{entry.flag_prefix}_{f.name}" for f in dataclasses.fields(entry.options)}
+  assert {"cl_confidence", "cl_folds", "pl_gamma", "pl_ramp_end"} <= derived
+  assert "cosine-similarity threshold" in F["pl_gamma"].help
+  with parsed("--out_dir=runs/x", "--cl_confidence=0.3"):
+    with pytest.raises(ValueError, match="--cl_confidence=0.3: ConfidentLearning.confidence"):
+      run_config.build_config()
+
+
+def test_attribute_docs_reads_shared_and_continued_lines():
+  class Doc:
+    """Title.
+
+    Attributes:
+      a: first line
+        continued.
+      b, c: shared.
+    """
+
+  assert run_flags.attribute_docs(Doc) == {"a": "first line continued.", "b": "shared.",
+                                           "c": "shared."}
+
+
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
+def test_flagfiles_hold_only_what_differs_from_the_defaults(path):
+  lines = [l.strip() for l in path.read_text().splitlines() if l.startswith("--")]
+  restated = []
+  for line in lines:
+    name = line[2:].split("=", 1)[0]
+    name = name[2:] if name.startswith("no") and name not in flags.FLAGS else name
+    with parsed("--out_dir=runs/x", line) as F:
+      if name not in ("out_dir", "flagfile") and F[name].value == F[name].default:
+        restated.append(line)
+  assert not restated, f"{path.name} restates defaults: {restated}"

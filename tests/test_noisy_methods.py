@@ -186,10 +186,11 @@ def test_confident_learning_beats_naive_training_on_omission(tmp_path):
   naive = engine.fit(cfg, train, val, tmp_path / "naive", log=quiet)
 
   class Cfg:  # the PipelineConfig fields a trainer reads
-    segment, confident_learning, predict_batch = cfg, engine.ConfidentLearning(), 8
+    segment, predict_batch = cfg, 8
 
   fit, info = methods.fit_confident_learning(Cfg, train, val, tmp_path / "cl", seed=1,
-                                             log=quiet, context=None)
+                                             options=engine.ConfidentLearning(), log=quiet,
+                                             context=None)
   d_naive, d_cl = _test_dice(naive, test), _test_dice(fit, test)
   print(f"omission 0.7: naive {d_naive:.4f}, confident learning {d_cl:.4f}; "
         f"{info['to_foreground']} pixels corrected to foreground")

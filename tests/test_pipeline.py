@@ -200,7 +200,7 @@ def test_scenarios_train_on_the_right_sets():
   hq, val, lq = _ds(2, 8, 8, name="hq"), _ds(1, 8, 8, name="val"), _ds(3, 8, 8, name="lq")
   up = _ds(3, 8, 8, name="up")
   d = pipeline.RepData(hq, val, lq, lq, _ds(1, 8, 8), _ds(1, 8, 8), _ds(1, 8, 8, name="vlq"))
-  names = {s: pipeline.SCENARIO_DATA[s](d, up) for s in pipeline.SCENARIOS}
+  names = {s: pipeline.REGISTRY[s].data(d, up) for s in pipeline.SCENARIOS}
   assert names["hq"][0].names == ("hq0", "hq1")
   assert names["lq"][0].names == ("lq0", "lq1", "lq2") and names["lq"][1].names == ("vlq0",)
   assert len(names["hq_lq"][0]) == 5 and names["hq_lq"][1].names == ("val0",)
@@ -210,7 +210,7 @@ def test_scenarios_train_on_the_right_sets():
   truth = _ds(3, 8, 8, name="truth")
   d = pipeline.RepData(hq, val, lq, truth, _ds(1, 8, 8), _ds(1, 8, 8), _ds(1, 8, 8, name="vlq"),
                        hq_train_truth=_ds(2, 8, 8, name="hqt"), hq_val_truth=_ds(1, 8, 8, name="vt"))
-  train, val_set = pipeline.SCENARIO_DATA["oracle"](d, up)
+  train, val_set = pipeline.REGISTRY["oracle"].data(d, up)
   assert train.names == ("hqt0", "hqt1", "truth0", "truth1", "truth2")
   assert val_set.names == ("vt0",)
   assert "oracle" in pipeline.DEFAULT_SCENARIOS
@@ -459,7 +459,7 @@ def test_every_scenario_validates_on_the_same_held_out_slices_with_its_own_label
   hq, val, lq = _ds(2, 8, 8, name="hq"), _ds(1, 8, 8, name="val"), _ds(12, 8, 8, name="lq")
   up, truth = _ds(12, 8, 8, name="up"), _ds(12, 8, 8, name="truth")
   d = pipeline.RepData(hq, val, lq, truth, _ds(1, 8, 8), _ds(1, 8, 8), _ds(1, 8, 8, name="vlq"))
-  sets = {s: pipeline.SCENARIO_DATA[s](d, up, val_extra=5, seed=3) for s in pipeline.SCENARIOS}
+  sets = {s: pipeline.REGISTRY[s].data(d, up, val_extra=5, seed=3) for s in pipeline.SCENARIOS}
   held = None
   for s, (train, v) in sets.items():
     if s == "hq":   # no other slices: the HQ validation slices alone
@@ -480,9 +480,9 @@ def test_every_scenario_validates_on_the_same_held_out_slices_with_its_own_label
   pl_train, pl_val = sets["partial_labelling"]
   assert (pl_train.targets[2:] == -1).any() and (pl_val.targets >= 0).all()
   # Another seed draws other slices; val_extra=0 is the HQ-only validation.
-  other = pipeline.SCENARIO_DATA["oracle"](d, up, val_extra=5, seed=4)[1].names
+  other = pipeline.REGISTRY["oracle"].data(d, up, val_extra=5, seed=4)[1].names
   assert other != sets["oracle"][1].names
-  assert pipeline.SCENARIO_DATA["oracle"](d, up)[1].names == ("val0",)
+  assert pipeline.REGISTRY["oracle"].data(d, up)[1].names == ("val0",)
 
 
 def test_summary_carries_instance_scores_stop_records_and_the_oracle_check():

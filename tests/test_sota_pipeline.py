@@ -33,10 +33,10 @@ def test_methods_train_on_hq_and_lq_as_labelled_never_on_lq_truth():
   hq, val, lq = _ds(2, 8, 8, "hq"), _ds(1, 8, 8, "val"), _ds(3, 8, 8, "lq")
   d = pipeline.RepData(hq, val, lq, _Forbidden(), _ds(1, 8, 8, "t"), _ds(1, 8, 8, "tl"),
                        _ds(1, 8, 8, "vl"))
-  train, v = pipeline.SCENARIO_DATA["confident_learning"](d, None)
+  train, v = pipeline.REGISTRY["confident_learning"].data(d, None)
   assert train.names == ("hq0", "hq1", "lq0", "lq1", "lq2") and v.names == ("val0",)
   np.testing.assert_array_equal(train.targets[2:], lq.targets)
-  train, v = pipeline.SCENARIO_DATA["partial_labelling"](d, None)
+  train, v = pipeline.REGISTRY["partial_labelling"].data(d, None)
   assert train.names == ("hq0", "hq1", "lq0", "lq1", "lq2") and v.names == ("val0",)
   # HQ slices are fully labelled; the LQ slices' background is unlabelled.
   assert (train.targets[:2] >= 0).all()
@@ -49,10 +49,31 @@ def test_methods_are_opt_in_and_their_default_options_leave_the_run_key_alone():
   cfg = pipeline.PipelineConfig()
   key = pipeline.run_key(cfg)
   assert "confident_learning" not in key and "partial_labelling" not in key
-  other = pipeline.PipelineConfig(confident_learning=engine.ConfidentLearning(folds=3))
-  assert pipeline.run_key(other)["confident_learning"]["folds"] == 3
-  with pytest.raises(ValueError, match="confident_learning"):
-    pipeline.PipelineConfig(confident_learning=engine.Segment())
+  other = pipeline.PipelineConfig(options=(engine.ConfidentLearning(folds=3),))
+  assert pipeline.run_key(other)["confident_learning"] == {
+      "name": "confident_learning", "confidence": 0.8, "folds": 3}
+  assert other.options_of("confident_learning").folds == 3
+  assert other.options_of("partial_labelling") == engine.PartialLabelling()
+  assert other.options_of("hq") is None
+  # Options equal to the defaults are the defaults: the same key.
+  same = pipeline.PipelineConfig(options=(engine.PartialLabelling(),))
+  assert pipeline.run_key(same) == key
+  with pytest.raises(ValueError, match="not the options of a method"):
+    pipeline.PipelineConfig(options=(engine.Segment(),))
+  with pytest.raises(ValueError, match="one Task per method"):
+    pipeline.PipelineConfig(options=(engine.ConfidentLearning(), engine.ConfidentLearning(folds=3)))
+
+
+def test_registry_entries_are_complete_and_consistent():
+  """Every scenario has its data, trainer and label; a method's options are
+  the engine task of its name; the defaults are the paper's five."""
+  assert pipeline.DEFAULT_SCENARIOS == ("hq", "lq", "hq_lq", "hq_upgraded", "oracle")
+  for name, entry in pipeline.REGISTRY.items():
+    assert entry.name == name and entry.label and callable(entry.data) and callable(entry.train)
+    if entry.options is not None:
+      assert entry.options.name == name and entry.flag_prefix
+  prefixes = [e.flag_prefix for e in pipeline.REGISTRY.values() if e.flag_prefix]
+  assert len(set(prefixes)) == len(prefixes)
 
 
 TINY = ["--n_volumes=5", "--volume_shape=6,96,96", "--n_test=1", "--n_hq=4", "--max_test=4",

@@ -22,10 +22,14 @@ from upgrade_jax.files import json_safe, write_text
 PACKAGES = ("upgrade_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "scipy", "scikit-image", "tifffile", "absl-py", "matplotlib")
 
-LABELS = {"lq": "LQ", "upgraded": "Upgraded", "hq": "HQ only", "hq_lq": "HQ + LQ",
-          "hq_upgraded": "HQ + upgraded", "threshold": "Threshold",
-          "oracle": "Oracle (all true)", "confident_learning": "Confident learn.",
-          "partial_labelling": "Partial labels"}
+# The row names of the annotation rows and the threshold baseline; a
+# scenario's comes with the results ("labels", from pipeline.scenarios).
+LABELS = {"lq": "LQ", "upgraded": "Upgraded", "threshold": "Threshold"}
+
+
+def row_label(d: dict, key: str) -> str:
+  """The row name of `key` in results `d` (the key itself if it has none)."""
+  return (d.get("labels") or {}).get(key) or LABELS.get(key, key)
 
 
 def versions() -> dict:
@@ -112,7 +116,7 @@ def format_table(d: dict, paper: dict | None = None) -> str:
 
   def row(group, key, s):
     std = "  n/a " if s["std"] is None else f"{s['std']:.4f}"
-    text = f"{group:14}{LABELS.get(key, key):16}{s['mean']:>9.4f} ± {std}"
+    text = f"{group:14}{row_label(d, key):16}{s['mean']:>9.4f} ± {std}"
     if paper and key in paper:
       text += f"{paper[key]:>10.2f}"
     return text
@@ -150,7 +154,7 @@ def format_table(d: dict, paper: dict | None = None) -> str:
     cols = ("f1@0.5", "f1@0.75", "accuracy@0.5")
     lines.append(f"{'Instances':14}{'':16}" + "".join(f"{c:>18}" for c in cols))
     for k, s in inst.items():
-      lines.append(f"{'':14}{LABELS.get(k, k):16}" + "".join(
+      lines.append(f"{'':14}{row_label(d, k):16}" + "".join(
           f"{s[c]['mean']:>10.4f} ± {s[c]['std']:.3f}" if s[c]["std"] is not None
           else f"{s[c]['mean']:>18.4f}" for c in cols))
   gap = d.get("oracle_gap_recovered") or {}
@@ -161,7 +165,7 @@ def format_table(d: dict, paper: dict | None = None) -> str:
                  "(of the means; per rep; n/a where the gap is < 0.01):")
     pct = lambda v: "  n/a" if v is None else f"{v:+.0%}"  # noqa: E731
     for k, v in gap.items():
-      lines.append(f"  {LABELS.get(k, k):16}{pct(v['of_means']):>6}   "
+      lines.append(f"  {row_label(d, k):16}{pct(v['of_means']):>6}   "
                    + " ".join(pct(x) for x in v["per_rep"]))
   rates = d.get("effective_rates") or {}
   if rates:
@@ -272,7 +276,7 @@ def plot_scenarios(d: dict, path, paper: dict | None = None) -> None:
       if paper and k in paper:
         ax.plot([xi - 0.4, xi + 0.4], [paper[k]] * 2, "k--", lw=1)
     ax.set_xticks(x)
-    ax.set_xticklabels([LABELS.get(k, k) for k in keys], rotation=20, ha="right")
+    ax.set_xticklabels([row_label(d, k) for k in keys], rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("pooled Dice")
     ax.set_title(title)
@@ -329,9 +333,12 @@ def plot_sweep(points: list, path, *, xlabel: str) -> None:
   xs = [p[0] for p in points]
   series = [("annotation_dice", "lq", "LQ annotations", "#c44e52", "--"),
             ("annotation_dice", "upgraded", "Upgraded annotations", "#4c72b0", "--")]
-  series += [("segmentation_dice", k, f"Seg.: {LABELS.get(k, k)}", c, "-")
-             for k, c in (("hq", "#8c8c8c"), ("lq", "#dd8452"), ("hq_lq", "#937860"),
-                          ("hq_upgraded", "#55a868"), ("oracle", "#222222"))]
+  first = points[0][1] if points else {}
+  palette = ("#8c8c8c", "#dd8452", "#937860", "#55a868", "#222222", "#8172b3", "#da8bc3",
+             "#64b5cd")
+  series += [("segmentation_dice", k, f"Seg.: {row_label(first, k)}", palette[i % len(palette)],
+              "-") for i, k in enumerate(first.get("segmentation_dice", {}))
+             if k != "threshold"]
   for group, key, label, color, style in series:
     vals = [p[1].get(group, {}).get(key) for p in points]
     if any(v is None for v in vals):

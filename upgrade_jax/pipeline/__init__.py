@@ -2,7 +2,8 @@
 
 Modules: config (DataConfig, PipelineConfig, run_key), sources, others (the
 registries of data sources and of what inclusion draws from), data (one
-repetition's sets), scenarios (the registry), stages (one
+repetition's sets), scenarios (the registry of scenarios and competing
+methods: data, trainer, options, label), stages (one
 repetition's steps), run (repetitions, resume, checks), user (user mode).
 
     1. train the upgrade network u_θ on the HQ set, with P drawn fresh each step;
@@ -12,7 +13,8 @@ repetition's steps), run (repetitions, resume, checks), user (user mode).
          lq           LQ only
          hq_lq        HQ + LQ
          hq_upgraded  HQ + upgraded LQ
-       plus the global-threshold baseline;
+         oracle       every slice with its true labels (the ceiling)
+       plus the opt-in competing methods and the global-threshold baseline;
     4. score everything on the test set with pooled Dice, over `reps` seeds.
 
 `run` returns a `Results` and leaves per-repetition files in `out_dir`; a
@@ -31,7 +33,7 @@ from upgrade_jax.pipeline.config import (HQ_COST, LQ_SOURCES, OTHERS_MODES, Conf
 from upgrade_jax.pipeline.data import RepData, check_counts, hq_picks, load_volumes, prepare_rep
 from upgrade_jax.pipeline.others import OTHERS, felzenszwalb_volumes, target_area_range
 from upgrade_jax.pipeline.run import Results, discard_reps, prepare_run, run, run_rep
-from upgrade_jax.pipeline.scenarios import DEFAULT_SCENARIOS, SCENARIO_DATA, SCENARIOS
+from upgrade_jax.pipeline.scenarios import DEFAULT_SCENARIOS, REGISTRY, SCENARIOS, Scenario
 from upgrade_jax.pipeline.sources import SOURCES
 from upgrade_jax.pipeline.stages import (threshold_baseline, upgrade_labels, upgrader_of,
                                          write_upgraded)
@@ -41,6 +43,6 @@ __all__ = ["FelzenszwalbConfig", "HQ_COST", "LQ_SOURCES", "OTHERS_MODES", "Confi
            "DataConfig", "PipelineConfig", "run_key", "OTHERS", "SOURCES", "RepData",
            "check_counts", "felzenszwalb_volumes", "hq_picks", "load_volumes", "prepare_rep",
            "target_area_range", "Results", "discard_reps", "prepare_run", "run", "run_rep",
-           "DEFAULT_SCENARIOS", "SCENARIO_DATA", "SCENARIOS", "threshold_baseline",
+           "DEFAULT_SCENARIOS", "REGISTRY", "SCENARIOS", "Scenario", "threshold_baseline",
            "upgrade_labels", "upgrader_of", "write_upgraded", "OPTIMISTIC", "UserData",
            "UserInputs", "prepare_user", "run_user"]

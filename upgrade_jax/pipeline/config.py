@@ -17,7 +17,7 @@ from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.perturb import PerturbConfig
 from upgrade_jax.data.labels import FelzenszwalbConfig
 from upgrade_jax.pipeline.others import OTHERS
-from upgrade_jax.pipeline.scenarios import DEFAULT_SCENARIOS, SCENARIOS
+from upgrade_jax.pipeline.scenarios import DEFAULT_SCENARIOS, REGISTRY, SCENARIOS
 from upgrade_jax.pipeline.sources import SOURCES
 
 __all__ = ["DataConfig", "PipelineConfig", "OTHERS_MODES", "LQ_SOURCES", "HQ_COST", "run_key",
@@ -175,9 +175,10 @@ class PipelineConfig:
     tiling: how prediction of the written files cuts large images.
     review_top: overlays written to review/ for the first N rows of the
       review queue (upgrade_jax.review).
-    confident_learning: the task (and folds) of the "confident_learning"
-      scenario; trained with segment's other settings.
-    partial_labelling: the task of the "partial_labelling" scenario.
+    options: the competing methods' options that differ from their
+      registry defaults (pipeline.scenarios): engine Tasks, at most one per
+      method, each trained with segment's other settings, e.g.
+      (engine.ConfidentLearning(folds=3),). See `options_of`.
     seg_val_extra: the validation rule of every segmentation scenario:
       this many of its non-HQ training slices (at most a quarter), with its
       own labels, are held out and validate it beside the HQ validation
@@ -200,8 +201,7 @@ class PipelineConfig:
   output: str = "instances"
   tiling: TileConfig = TileConfig()
   review_top: int = 20
-  confident_learning: engine.ConfidentLearning = engine.ConfidentLearning()
-  partial_labelling: engine.PartialLabelling = engine.PartialLabelling()
+  options: tuple[engine.Task, ...] = ()
   # 6: with the 2 HQ validation slices of the CPU-scale rows (10 HQ), one
   # validation batch of 8 (eval_batch_size) and no padded batch.
   seg_val_extra: int = 6
@@ -222,14 +222,29 @@ class PipelineConfig:
         or not isinstance(self.segment.task, engine.Segment)):
       raise ValueError("PipelineConfig: upgrade.task must be an engine.Upgrade and "
                        "segment.task an engine.Segment")
-    if (not isinstance(self.confident_learning, engine.ConfidentLearning)
-        or not isinstance(self.partial_labelling, engine.PartialLabelling)):
-      raise ValueError("PipelineConfig: confident_learning and partial_labelling must be "
-                       "engine.ConfidentLearning and engine.PartialLabelling tasks")
+    object.__setattr__(self, "options", tuple(self.options))
+    with_options = {n: e.options for n, e in REGISTRY.items() if e.options is not None}
+    for task in self.options:
+      default = with_options.get(getattr(task, "name", None))
+      if default is None or type(task) is not type(default):
+        raise ValueError(f"PipelineConfig.options: {task!r} is not the options of a method; "
+                         "give one of " + ", ".join(
+                             f"engine.{type(d).__name__} ({n})" for n, d in with_options.items()))
+    names = [t.name for t in self.options]
+    if len(set(names)) < len(names):
+      raise ValueError(f"PipelineConfig.options: one Task per method, got {names}")
     if self.seg_val_extra < 0:
       raise ValueError(f"PipelineConfig.seg_val_extra must be >= 0, got {self.seg_val_extra}")
     if self.reps < 1:
       raise ValueError(f"PipelineConfig.reps must be >= 1, got {self.reps}")
+
+  def options_of(self, scenario: str) -> engine.Task | None:
+    """The options `scenario` trains with: the one in `options`, else its
+    registry default (None for a scenario without options)."""
+    for task in self.options:
+      if task.name == scenario:
+        return task
+    return REGISTRY[scenario].options
 
 
 # Settings that change no number: left out of `run_key`, so changing them
@@ -238,7 +253,6 @@ class PipelineConfig:
 _RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch", "review_top")
 _RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl",
                          "data_placement")
-_METHOD_FIELDS = ("confident_learning", "partial_labelling")
 # Training options added after records were made: left out of the key at
 # their defaults, so those records' keys still match.
 _LATER_TRAIN_FIELDS = ("lr_drops", "lr_drop_factor", "patience_growth")
@@ -265,11 +279,13 @@ def run_key(cfg: PipelineConfig) -> dict:
   d["data"].pop("compact_images")   # the same numbers either way
   if cfg.data.normalisation != "percentile":   # unused then
     d["data"].pop("percentiles")
-  # The methods' options at their defaults are left out, so the keys of runs
-  # made before they existed still match; other values are in the key.
-  for name in _METHOD_FIELDS:
-    if getattr(cfg, name) == getattr(PipelineConfig, name):
-      d.pop(name)
+  # A method's options enter the key under its name, and only where they
+  # differ from the registry's defaults: the keys of runs made before a
+  # method existed still match.
+  d.pop("options")
+  for task in cfg.options:
+    if task != REGISTRY[task.name].options:
+      d[task.name] = files.json_safe(task)
   # A JSON round trip, so that tuples and lists compare equal to a stored key.
   return json.loads(json.dumps(d))
 

@@ -1,4 +1,4 @@
-"""How each scenario's segmentation network is trained (the registry TRAINERS).
+"""How each scenario's segmentation network is trained (a Scenario's `train`).
 
 Most scenarios train one network with the pipeline's segmentation config
 (`fit_segment`). The competing methods of the paper's Table 3.3 train their
@@ -12,36 +12,39 @@ own way, on the same engine and UNet:
                        (baselines.confident); then a fresh network with the
                        ConfidentLearning task on the corrected labels
 
-A trainer is (cfg, train, val, workdir, *, seed, log, context) ->
-(FitResult, info): info is a JSON-able dict for rep.json ({} for none).
+A trainer is (cfg, train, val, workdir, *, seed, options, log, context) ->
+(FitResult, info): `options` the method's engine Task (cfg.options_of its
+scenario; None for fit_segment), info a JSON-able dict for rep.json ({} for
+none).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 
 from upgrade_jax import engine
 from upgrade_jax.baselines import confident
 from upgrade_jax.data.types import Dataset
 
-__all__ = ["TRAINERS", "fit_segment", "fit_partial_labelling", "fit_confident_learning",
+__all__ = ["fit_segment", "fit_partial_labelling", "fit_confident_learning",
            "cross_fit_probs", "correct_labels", "fold_of"]
 
 
-def fit_segment(cfg, train: Dataset, val: Dataset, workdir, *, seed, log, context):
+def fit_segment(cfg, train: Dataset, val: Dataset, workdir, *, seed, options=None, log,
+                context):
   """One network with cfg.segment (the Segment task)."""
+  del options
   fit = engine.fit(dataclasses.replace(cfg.segment, seed=seed), train, val, workdir,
                    log=log, context=context)
   return fit, {}
 
 
-def fit_partial_labelling(cfg, train: Dataset, val: Dataset, workdir, *, seed, log, context):
-  """One network with cfg.partial_labelling as its task."""
-  seg = dataclasses.replace(cfg.segment, seed=seed, task=cfg.partial_labelling)
+def fit_partial_labelling(cfg, train: Dataset, val: Dataset, workdir, *, seed, options,
+                          log, context):
+  """One network with `options` (an engine.PartialLabelling) as its task."""
+  seg = dataclasses.replace(cfg.segment, seed=seed, task=options)
   fit = engine.fit(seg, train, val, workdir, log=log, context=context)
   n = int((train.targets < 0).sum())
   return fit, {"unlabelled_pixels": n}
@@ -103,9 +106,11 @@ def correct_labels(train: Dataset, probs_fg: np.ndarray) -> tuple[Dataset, dict]
   return coded, info
 
 
-def fit_confident_learning(cfg, train: Dataset, val: Dataset, workdir, *, seed, log, context):
-  """Teachers, Confident Learning, then the student on the corrected labels."""
-  task = cfg.confident_learning
+def fit_confident_learning(cfg, train: Dataset, val: Dataset, workdir, *, seed, options,
+                           log, context):
+  """Teachers, Confident Learning, then the student on the corrected labels;
+  `options` an engine.ConfidentLearning."""
+  task = options
   teacher_cfg = dataclasses.replace(cfg.segment, seed=seed)
   probs = cross_fit_probs(teacher_cfg, train, val, task.folds, workdir, seed=seed, log=log,
                           context=context, predict_batch=cfg.predict_batch)
@@ -115,8 +120,3 @@ def fit_confident_learning(cfg, train: Dataset, val: Dataset, workdir, *, seed, 
   student = dataclasses.replace(cfg.segment, seed=seed, task=task)
   fit = engine.fit(student, coded, val, Path(workdir) / "student", log=log, context=context)
   return fit, info
-
-
-# scenario -> trainer; a scenario not named here trains with fit_segment.
-TRAINERS: dict[str, Callable] = {"partial_labelling": fit_partial_labelling,
-                                 "confident_learning": fit_confident_learning}

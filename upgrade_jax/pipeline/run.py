@@ -22,7 +22,7 @@ from upgrade_jax.pipeline import stages
 from upgrade_jax.pipeline.config import PipelineConfig, check_rep, run_key
 from upgrade_jax.pipeline.data import check_counts, data_inputs, hq_picks, load_volumes
 from upgrade_jax.pipeline.others import felzenszwalb_volumes
-from upgrade_jax.pipeline.scenarios import SCENARIOS
+from upgrade_jax.pipeline.scenarios import CEILING, FLOOR, LABELS, METHOD, SCENARIOS
 
 __all__ = ["run_rep", "Results", "discard_reps", "check_finished_reps", "prepare_run", "run"]
 
@@ -108,10 +108,10 @@ class Results:
         s in r["segmentation_dice"] for r in self.reps)]
     seg = {s: metrics.summarize([r["segmentation_dice"][s] for r in self.reps]) for s in names}
     pairs = {}
-    if "hq_upgraded" in seg:
+    if METHOD in seg:
       for s in names:
-        if s != "hq_upgraded":
-          pairs[f"hq_upgraded_vs_{s}"] = (seg["hq_upgraded"]["per_rep"], seg[s]["per_rep"])
+        if s != METHOD:
+          pairs[f"{METHOD}_vs_{s}"] = (seg[METHOD]["per_rep"], seg[s]["per_rep"])
     pairs["upgraded_vs_lq_annotations"] = (ann["upgraded"]["per_rep"], ann["lq"]["per_rep"])
     wil = {k: metrics.wilcoxon(a, b) for k, (a, b) in pairs.items()}
     paired = {k: metrics.paired_difference(a, b) for k, (a, b) in pairs.items()}
@@ -121,18 +121,19 @@ class Results:
       if vals and all(v is not None for v in vals):
         rates[k] = metrics.summarize(vals)
     gap, oracle = {}, None
-    if "hq" in seg and "oracle" in seg:  # how much of hq -> oracle each scenario recovers
-      gap = {s: metrics.gap_recovered(seg[s]["per_rep"], seg["hq"]["per_rep"],
-                                      seg["oracle"]["per_rep"], min_gap=MIN_ORACLE_GAP)
-             for s in names if s not in ("hq", "oracle")}
-      oracle = metrics.oracle_check(seg["oracle"]["per_rep"], seg["hq"]["per_rep"])
+    if FLOOR in seg and CEILING in seg:  # how much of hq -> oracle each scenario recovers
+      gap = {s: metrics.gap_recovered(seg[s]["per_rep"], seg[FLOOR]["per_rep"],
+                                      seg[CEILING]["per_rep"], min_gap=MIN_ORACLE_GAP)
+             for s in names if s not in (FLOOR, CEILING)}
+      oracle = metrics.oracle_check(seg[CEILING]["per_rep"], seg[FLOOR]["per_rep"])
     for p in paired.values():
       p["resolves"] = metrics.resolves(p)
     inst, inst_paired = self.instance_summary(names)
     comp, comp_paired = self.instance_summary(names, "segmentation_components")
     out = {"annotation_dice": ann, "segmentation_dice": seg, "wilcoxon": wil,
            "paired": paired, "effective_rates": rates, "oracle_gap_recovered": gap,
-           "oracle_check": oracle, "segmentation_training": self.training_summary(names)}
+           "oracle_check": oracle, "segmentation_training": self.training_summary(names),
+           "labels": {s: LABELS[s] for s in names if s in LABELS}}
     if inst:
       out["segmentation_instances"] = inst
       out["segmentation_instances_paired"] = inst_paired
@@ -155,12 +156,12 @@ class Results:
                for m in self.INSTANCE_KEYS} for s in names}
     inst = {s: {m: metrics.summarize(v) for m, v in ms.items()} for s, ms in per.items()}
     paired = {}
-    if "hq_upgraded" in per:
+    if METHOD in per:
       for s in names:
-        if s != "hq_upgraded":
-          paired[f"hq_upgraded_vs_{s}"] = {
-              m: {**metrics.paired_difference(per["hq_upgraded"][m], per[s][m]),
-                  "wilcoxon_p": metrics.wilcoxon(per["hq_upgraded"][m], per[s][m])}
+        if s != METHOD:
+          paired[f"{METHOD}_vs_{s}"] = {
+              m: {**metrics.paired_difference(per[METHOD][m], per[s][m]),
+                  "wilcoxon_p": metrics.wilcoxon(per[METHOD][m], per[s][m])}
               for m in ("f1@0.5", "dsb_score")}
     return inst, paired
 

@@ -1,14 +1,20 @@
-"""The segmentation scenarios: how each one's (train, validation) sets are made.
+"""The scenarios and competing methods: one registry, `REGISTRY`.
 
-One registry, `SCENARIO_DATA` (name -> function of the repetition's data and
-the upgraded LQ set); `SCENARIOS` is its key order and `DEFAULT_SCENARIOS`
-what a run trains unless told otherwise. Every scenario validates on the HQ
-validation slices, except "lq", whose user has only LQ labels and so
-validates on LQ versions of them, and "oracle", the ceiling: every training
-slice (HQ and LQ) with its true labels, validated on the true HQ validation
-labels (they differ from hq_val only when the HQ set is made imperfect on
-purpose, Figure 3.5). The oracle costs what annotating every slice well
-would; it says how much of the hq -> oracle gap a scenario recovers.
+A `Scenario` is everything a segmentation scenario is: its name (the key in
+configs, flags and records), its row label, how its (train, validation) sets
+are made from a repetition's data and the upgraded LQ set, how its network is
+trained (pipeline/methods.py), its options (an engine Task at its defaults;
+PipelineConfig.options overrides them, the CLI derives its flags from their
+fields) and whether a run trains it unless told otherwise. Adding a scenario
+or a competing method is one entry here (plus its trainer or task if new).
+
+Every scenario validates on the HQ validation slices, except "lq", whose
+user has only LQ labels and so validates on LQ versions of them, and
+"oracle", the ceiling: every training slice (HQ and LQ) with its true labels,
+validated on the true HQ validation labels (they differ from hq_val only when
+the HQ set is made imperfect on purpose, Figure 3.5). The oracle costs what
+annotating every slice well would; it says how much of the hq -> oracle gap a
+scenario recovers.
 
 One validation rule serves every scenario (`val_extra`, PipelineConfig.
 seg_val_extra): besides the HQ validation slices, `val_extra` of the
@@ -20,25 +26,27 @@ hundreds of slices is not selected on two. The same slices (a seeded draw,
 at most a quarter of them) in every scenario of a repetition; HQ only has no
 other slices and keeps the HQ validation slices.
 
-The competing methods of the paper's Table 3.3 are opt-in (not in
-DEFAULT_SCENARIOS) and train their own way (pipeline/methods.py):
-"confident_learning" on the HQ + LQ slices as labelled; "partial_labelling"
-on the HQ slices, fully labelled, and the LQ slices whose foreground is
-labelled and whose background is *unlabelled* (code -1 in the targets: an
-LQ annotator who drew some cells said nothing about the rest). Neither
-reads the LQ slices' true labels.
+The competing methods of the paper's Table 3.3 are opt-in (not default) and
+train their own way: "confident_learning" on the HQ + LQ slices as labelled;
+"partial_labelling" on the HQ slices, fully labelled, and the LQ slices whose
+foreground is labelled and whose background is *unlabelled* (code -1 in the
+targets: an LQ annotator who drew some cells said nothing about the rest).
+Neither reads the LQ slices' true labels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
 
+from upgrade_jax import engine
 from upgrade_jax.data.types import Dataset, concat
+from upgrade_jax.pipeline import methods
 
-__all__ = ["DEFAULT_SCENARIOS", "SCENARIO_DATA", "SCENARIOS", "partial_labels",
-           "val_extra_index"]
+__all__ = ["CEILING", "DEFAULT_SCENARIOS", "FLOOR", "LABELS", "METHOD", "REGISTRY",
+           "SCENARIOS", "Scenario", "partial_labels", "val_extra_index"]
 
 
 # Salt of the draw of the extra validation slices (independent of the other
@@ -111,11 +119,48 @@ def _partial_labelling(d, upgraded: Dataset, **kw):
   return _sets(d.hq_train, d.hq_val, partial_labels(d.lq_masks), d.lq_masks, **kw)
 
 
-# name -> (RepData, upgraded LQ Dataset, *, val_extra=0, seed=0)
-#      -> (train Dataset, validation Dataset)
-SCENARIO_DATA: dict[str, Callable] = {
-    "hq": _hq, "lq": _lq, "hq_lq": _hq_lq, "hq_upgraded": _hq_upgraded,
-    "oracle": _oracle, "confident_learning": _confident_learning,
-    "partial_labelling": _partial_labelling}
-SCENARIOS: tuple[str, ...] = tuple(SCENARIO_DATA)
-DEFAULT_SCENARIOS: tuple[str, ...] = ("hq", "lq", "hq_lq", "hq_upgraded", "oracle")
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+  """One segmentation scenario (or competing method) of a run.
+
+  Attributes:
+    name: its key in PipelineConfig.scenarios, --scenarios and every record.
+    label: its row name in tables and plots.
+    data: (RepData, upgraded LQ Dataset, *, val_extra=0, seed=0) ->
+      (train Dataset, validation Dataset).
+    train: (cfg, train, val, workdir, *, seed, options, log, context) ->
+      (engine.FitResult, info), info a JSON-able dict for rep.json.
+    options: the method's options at their defaults, an engine Task (whose
+      `name` is this scenario's), or None. The trainer receives
+      cfg.options_of(name).
+    flag_prefix: the CLI sets the options' fields as --<flag_prefix>_<field>.
+    default: trained when PipelineConfig.scenarios is not given.
+  """
+
+  name: str
+  label: str
+  data: Callable
+  train: Callable = methods.fit_segment
+  options: engine.Task | None = None
+  flag_prefix: str = ""
+  default: bool = False
+
+
+_ENTRIES = (
+    Scenario("hq", "HQ only", _hq, default=True),
+    Scenario("lq", "LQ", _lq, default=True),
+    Scenario("hq_lq", "HQ + LQ", _hq_lq, default=True),
+    Scenario("hq_upgraded", "HQ + upgraded", _hq_upgraded, default=True),
+    Scenario("oracle", "Oracle (all true)", _oracle, default=True),
+    Scenario("confident_learning", "Confident learn.", _confident_learning,
+             methods.fit_confident_learning, engine.ConfidentLearning(), "cl"),
+    Scenario("partial_labelling", "Partial labels", _partial_labelling,
+             methods.fit_partial_labelling, engine.PartialLabelling(), "pl"),
+)
+REGISTRY: dict[str, Scenario] = {e.name: e for e in _ENTRIES}
+SCENARIOS: tuple[str, ...] = tuple(REGISTRY)
+DEFAULT_SCENARIOS: tuple[str, ...] = tuple(e.name for e in _ENTRIES if e.default)
+LABELS: dict[str, str] = {e.name: e.label for e in _ENTRIES}
+# The roles the summaries compare by: the paper's method against every other
+# scenario, and the floor and ceiling of the gap it can recover.
+METHOD, FLOOR, CEILING = "hq_upgraded", "hq", "oracle"

@@ -6,8 +6,8 @@
                     annotation Dice and instance scores, the saved upgrader
                     (out_dir/model, repetition 0), upgraded TIFFs, the
                     review queue (review.csv, review/), the overlay samples
-  train_scenarios   one segmentation network per scenario (trained as
-                    methods.TRAINERS says), test Dice
+  train_scenarios   one segmentation network per scenario (its data and
+                    trainer from scenarios.REGISTRY), test Dice
   score_threshold   the global-threshold baseline
 
 Each stage takes the config, what earlier stages made and the repetition's
@@ -30,8 +30,7 @@ from upgrade_jax.data import io, stacking
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.pipeline.config import PipelineConfig
 from upgrade_jax.pipeline.data import RepData, predicted_lq, prepare_rep
-from upgrade_jax.pipeline.methods import TRAINERS, fit_segment
-from upgrade_jax.pipeline.scenarios import SCENARIO_DATA
+from upgrade_jax.pipeline.scenarios import REGISTRY
 
 __all__ = ["RepRun", "prepare_data", "train_upgrader", "upgrade_lq_sets", "train_scenarios",
            "score_threshold", "upgrade_probs", "upgrade_labels", "upgrader_of", "write_upgraded",
@@ -164,13 +163,13 @@ def train_scenarios(cfg: PipelineConfig, data: RepData, upgraded: Dataset,
     if scenario in seg_dice:
       continue   # finished before with this very run key
     t0 = time.perf_counter()
-    train_ds, val_ds = SCENARIO_DATA[scenario](data, upgraded, val_extra=cfg.seg_val_extra,
-                                               seed=run.seed)
+    entry = REGISTRY[scenario]
+    train_ds, val_ds = entry.data(data, upgraded, val_extra=cfg.seg_val_extra, seed=run.seed)
     run.log(f"[rep {run.rep}] training the segmentation network: {scenario} "
             f"({len(train_ds)} training, {len(val_ds)} validation slices)")
-    trainer = TRAINERS.get(scenario, fit_segment)
-    seg, info = trainer(cfg, train_ds, val_ds, run.rep_dir / f"seg_{scenario}",
-                        seed=run.seed, log=run.log, context=run.key)
+    seg, info = entry.train(cfg, train_ds, val_ds, run.rep_dir / f"seg_{scenario}",
+                            seed=run.seed, options=cfg.options_of(scenario), log=run.log,
+                            context=run.key)
     if info:
       run.result.setdefault("methods", {})[scenario] = info
     training[scenario] = {**seg.summary(cfg.segment.max_steps),

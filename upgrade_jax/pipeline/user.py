@@ -26,6 +26,7 @@ from upgrade_jax.data import io, sampling, stacking
 from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.pipeline.config import PipelineConfig, run_key
 from upgrade_jax.pipeline.others import with_others
+from upgrade_jax.pipeline.scenarios import METHOD
 from upgrade_jax.pipeline.stages import export_upgrader, upgrade_probs
 from upgrade_jax.rundir import InputError
 
@@ -163,8 +164,9 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
              prepared: UserInputs | None = None) -> dict:
   """Trains u_θ on the HQ pairs and writes out_dir/upgraded/<LQ file name>.tif.
 
-  With "hq_upgraded" in cfg.scenarios it also trains the segmentation network
-  on HQ ∪ upgraded and keeps its checkpoints in out_dir/seg_hq_upgraded.
+  With the method (scenarios.METHOD, "hq_upgraded") in cfg.scenarios it also
+  trains the segmentation network on HQ ∪ upgraded and keeps its checkpoints
+  in out_dir/seg_hq_upgraded.
   Input folders are only read; everything is checked (`prepare_user`, or
   `prepared`) before out_dir is created.
   """
@@ -193,11 +195,11 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
         f"in {out_dir / 'review'}")
     result = {"upgrade_best_val_dice": fit.best_val_dice, "val_dice_note": OPTIMISTIC,
               "n_hq": len(d.hq), "n_lq": len(d.lq_masks), "upgraded": [str(p) for p in paths]}
-    if "hq_upgraded" in cfg.scenarios:
+    if METHOD in cfg.scenarios:
       upgraded = d.lq_masks.replace(targets=masks.astype(np.int8))
       seg = engine.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
                        concat([hq_train, upgraded]), hq_val,
-                       out_dir / "seg_hq_upgraded", log=log, context=key)
+                       out_dir / f"seg_{METHOD}", log=log, context=key)
       result["segmentation_best_val_dice"] = seg.best_val_dice
       log(f"segmentation network: best validation Dice {seg.best_val_dice:.4f} ({OPTIMISTIC})")
     files.write_json(out_dir / "results.json", result, guard=d.guard)
