@@ -29,7 +29,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.reproduction import records, render
+from experiments.reproduction import figures, records, render
 from experiments.reproduction.entries import PAPER_NUMBERS, select
 from upgrade_jax.files import write_text
 from upgrade_jax.pipeline.config import HQ_COST
@@ -140,7 +140,7 @@ def document(root: Path, doc: Path, data_dirs: dict, root_label: str | None = No
     out += [f"## {title}", "", f"Paper: {paper[e.table]['claim']}", "", table, ""]
     if pts:
       png = fig_dir / f"{e.table}.png"
-      (render.plot_figure_3_4 if e.table == "figure_3_4" else render.plot_figure_3_6)(pts, png)
+      (figures.plot_figure_3_4 if e.table == "figure_3_4" else figures.plot_figure_3_6)(pts, png)
       out += [f"![{e.table}]({fig_dir.name}/{png.name})", ""]
       if e.table == "figure_3_6":
         out += ["Costs: " + "; ".join(
@@ -162,7 +162,7 @@ def document(root: Path, doc: Path, data_dirs: dict, root_label: str | None = No
     out += [f"### {e.row}", "", table, ""]
     if pts:
       png = fig_dir / f"cost_{e.id}.png"
-      render.plot_cost_curve(pts, png, e.row)
+      figures.plot_cost_curve(pts, png, e.row)
       out += [f"![cost curve {e.id}]({fig_dir.name}/{png.name})", ""]
   out += ["## Table 3.3: the competing methods", "", _table_3_3(entries, root, paper), ""]
   out += ["## Checks of the explanations", "", _checks(entries, root), ""]

@@ -185,7 +185,7 @@ def test_lr_drop_flags_reach_the_networks_they_name():
     assert (cfg.segment.lr_drops, cfg.segment.patience_growth) == (1, 0.5)
     assert (cfg.upgrade.lr_drops, cfg.upgrade.patience_growth) == (0, 0.0)
     key = run_key(cfg)
-    assert key["segment"]["lr_drops"] == 1 and "lr_drops" not in key["upgrade"]
+    assert key["segment"]["lr_drops"] == 1 and key["upgrade"]["lr_drops"] == 0
   with parsed("--out_dir=runs/x", "--lr_drops=2", "--lr_drop_factor=0.5"):
     cfg = run_config.build_config()
     assert cfg.segment.lr_drops == cfg.upgrade.lr_drops == 2

@@ -101,8 +101,8 @@ def test_prepare_rep_and_config():
     for per_slice in _per_id(ds, lq, v).values():
       assert len({b for _, b in per_slice}) == 1   # each cell: in every slice or none
   assert d.effective_rates["omission"] == pytest.approx(0.75, abs=0.2)   # default rate 0.7
-  # Off (the default) leaves the run key of earlier runs as it was.
-  assert "z_consistent" not in pipeline.run_key(dataclasses.replace(cfg, data=pipeline.DataConfig()))
+  assert pipeline.run_key(dataclasses.replace(cfg, data=pipeline.DataConfig()))["data"][
+      "z_consistent"] is False
   assert pipeline.run_key(cfg)["data"]["z_consistent"] is True
   for kw, needle in ((dict(source="folder", data_dir="/x"), "2-D images"),
                      (dict(source="epfl_mito", data_dir="/x"), "per-slice ids"),

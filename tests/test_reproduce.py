@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from experiments.reproduction import entries, render
+from experiments.reproduction import entries, figures, render
 
 
 def _rep(out, r, seg, ann=(0.5, 0.9), sizes=None):
@@ -50,7 +50,7 @@ def test_sweep_points_order_numerically_and_costs(tmp_path):
   assert render.annotation_cost(d, "hq", 5.0) == 15
   assert render.annotation_cost(d, "lq", 5.0) == 19
   assert render.annotation_cost(d, "hq_upgraded", 5.0) == 33
-  render.plot_figure_3_6(pts, tmp_path / "f.png")
+  figures.plot_figure_3_6(pts, tmp_path / "f.png")
   assert (tmp_path / "f.png").stat().st_size > 0
 
 
@@ -175,5 +175,5 @@ def test_payoff_sweep_renders_dice_instances_and_a_cost_curve(tmp_path):
   assert "| 110 |" in up and "0.605 ± 0.007" in up    # cost 2·5 + 100; F1 mean ± std
   diff = next(line for line in md.splitlines() if "HQ + upg. − HQ" in line)
   assert "+0.025 [" in diff and "+0.105 [" in diff     # Dice and F1 paired differences
-  render.plot_cost_curve(pts, tmp_path / "c.png", "dsb")
+  figures.plot_cost_curve(pts, tmp_path / "c.png", "dsb")
   assert (tmp_path / "c.png").stat().st_size > 0

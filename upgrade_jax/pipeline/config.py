@@ -253,9 +253,6 @@ class PipelineConfig:
 _RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch", "review_top")
 _RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl",
                          "data_placement")
-# Training options added after records were made: left out of the key at
-# their defaults, so those records' keys still match.
-_LATER_TRAIN_FIELDS = ("lr_drops", "lr_drop_factor", "patience_growth")
 
 
 def run_key(cfg: PipelineConfig) -> dict:
@@ -269,19 +266,15 @@ def run_key(cfg: PipelineConfig) -> dict:
   for net in ("upgrade", "segment"):
     for k in _RUNTIME_TRAIN_FIELDS:
       d[net].pop(k)
-    for k in _LATER_TRAIN_FIELDS:
-      if getattr(getattr(cfg, net), k) == getattr(engine.TrainConfig, k):
-        d[net].pop(k)
   if cfg.data.others != "felzenszwalb":   # its settings change nothing then
     d["data"].pop("felzenszwalb")
-  if not cfg.data.z_consistent:   # off: the key of runs made before the option
-    d["data"].pop("z_consistent")
   d["data"].pop("compact_images")   # the same numbers either way
   if cfg.data.normalisation != "percentile":   # unused then
     d["data"].pop("percentiles")
   # A method's options enter the key under its name, and only where they
-  # differ from the registry's defaults: the keys of runs made before a
-  # method existed still match.
+  # differ from the registry's defaults: a finished run asked for a method
+  # at its defaults (--scenarios, not in the key) extends, as for any
+  # other scenario.
   d.pop("options")
   for task in cfg.options:
     if task != REGISTRY[task.name].options:
