@@ -114,6 +114,13 @@ def test_cli_defaults_come_from_the_library_configs():
   assert cfg.upgrade.max_steps == run_flags.CLI_DEFAULTS["max_steps"]
   assert cfg.upgrade.steps_per_epoch == run_flags.CLI_DEFAULTS["steps_per_epoch"]
   assert (cfg.scenarios, cfg.reps, cfg.seed) == (lib.scenarios, lib.reps, lib.seed)
+  # The whole tree: no flag is missing from build_config, none restates a
+  # default of its own. Without flags the CLI runs the library's config and
+  # its one preset.
+  import dataclasses
+  cli = run_flags.CLI_DEFAULTS
+  assert cfg == dataclasses.replace(lib, upgrade=dataclasses.replace(lib.upgrade, **cli),
+                                    segment=dataclasses.replace(lib.segment, **cli))
 
 
 def test_every_entry_point_imports_in_one_process():

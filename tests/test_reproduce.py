@@ -50,6 +50,7 @@ def test_sweep_points_order_numerically_and_costs(tmp_path):
   assert render.annotation_cost(d, "hq", 5.0) == 15
   assert render.annotation_cost(d, "lq", 5.0) == 19
   assert render.annotation_cost(d, "hq_upgraded", 5.0) == 33
+  assert render.annotation_cost(d, "oracle", 5.0) == 105   # every slice annotated well
   figures.plot_figure_3_6(pts, tmp_path / "f.png")
   assert (tmp_path / "f.png").stat().st_size > 0
 

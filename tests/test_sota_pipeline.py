@@ -70,6 +70,7 @@ def test_registry_entries_are_complete_and_consistent():
   assert pipeline.DEFAULT_SCENARIOS == ("hq", "lq", "hq_lq", "hq_upgraded", "oracle")
   for name, entry in pipeline.REGISTRY.items():
     assert entry.name == name and entry.label and callable(entry.data) and callable(entry.train)
+    assert entry.cost({"hq_train": 2, "hq_val": 1, "lq": 9}, 5.0) >= 9
     if entry.options is not None:
       assert entry.options.name == name and entry.flag_prefix
   prefixes = [e.flag_prefix for e in pipeline.REGISTRY.values() if e.flag_prefix]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 from experiments.reproduction.entries import TABLE_3_1_ROWS, Entry
+from upgrade_jax.pipeline import REGISTRY
 from upgrade_jax.pipeline.config import HQ_COST
 from upgrade_jax.pipeline.run import Results
 
@@ -271,15 +272,9 @@ def sweep_table(e: Entry, root: Path, columns) -> tuple[str, list]:
 
 
 def annotation_cost(d: dict, scenario: str, hq_cost: float) -> float:
-  """What a scenario's training + validation labels cost in LQ-label units:
-  HQ slices (train + validation) at hq_cost each, LQ slices at 1."""
-  sizes = d["sizes"]
-  hq = sizes["hq_train"] + sizes["hq_val"]
-  if scenario == "hq":
-    return hq * hq_cost
-  if scenario == "lq":   # trains on the LQ set, validates on LQ versions of the val slices
-    return sizes["lq"] + sizes["hq_val"]
-  return hq * hq_cost + sizes["lq"]
+  """What a scenario's training + validation labels cost in LQ-label units
+  (its registry entry's `cost` of the summary's "sizes")."""
+  return REGISTRY[scenario].cost(d["sizes"], hq_cost)
 
 
 def scale(entries: list[Entry], root: Path) -> str:

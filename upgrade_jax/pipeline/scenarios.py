@@ -135,6 +135,8 @@ class Scenario:
       cfg.options_of(name).
     flag_prefix: the CLI sets the options' fields as --<flag_prefix>_<field>.
     default: trained when PipelineConfig.scenarios is not given.
+    cost: (sizes, hq_cost) -> what its training and validation labels cost
+      in LQ-label units; sizes a rep.json's "sizes" (hq_train, hq_val, lq).
   """
 
   name: str
@@ -144,14 +146,38 @@ class Scenario:
   options: engine.Task | None = None
   flag_prefix: str = ""
   default: bool = False
+  cost: Callable | None = None   # None: _hq_plus_lq_cost
+
+  def __post_init__(self):
+    if self.cost is None:
+      object.__setattr__(self, "cost", _hq_plus_lq_cost)
+
+
+def _hq_plus_lq_cost(sizes: dict, hq_cost: float) -> float:
+  """HQ slices (train + validation) at hq_cost each, LQ slices at 1."""
+  return (sizes["hq_train"] + sizes["hq_val"]) * hq_cost + sizes["lq"]
+
+
+def _hq_cost(sizes: dict, hq_cost: float) -> float:
+  return (sizes["hq_train"] + sizes["hq_val"]) * hq_cost
+
+
+def _lq_cost(sizes: dict, hq_cost: float) -> float:
+  # The LQ set, validated on LQ versions of the validation slices.
+  return sizes["lq"] + sizes["hq_val"]
+
+
+def _oracle_cost(sizes: dict, hq_cost: float) -> float:
+  # Every slice annotated well.
+  return (sizes["hq_train"] + sizes["hq_val"] + sizes["lq"]) * hq_cost
 
 
 _ENTRIES = (
-    Scenario("hq", "HQ only", _hq, default=True),
-    Scenario("lq", "LQ", _lq, default=True),
+    Scenario("hq", "HQ only", _hq, default=True, cost=_hq_cost),
+    Scenario("lq", "LQ", _lq, default=True, cost=_lq_cost),
     Scenario("hq_lq", "HQ + LQ", _hq_lq, default=True),
     Scenario("hq_upgraded", "HQ + upgraded", _hq_upgraded, default=True),
-    Scenario("oracle", "Oracle (all true)", _oracle, default=True),
+    Scenario("oracle", "Oracle (all true)", _oracle, default=True, cost=_oracle_cost),
     Scenario("confident_learning", "Confident learn.", _confident_learning,
              methods.fit_confident_learning, engine.ConfidentLearning(), "cl"),
     Scenario("partial_labelling", "Partial labels", _partial_labelling,
