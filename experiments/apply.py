@@ -10,7 +10,9 @@ or the connected components of the upgraded mask (--output=mask). The model
 folder is what a training run of experiments.upgrade leaves in out_dir/model.
 It also writes the review queue: out_dir/review.csv (one row per image, most
 doubtful first; upgrade_jax/review.py) and overlays of the first
---review_top images in out_dir/review/.
+--review_top images in out_dir/review/. With --truth=DIR (true labels of the
+same images, e.g. a few checked by an expert) it scores the LQ and the
+upgraded labels against them: apply.json's "scores", and one line each.
 
 As in experiments.upgrade, nothing is created before every input is checked:
 the model folder, every file pair (decoded once, then dropped: memory holds
@@ -36,6 +38,9 @@ F = flags.FLAGS
 flags.DEFINE_string("model", None, "The model/ folder a training run left (out_dir/model).")
 flags.DEFINE_string("images", None, "Folder of images to upgrade the labels of.")
 flags.DEFINE_string("labels", None, "Folder of their LQ labels (same file names).")
+flags.DEFINE_string("truth", None, "Optional folder of true instance labels of the same images "
+                    "(same file names): apply then scores the LQ and the upgraded labels "
+                    "against them (instance F1 at IoU 0.5 and 0.75, DSB score, PQ, Dice).")
 
 
 
@@ -72,12 +77,23 @@ def plan(out_dir: Path):
         tile=F.tile if F["tile"].present else tiling.tile,
         margin=F.tile_margin if F["tile_margin"].present else tiling.margin,
         batch=tiling.batch))
-  guard = rundir.InputGuard([F.images, F.labels, F.model])
+  if F.truth and not Path(F.truth).is_dir():
+    raise InputError(f"--truth={F.truth} is not a folder; give the folder of true labels")
+  guard = rundir.InputGuard([F.images, F.labels, F.model] + ([F.truth] if F.truth else []))
   rundir.check_out_dir(out_dir, guard, owner="apply")
   pairs = io.pair_files(F.images, F.labels)
-  for _, image_path, label_path in pairs:  # decode and check every pair now
-    export.load_sample(image_path, label_path, upgrader)
-  return upgrader, pairs, guard
+  truth = {}
+  if F.truth:
+    try:
+      truth = {stem: t for stem, _, t in io.pair_files(F.images, F.truth)}
+    except ValueError as e:
+      raise InputError(f"--truth={F.truth}: {e}") from None
+  for stem, image_path, label_path in pairs:  # decode and check every pair now
+    image, _ = export.load_sample(image_path, label_path, upgrader)
+    if stem in truth and io.read_labels(truth[stem]).shape != image.shape[:2]:
+      raise InputError(f"{truth[stem]}: shape {io.read_labels(truth[stem]).shape} differs "
+                       f"from its image's {image.shape[:2]}")
+  return upgrader, [(s, i, l, truth.get(s)) for s, i, l in pairs], guard
 
 
 def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
@@ -92,18 +108,27 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
     rundir.remove_stale_temps(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     written, rows, packed = [], [], {}
-    for k, (stem, image_path, label_path) in enumerate(pairs):
+    tallies = {k: instances.InstanceTally() for k in ("lq", "upgraded")}
+    dice = {k: np.zeros(3, np.int64) for k in ("lq", "upgraded")}
+    for k, (stem, image_path, label_path, truth_path) in enumerate(pairs):
       image, lq = export.load_sample(image_path, label_path, upgrader)
       # The probabilities once: upgrade_sample's mask is this > FOREGROUND_THRESHOLD.
-      probs = export.sample_probability(upgrader, image, lq)
+      probs, interior = export.sample_maps(upgrader, image, lq)
       mask = probs > metrics.FOREGROUND_THRESHOLD
-      labels = instances.labels_from_mask(mask, lq, F.output)
+      labels = instances.labels_from_mask(mask, lq, F.output, interior)
       written.append(str(io.write_labels(target / f"{stem}.tif", labels, guard=guard)))
-      rows.append(review.image_review(lq, mask, probs, stem))
+      rows.append(review.image_review(lq, mask, probs, stem,
+                                      hq_foreground_fraction=upgrader.hq_foreground_fraction))
       packed[stem] = (np.packbits(mask), mask.shape)   # 1 bit a pixel for the overlays
+      if truth_path is not None:
+        truth = io.read_labels(truth_path)
+        lq_instances = lq if instances.has_instances(lq) else instances.components(lq > 0)
+        for name, lab in (("lq", lq_instances), ("upgraded", labels)):
+          tallies[name].add(truth, lab)
+          dice[name] += metrics.dice_counts_np(lab > 0, truth > 0)
       cli.log_line(f"[{k + 1}/{len(pairs)}] {stem}: {image.shape[0]}x{image.shape[1]}, "
                    f"{int(lq.max())} LQ -> {int(labels.max())} upgraded objects")
-    paths_of = {stem: (image_path, label_path) for stem, image_path, label_path in pairs}
+    paths_of = {stem: (image_path, label_path) for stem, image_path, label_path, _ in pairs}
 
     def sample(stem):   # the top N again from disk: memory holds one image at a time
       image, lq = export.load_sample(*paths_of[stem], upgrader)
@@ -111,10 +136,18 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
       return image, lq, np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape) > 0
 
     ranked = review.write_review(out_dir, rows, sample, top_n=F.review_top, guard=guard)
+    flooded = [r["name"] for r in ranked if r["flooded"]]
+    if flooded:
+      cli.log_line(f"WARNING: {len(flooded)} upgraded labels flooded (foreground far above the "
+                   f"LQ label's and every HQ image's; column flooded of review.csv): "
+                   f"{', '.join(flooded[:5])}")
     record = {"model": str(Path(F.model).resolve()), "images": F.images, "labels": F.labels,
               "output": F.output, "tiling": dataclasses.asdict(upgrader.tiling),
-              "upgraded": written, "review": [r["name"] for r in ranked],
+              "upgraded": written, "review": [r["name"] for r in ranked], "flooded": flooded,
               "seconds": time.perf_counter() - t0,
+              "scores": ({k: {**tallies[k].summary(), "dice": metrics.pooled_dice(dice[k]),
+                              "images": tallies[k].images} for k in tallies}
+                         if tallies["lq"].images else None),
               "command": " ".join(sys.argv)}
     files.write_text(out_dir / "apply.json", json.dumps(record, indent=2), guard=guard)
   return record
@@ -130,6 +163,10 @@ def main(argv):
   record = cli.one_line_errors(execute, out_dir, upgrader, pairs, guard)
   cli.log_line(f"wrote {len(record['upgraded'])} upgraded label files to "
                f"{out_dir / 'upgraded'} in {record['seconds']:.1f}s")
+  for name, s in (record["scores"] or {}).items():
+    cli.log_line(f"{name:9} against --truth ({s['images']} images): F1@0.5 {s['f1@0.5']:.4f}, "
+                 f"F1@0.75 {s['f1@0.75']:.4f}, DSB score {s['dsb_score']:.4f}, "
+                 f"PQ@0.5 {s['panoptic_quality@0.5']:.4f}, Dice {s['dice']:.4f}")
   return 0
 
 

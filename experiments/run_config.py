@@ -113,7 +113,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                 lr_drops=v.lr_drops, lr_drop_factor=v.lr_drop_factor,
                 patience_growth=v.patience_growth)
   upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=v.label_dropout,
-                                     strength_mix=v.strength_mix),
+                                     strength_mix=v.strength_mix, boundaries=v.boundaries),
                         max_steps=v.max_steps, **common)
   segment = TrainConfig(task=Segment(), max_steps=v.seg_max_steps or v.max_steps,
                         **{**common, "patience": v.seg_patience or v.patience,

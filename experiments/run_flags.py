@@ -216,6 +216,9 @@ flags.DEFINE_float("label_dropout", _UPGRADE.label_dropout, "Probability of zero
                    "training sample (anti-shortcut).", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_bool("strength_mix", _UPGRADE.strength_mix, "Draw each sample's perturbation rates uniformly "
                   "in [0, rate] (anti-shortcut).")
+flags.DEFINE_bool("boundaries", _UPGRADE.boundaries, "u_θ also learns each cell's boundary "
+                  "(a third class), and instances are split on its predicted interiors: "
+                  "touching cells come apart without LQ instances to seed them.")
 flags.DEFINE_integer("log_every", _TRAIN.log_every, "Steps between progress lines.",
                      lower_bound=1)
 

@@ -1,5 +1,6 @@
 """The saved upgrader (export.py) and `python -m experiments.apply`."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -12,7 +13,7 @@ import pytest
 import tifffile
 
 from conftest import toy_discs
-from upgrade_jax import export
+from upgrade_jax import export, instances
 from upgrade_jax.engine import TrainConfig, create_train_state
 from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.rundir import InputError
@@ -38,6 +39,10 @@ def test_save_load_round_trip(tmp_path):
   assert meta["task"]["name"] == "upgrade" and meta["prediction"]["tile"] == 64
   back = export.load_upgrader(tmp_path / "model")
   assert back.tiling == up.tiling and back.model == up.model and back.task == up.task
+  assert back.hq_foreground_fraction is None   # unknown unless the run gave it
+  dense = dataclasses.replace(up, hq_foreground_fraction=0.375)
+  export.save_upgrader(tmp_path / "dense", dense)
+  assert export.load_upgrader(tmp_path / "dense").hq_foreground_fraction == 0.375
   jax.tree.map(np.testing.assert_array_equal, back.variables, up.variables)
   ds = toy_discs(1, (100, 90), seed=3)   # larger than the tile: 4 tiles
   a = export.upgrade_sample(up, ds.images[0], ds.targets[0])
@@ -101,6 +106,8 @@ def make_folders(root: Path) -> None:
       tifffile.imwrite(root / name / "images" / f"{name}{i}.tif", img)
       lab = ds.targets[i].copy()
       if name == "lq":
+        (root / "lq/truth").mkdir(exist_ok=True)
+        tifffile.imwrite(root / "lq/truth" / f"lq{i}.tif", lab.astype(np.uint16))
         lab[lab % 2 == 1] = 0   # the LQ label omitted half the cells
       tifffile.imwrite(root / name / "labels" / f"{name}{i}.tif", lab.astype(np.uint16))
 
@@ -144,7 +151,39 @@ def test_apply_reproduces_the_training_run(trained):
   for n in names:
     inst = tifffile.imread(root / "applied/upgraded" / n)
     comp = tifffile.imread(root / "masks/upgraded" / n)
-    np.testing.assert_array_equal(inst > 0, comp > 0)
+    # The same mask, less the specks the instances drop (MIN_INSTANCE_PX).
+    assert ((inst > 0) <= (comp > 0)).all()
+    dropped = instances.components((comp > 0) & (inst == 0))
+    assert (np.bincount(dropped.ravel())[1:] < instances.MIN_INSTANCE_PX).all()
+
+
+@pytest.mark.slow
+def test_apply_scores_the_labels_against_truth(trained, tmp_path):
+  root = trained
+  proc = run("experiments.apply", [f"--model={root}/run/model", f"--images={root}/lq/images",
+                                   f"--labels={root}/lq/labels", f"--truth={root}/lq/truth",
+                                   f"--out_dir={tmp_path}/scored"])
+  scores = json.loads((tmp_path / "scored/apply.json").read_text())["scores"]
+  # The LQ files keep the even ids exactly and omit the odd ones: by hand,
+  # tp = even cells, fp = 0, fn = odd cells at every IoU threshold.
+  truths = [tifffile.imread(p) for p in sorted((root / "lq/truth").glob("*.tif"))]
+  even = sum(int(((np.unique(t) % 2 == 0) & (np.unique(t) > 0)).sum()) for t in truths)
+  odd = sum(int((np.unique(t) % 2 == 1).sum()) for t in truths)
+  assert scores["lq"]["images"] == 4
+  assert scores["lq"]["f1@0.5"] == pytest.approx(2 * even / (2 * even + odd))
+  assert scores["lq"]["dsb_score"] == pytest.approx(even / (even + odd))
+  assert scores["lq"]["precision@0.75"] == 1.0
+  up = [tifffile.imread(tmp_path / "scored/upgraded" / p.name)
+        for p in sorted((root / "lq/truth").glob("*.tif"))]
+  assert scores["upgraded"]["f1@0.5"] == pytest.approx(
+      instances.summary_scores(truths, up)["f1@0.5"])
+  assert "upgraded  against --truth (4 images): F1@0.5" in proc.stdout
+  # A truth folder that does not pair with the images is refused, nothing written.
+  (tmp_path / "t").mkdir()
+  proc = run("experiments.apply", [f"--model={root}/run/model", f"--images={root}/lq/images",
+                                   f"--labels={root}/lq/labels", f"--truth={tmp_path}/t",
+                                   f"--out_dir={tmp_path}/refused"], check=False)
+  assert proc.returncode == 2 and "--truth=" in proc.stderr and not (tmp_path / "refused").exists()
 
 
 @pytest.mark.slow

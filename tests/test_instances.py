@@ -121,12 +121,18 @@ def two_touching(shape=(40, 60)):
   return gt
 
 
-def test_touching_cells_split_without_seeds():
+def test_without_lq_instances_the_instances_are_components_without_specks():
+  """Measured: splitting a 0/1 LQ's upgrade at distance peaks over-split
+  cells (F1@0.5 0.503 vs 0.731 for components, quickstart): components,
+  minus the specks below MIN_INSTANCE_PX."""
   gt = two_touching()
-  assert instances.components(gt > 0).max() == 1          # the mask merges them
+  gt[2, 2] = gt[2, 3] = 9                                   # a 2-px speck
   lab = instances.instances_from_upgrade((gt > 0).astype(np.float32))
-  assert lab.max() == 2
-  assert instances.matching(gt, lab, 0.75)[0]["tp"] == 2
+  np.testing.assert_array_equal(lab, ((gt > 0) & (gt != 9)).astype(np.int32))
+  assert lab.max() == 1 and lab[2, 2] == 0
+  assert instances.instances_from_upgrade(gt > 0, min_size=0).max() == 2
+  np.testing.assert_array_equal(instances.drop_small(gt, 3), instances.relabel(
+      np.where(gt == 9, 0, gt)))
 
 
 def test_lq_instances_seed_and_omitted_cell_is_split():
@@ -144,7 +150,7 @@ def test_lq_instances_seed_and_omitted_cell_is_split():
 def test_binary_lq_gives_no_seeds_and_empty_input():
   gt = two_touching()
   lab = instances.instances_from_upgrade(gt > 0, (gt > 0).astype(np.int32))
-  assert lab.max() == 2                                    # 0/1 LQ: not one seed
+  assert lab.max() == 1                                    # 0/1 LQ: no seed, components
   assert not instances.instances_from_upgrade(np.zeros((5, 5))).any()
   assert instances.instances_from_upgrade(gt > 0).dtype == np.int32
 
@@ -152,8 +158,10 @@ def test_binary_lq_gives_no_seeds_and_empty_input():
 def test_report_summarises_and_prints_instance_scores():
   from upgrade_jax import report
   reps = [{"annotation_instances": {
-      "lq": {"f1@0.5": 0.5, "f1@0.75": 0.25, "accuracy@0.5": 0.3},
-      "upgraded": {"f1@0.5": f, "f1@0.75": 0.5, "accuracy@0.5": 0.6}}} for f in (0.8, 0.9)]
+      "lq": {"f1@0.5": 0.5, "f1@0.75": 0.25, "accuracy@0.5": 0.3, "dsb_score": 0.2,
+             "panoptic_quality@0.5": 0.4},
+      "upgraded": {"f1@0.5": f, "f1@0.75": 0.5, "accuracy@0.5": 0.6, "dsb_score": 0.45,
+                   "panoptic_quality@0.5": 0.7}}} for f in (0.8, 0.9)]
   s = report.instance_summary(reps)
   assert s["upgraded"]["f1@0.5"]["mean"] == pytest.approx(0.85)
   assert s["lq"]["f1@0.75"]["per_rep"] == [0.25, 0.25]
@@ -162,6 +170,7 @@ def test_report_summarises_and_prints_instance_scores():
        "annotation_instances": s}
   table = report.format_table(d)
   assert "Instances" in table and "f1@0.5" in table and "0.8500" in table
+  assert "DSB score" in table and "PQ@0.5" in table and "0.4500" in table
 
 
 def test_dsb_lq_script_omits_and_biases_instances():
@@ -180,3 +189,20 @@ def test_dsb_lq_script_omits_and_biases_instances():
       seen.add(area > gt_area)
       assert area != gt_area                            # grown or shrunk by q >= 1
   assert seen == {True, False}                          # both directions drawn
+
+
+def test_instance_tally_adds_up_to_matching_dataset():
+  from scipy import ndimage as ndi
+  rng = np.random.default_rng(3)
+  truths = [ndi.label(rng.random((30, 40)) > 0.6)[0] for _ in range(4)]
+  preds = [ndi.label(ndi.binary_dilation(t > 0) & (rng.random(t.shape) > 0.1))[0] for t in truths]
+  tally = instances.InstanceTally()
+  for t, p in zip(truths, preds):
+    tally.add(t, p)
+  got = tally.summary()
+  every = instances.matching_dataset(truths, preds, instances.DSB_THRESHOLDS)
+  assert got["f1@0.5"] == pytest.approx(every[0]["f1"])
+  assert got["panoptic_quality@0.5"] == pytest.approx(every[0]["panoptic_quality"])
+  assert got["f1@0.75"] == pytest.approx(every[5]["f1"])
+  assert got["dsb_score"] == pytest.approx(np.mean([s["accuracy"] for s in every]))
+  assert tally.images == 4 and got == instances.summary_scores(truths, preds)

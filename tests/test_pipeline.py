@@ -113,7 +113,12 @@ def test_user_mode_writes_one_label_file_per_lq_image(tmp_path):
     lab = tifffile.imread(out / "upgraded" / f"{n}.tif")
     assert lab.shape == (48, 72) and lab.dtype == np.uint16
   assert (out / "seg_hq_upgraded").is_dir()
-  assert json.loads((out / "results.json").read_text())["n_lq"] == 3
+  res = json.loads((out / "results.json").read_text())
+  assert res["n_lq"] == 3 and set(res["flooded"]) <= set(lq_names)   # a barely trained u_θ may flood
+  # Instance scores on the HQ validation pairs, LQ (P of them) and upgraded.
+  for k in ("lq", "upgraded"):
+    assert 0.0 <= res["validation_instances"][k]["f1@0.5"] <= 1.0
+    assert "dsb_score" in res["validation_instances"][k]
 
 
 @pytest.mark.slow

@@ -76,3 +76,44 @@ def test_write_review_csv_overlays_and_guard(tmp_path):
   guard = rundir.InputGuard([out / "review"])
   with pytest.raises(rundir.InputError):
     review.write_review(tmp_path / "run", rows, samples.__getitem__, guard=guard)
+
+
+def _disc_mask(shape, r):
+  yy, xx = np.mgrid[:shape[0], :shape[1]]
+  return (yy - shape[0] // 2) ** 2 + (xx - shape[1] // 2) ** 2 <= r * r
+
+
+def test_a_flooded_background_is_flagged_and_a_dense_image_is_not():
+  shape = (40, 40)
+  lq = _disc_mask(shape, 7).astype(np.int32)            # 9.6% foreground
+  flood = np.ones(shape, bool)
+  flood[:4] = False                                      # 90% foreground
+  row = review.image_review(lq, flood, flood * 0.9, "hazy", hq_foreground_fraction=0.3)
+  assert row["foreground_fraction"] == pytest.approx(0.9)
+  assert row["lq_foreground_fraction"] == pytest.approx(lq.mean())
+  assert row["foreground_ratio"] == pytest.approx(0.9 / 0.3)   # the HQ reference is larger
+  assert row["flooded"] == 1
+  # A dense image whose LQ label omitted most: 60% foreground, 2.4x the LQ's,
+  # but within twice the densest HQ image: not a flood.
+  dense = np.zeros(shape, bool)
+  dense[:24] = True
+  half = np.zeros(shape, np.int32)
+  half[:10] = 1
+  row = review.image_review(half, dense, dense * 0.9, "dense", hq_foreground_fraction=0.35)
+  assert row["foreground_fraction"] == pytest.approx(0.6) and row["flooded"] == 0
+  # Without an HQ reference, the LQ label alone decides.
+  assert review.image_review(half, dense, dense * 0.9, "d")["flooded"] == 1
+  assert review.image_review(lq, lq > 0, lq * 0.9, "same")["flooded"] == 0
+  assert "flooded" in review.review_csv(review.rank_rows([row])).splitlines()[0].split(",")
+
+
+def test_max_foreground_fraction_reads_each_sample_on_its_extent():
+  from upgrade_jax.data.types import Dataset
+
+  targets = np.zeros((2, 8, 8), np.int32)
+  targets[0, :2, :2] = 1                 # 4 of a 4x4 extent
+  targets[1, :, :4] = 1                  # 32 of 64
+  ds = Dataset(images=np.zeros((2, 8, 8, 1), np.float32), targets=targets,
+               others=np.zeros_like(targets), names=("a", "b"), extents=np.array([[4, 4], [8, 8]]))
+  assert review.max_foreground_fraction(ds) == pytest.approx(0.5)
+  assert review.max_foreground_fraction(ds.subset(np.array([0]))) == pytest.approx(0.25)

@@ -43,7 +43,8 @@ from upgrade_jax.rundir import InputError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_JSON", "VARIABLES", "Upgrader",
            "save_upgrader", "load_upgrader", "upgrader_from_state", "load_sample",
-           "upgrade_sample", "sample_probability", "upgrade_probs"]
+           "upgrade_sample", "sample_maps", "sample_probability", "upgrade_probs",
+           "upgrade_maps"]
 
 FORMAT = "upgrade_jax.upgrader"
 # Bumped when a saved model's meaning changes; a loader refuses newer formats.
@@ -66,6 +67,9 @@ class Upgrader:
     tiling: how prediction cuts large images.
     percentiles: (low, high) of "percentile" normalisation.
     meta: model.json as read (None for an upgrader made in memory).
+    hq_foreground_fraction: the largest foreground fraction of the HQ
+      training images (None: unknown, a model saved before the field): the
+      review queue's reference for a flooded upgrade (review.py).
   """
 
   model: UNet
@@ -77,16 +81,19 @@ class Upgrader:
   tiling: TileConfig = TileConfig()
   meta: dict | None = dataclasses.field(default=None, compare=False)
   percentiles: tuple[float, float] = intensity.PERCENTILES
+  hq_foreground_fraction: float | None = None
 
 
 def upgrader_from_state(state: TrainState, *, image_channels: int, channels: str = "grey",
                         normalisation: str = "percentile",
                         tiling: TileConfig = TileConfig(),
-                        percentiles=intensity.PERCENTILES) -> Upgrader:
+                        percentiles=intensity.PERCENTILES,
+                        hq_foreground_fraction: float | None = None) -> Upgrader:
   """The Upgrader of a trained TrainState (its variables on the host)."""
   variables = jax.tree.map(np.asarray, jax.device_get(state.variables))
   return Upgrader(state.model, variables, state.task, image_channels, channels,
-                  normalisation, tiling, percentiles=intensity.check_percentiles(percentiles))
+                  normalisation, tiling, percentiles=intensity.check_percentiles(percentiles),
+                  hq_foreground_fraction=hq_foreground_fraction)
 
 
 def _flatten(tree, prefix="") -> dict[str, np.ndarray]:
@@ -145,6 +152,7 @@ def save_upgrader(directory, upgrader: Upgrader, *, train: dict | None = None,
                 "channels": upgrader.channels, "normalisation": upgrader.normalisation,
                 "percentiles": list(upgrader.percentiles),
                 "label_input": "LQ label > 0, a 0/1 channel after the image channels"},
+      "reference": {"hq_foreground_fraction": upgrader.hq_foreground_fraction},
       "prediction": {"threshold": FOREGROUND_THRESHOLD, **dataclasses.asdict(upgrader.tiling)},
       "train": train or {},
       "versions": {"jax": jax.__version__, "numpy": np.__version__},
@@ -217,8 +225,10 @@ def load_upgrader(directory) -> Upgrader:
     diff = sorted(set(want_flat.items()) ^ set(have_flat.items()))[:2]
     raise _fail(directory, f"{VARIABLES} does not fit the network in {MODEL_JSON} "
                 f"({image_channels} image channel(s)); e.g. {diff}")
+  hq_fg = (meta.get("reference") or {}).get("hq_foreground_fraction")
   return Upgrader(model, variables, task, image_channels, inp["channels"],
-                  inp["normalisation"], tiling, meta, percentiles)
+                  inp["normalisation"], tiling, meta, percentiles,
+                  None if hq_fg is None else float(hq_fg))
 
 
 def _flatten_shapes(tree, prefix=""):
@@ -276,16 +286,26 @@ def upgrade_sample(upgrader: Upgrader, image: np.ndarray, lq_labels: np.ndarray,
   """
   if output not in instances.OUTPUTS:
     raise ValueError(f"output must be one of {instances.OUTPUTS}, got {output!r}")
-  mask = sample_probability(upgrader, image, lq_labels) > FOREGROUND_THRESHOLD
-  return mask, instances.labels_from_mask(mask, lq_labels, output)
+  probs, interior = sample_maps(upgrader, image, lq_labels)
+  mask = probs > FOREGROUND_THRESHOLD
+  return mask, instances.labels_from_mask(mask, lq_labels, output, interior)
+
+
+def sample_maps(upgrader: Upgrader, image: np.ndarray,
+                lq_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+  """((H, W) foreground probability, (H, W) interior probability or None)
+  of u_θ for one (H, W, C) image and its (H, W) LQ labels; the interior
+  comes from an upgrader with boundaries (engine.Upgrade.boundaries)."""
+  out = predict_image(upgrader.model, upgrader.variables, upgrader.task, image,
+                      lq_labels > 0, config=upgrader.tiling)
+  return (out[..., 0], out[..., 1]) if out.ndim == 3 else (out, None)
 
 
 def sample_probability(upgrader: Upgrader, image: np.ndarray,
                        lq_labels: np.ndarray) -> np.ndarray:
   """(H, W) float32: u_θ's foreground probability for one (H, W, C) image and
   its (H, W) LQ labels; the upgraded mask is this > FOREGROUND_THRESHOLD."""
-  return predict_image(upgrader.model, upgrader.variables, upgrader.task, image,
-                       lq_labels > 0, config=upgrader.tiling)
+  return sample_maps(upgrader, image, lq_labels)[0]
 
 
 def upgrade_probs(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.ndarray:
@@ -300,8 +320,19 @@ def upgrade_probs(upgrader: Upgrader, ds: Dataset, lq_labels: np.ndarray) -> np.
   Returns:
     (N, H, W) float32, 0 outside each sample's extent.
   """
+  return upgrade_maps(upgrader, ds, lq_labels)[0]
+
+
+def upgrade_maps(upgrader: Upgrader, ds: Dataset,
+                 lq_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+  """(foreground, interior) probabilities of a Dataset, each (N, H, W)
+  float32, 0 outside each extent, each sample predicted alone (as
+  upgrade_probs); interior None unless the upgrader has boundaries."""
   probs = np.zeros(ds.targets.shape, np.float32)
+  interior = np.zeros(ds.targets.shape, np.float32) if upgrader.task.num_classes == 3 else None
   for i, (h, w) in enumerate(ds.extents):
-    probs[i, :h, :w] = sample_probability(upgrader, ds.normalised([i])[0, :h, :w],
-                                          lq_labels[i, :h, :w])
-  return probs
+    p, q = sample_maps(upgrader, ds.normalised([i])[0, :h, :w], lq_labels[i, :h, :w])
+    probs[i, :h, :w] = p
+    if interior is not None:
+      interior[i, :h, :w] = q
+  return probs, interior

@@ -48,6 +48,27 @@ def soft_dice_loss(probs_fg, target, valid=None, smooth: float = 1.0):
   return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
 
 
+def foreground_of_logits(logits):
+  """(B, H, W) bool foreground of (B, H, W, K) logits: class 1 beats class 0
+  (the foreground probability exceeds 0.5). K = 3 adds the interior logit
+  of `foreground_probs`, which does not enter the foreground."""
+  return logits[..., 1] > logits[..., 0]
+
+
+def foreground_probs(logits):
+  """Probabilities of (B, H, W, K) logits as prediction returns them:
+  (B, H, W) foreground = softmax of logits 0 (background) and 1 (cell),
+  for K = 2; for K = 3 (the upgrade task with boundaries) (B, H, W, 2)
+  [foreground, interior], interior = foreground · sigmoid(logit 2): the
+  probability of a cell pixel away from the cell's boundary. The
+  foreground is the two-class network's, so it trains as that one does."""
+  logits = logits.astype(jnp.float32)
+  fg = jax.nn.softmax(logits[..., :2], axis=-1)[..., 1]
+  if logits.shape[-1] == 2:
+    return fg
+  return jnp.stack([fg, fg * jax.nn.sigmoid(logits[..., 2])], axis=-1)
+
+
 def dice_loss_from_logits(logits, target, valid=None, smooth: float = 1.0):
   """soft_dice_loss on the softmax foreground of (B, H, W, 2) logits."""
   probs_fg = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]

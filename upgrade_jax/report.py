@@ -151,8 +151,10 @@ def format_table(d: dict, paper: dict | None = None) -> str:
   inst = d.get("annotation_instances") or {}
   if inst:  # instance matching of the test set's annotations (StarDist semantics)
     lines.append("")
-    cols = ("f1@0.5", "f1@0.75", "accuracy@0.5")
-    lines.append(f"{'Instances':14}{'':16}" + "".join(f"{c:>18}" for c in cols))
+    cols = [c for c in ("f1@0.5", "f1@0.75", "dsb_score", "panoptic_quality@0.5")
+            if all(c in s for s in inst.values())]
+    names = {"dsb_score": "DSB score", "panoptic_quality@0.5": "PQ@0.5"}
+    lines.append(f"{'Instances':14}{'':16}" + "".join(f"{names.get(c, c):>18}" for c in cols))
     for k, s in inst.items():
       lines.append(f"{'':14}{row_label(d, k):16}" + "".join(
           f"{s[c]['mean']:>10.4f} ± {s[c]['std']:.3f}" if s[c]["std"] is not None

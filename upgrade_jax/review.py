@@ -20,6 +20,13 @@ fraction +0.26 / -0.05. The changed-only mean ignores an image whose
 upgrade changed little but whose cells are all uncertain, and an image
 with a few confidently added cells is not doubtful however much changed.
 
+A flood (the background of an image turned foreground, as a hazy
+background can make it) is flagged, not hidden: `flooded` is 1 where the
+upgraded foreground covers more than FLOOD_FRACTION of the image and more
+than FLOOD_RATIO times the larger of the LQ label's foreground and the
+largest of the HQ training images' (`foreground_ratio`, a column to sort
+by). Such a file is unusable as it is; the row says so.
+
 All functions are pure except `write_review`, which writes files.
 """
 
@@ -39,14 +46,17 @@ from upgrade_jax import files
 from upgrade_jax.data.types import Dataset
 
 __all__ = ["SCORE", "COLUMNS", "binary_entropy", "image_review", "rank_rows", "review_csv",
-           "write_review", "dataset_rows", "write_dataset_review", "TOP_N"]
+           "write_review", "dataset_rows", "write_dataset_review", "TOP_N", "FLOOD_FRACTION",
+           "FLOOD_RATIO", "max_foreground_fraction"]
 
 # The column the queue is sorted by (see the module docstring for why).
 SCORE = "mean_entropy_foreground"
 COLUMNS = ("rank", "name", "score", "changed_fraction", "pixels_added", "pixels_removed",
            "objects_added", "objects_removed", "mean_entropy_changed",
-           "mean_entropy_foreground", "expected_dice")
+           "mean_entropy_foreground", "expected_dice", "foreground_fraction",
+           "lq_foreground_fraction", "foreground_ratio", "flooded")
 TOP_N = 20
+FLOOD_FRACTION, FLOOD_RATIO = 0.5, 2.0
 _EPS = 1e-7
 _PNG = re.compile(r"^\d{3,}_.*\.png$")   # the overlays this module writes
 
@@ -69,7 +79,16 @@ def _unmatched(a: np.ndarray, b: np.ndarray) -> int:
   return int(np.count_nonzero(hit == 0))
 
 
-def image_review(lq, upgraded, probs, name: str, truth=None) -> dict:
+def max_foreground_fraction(ds: Dataset) -> float:
+  """The largest foreground fraction (target > 0 over its valid extent) of
+  a Dataset's samples: the HQ set's reference for `flooded`."""
+  fractions = [float((t[:h, :w] > 0).mean()) for t, (h, w) in zip(ds.targets, ds.extents)
+               if h * w]
+  return max(fractions, default=0.0)
+
+
+def image_review(lq, upgraded, probs, name: str, truth=None,
+                 hq_foreground_fraction: float | None = None) -> dict:
   """The review numbers of one upgraded image, on its valid extent only.
 
   Args:
@@ -78,13 +97,19 @@ def image_review(lq, upgraded, probs, name: str, truth=None) -> dict:
     probs: (H, W) float32 foreground probabilities of u_θ.
     name: the image's name.
     truth: optional (H, W) ground truth (simulated data): adds `dice_vs_truth`.
+    hq_foreground_fraction: the largest foreground fraction of the HQ
+      training images (Upgrader.hq_foreground_fraction), or None (unknown:
+      the LQ label alone is the reference).
 
   Returns:
     {name, changed_fraction, pixels_added, pixels_removed, objects_added (upgraded
     components touching no LQ pixel), objects_removed (LQ components touching no
     upgraded pixel), mean_entropy_changed, mean_entropy_foreground,
     expected_dice (the soft Dice of the probabilities against their own
-    threshold: what Dice u_θ expects of itself), score (= the SCORE column)}.
+    threshold: what Dice u_θ expects of itself), foreground_fraction,
+    lq_foreground_fraction, foreground_ratio (the first over the larger of
+    the second and hq_foreground_fraction), flooded (0/1, see the module
+    docstring), score (= the SCORE column)}.
   """
   lq = np.asarray(lq) > 0
   up = np.asarray(upgraded, bool)
@@ -104,6 +129,13 @@ def image_review(lq, upgraded, probs, name: str, truth=None) -> dict:
          "mean_entropy_changed": float(ent[changed].mean()) if changed.any() else 0.0,
          "mean_entropy_foreground": float(ent[fg].mean()) if fg.any() else 0.0,
          "expected_dice": soft if up.any() or probs.sum() > _EPS else 1.0}
+  fg_up = float(up.mean()) if up.size else 0.0
+  fg_lq = float(lq.mean()) if lq.size else 0.0
+  reference = max(fg_lq, hq_foreground_fraction or 0.0)
+  ratio = fg_up / reference if reference > 0 else (float("inf") if fg_up > 0 else 1.0)
+  row.update(foreground_fraction=fg_up, lq_foreground_fraction=fg_lq,
+             foreground_ratio=min(ratio, 1e6),
+             flooded=int(fg_up > FLOOD_FRACTION and ratio > FLOOD_RATIO))
   row["score"] = row[SCORE]
   if truth is not None:
     t = np.asarray(truth) > 0
@@ -194,7 +226,9 @@ def write_review(directory, rows: Sequence[dict],
     image, lq, up = sample(r["name"])
     title = (f"#{r['rank']} {r['name']}: score {r['score']:.3f}, "
              f"{r['changed_fraction']:.1%} changed, +{r['objects_added']}/"
-             f"-{r['objects_removed']} objects")
+             f"-{r['objects_removed']} objects"
+             + (f", FLOODED ({r['foreground_fraction']:.0%} foreground)" if r.get("flooded")
+                else ""))
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", r["name"])
     files.write_bytes(folder / f"{r['rank']:03d}_{safe}.png", _overlay_png(image, lq, up, title),
                    guard=guard)
@@ -202,7 +236,8 @@ def write_review(directory, rows: Sequence[dict],
 
 
 def dataset_rows(lq: Dataset, masks: np.ndarray, probs: np.ndarray,
-                 truth: np.ndarray | None = None) -> list[dict]:
+                 truth: np.ndarray | None = None,
+                 hq_foreground_fraction: float | None = None) -> list[dict]:
   """`image_review` of every sample of a Dataset, cropped to its extent.
 
   Args:
@@ -214,13 +249,14 @@ def dataset_rows(lq: Dataset, masks: np.ndarray, probs: np.ndarray,
   for i, (name, (h, w)) in enumerate(zip(lq.names, lq.extents)):
     t = None if truth is None else truth[i, :h, :w]
     rows.append(image_review(lq.targets[i, :h, :w], masks[i, :h, :w], probs[i, :h, :w],
-                             name, truth=t))
+                             name, truth=t, hq_foreground_fraction=hq_foreground_fraction))
   return rows
 
 
 def write_dataset_review(directory, lq: Dataset, masks: np.ndarray, probs: np.ndarray, *,
                          truth: np.ndarray | None = None, top_n: int = TOP_N,
-                         guard: rundir.InputGuard | None = None) -> list[dict]:
+                         guard: rundir.InputGuard | None = None,
+                         hq_foreground_fraction: float | None = None) -> list[dict]:
   """`write_review` of a Dataset held in memory (see `dataset_rows`)."""
   index = {n: i for i, n in enumerate(lq.names)}
 
@@ -229,5 +265,5 @@ def write_dataset_review(directory, lq: Dataset, masks: np.ndarray, probs: np.nd
     h, w = lq.extents[i]
     return lq.normalised([i])[0, :h, :w], lq.targets[i, :h, :w], masks[i, :h, :w]
 
-  return write_review(directory, dataset_rows(lq, masks, probs, truth), sample,
-                      top_n=top_n, guard=guard)
+  return write_review(directory, dataset_rows(lq, masks, probs, truth, hq_foreground_fraction),
+                      sample, top_n=top_n, guard=guard)

@@ -22,6 +22,7 @@ from upgrade_jax.engine import xla_options
 from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.state import TrainState
 from upgrade_jax.engine.tasks import Task
+from upgrade_jax.losses import foreground_of_logits, foreground_probs
 from upgrade_jax.metrics import FOREGROUND_THRESHOLD, dice_counts, extent_mask, pooled_dice
 from upgrade_jax.models.unet import MULTIPLE
 
@@ -80,7 +81,7 @@ def _eval_counts(model, variables, valset: ValSet):
   def body(counts, xs):
     x, t, v = xs
     logits = model.apply(variables, x, train=False)
-    return counts + dice_counts(logits[..., 1] > logits[..., 0], t, v), None
+    return counts + dice_counts(foreground_of_logits(logits), t, v), None
   counts, _ = jax.lax.scan(body, jnp.zeros((3,), jnp.int32), tuple(valset))
   return counts
 
@@ -101,13 +102,14 @@ def bucket_size(n: int) -> int:
 
 
 def _probs(model, variables, x):
-  logits = model.apply(variables, x, train=False)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
+  return foreground_probs(model.apply(variables, x, train=False))
 
 
 def forward_probs_fn():
   """The jitted (model, variables, x (B, H, W, C) f32) -> (B, H, W) f32
-  foreground probability used by predict_proba, compiled with this backend's
+  foreground probability (losses.foreground_probs: (B, H, W, 2) foreground
+  and interior for a model with boundaries) used by predict_proba and
+  tiling, compiled with this backend's
   xla_options (on XLA:CPU without YNNPACK fusions)."""
   return xla_options.jit(_probs, static_argnums=0)
 

@@ -193,7 +193,8 @@ def create_train_state(config: TrainConfig, input_channels: int, key,
   """
   if input_channels < 1:
     raise ValueError(f"input_channels must be >= 1, got {input_channels}")
-  model = UNet(widths=config.widths, num_classes=2, conv_impl=config.conv_impl)
+  model = UNet(widths=config.widths, num_classes=config.task.num_classes,
+               conv_impl=config.conv_impl)
   k_init, k_run = jax.random.split(_raw_key(key))
   variables = init_variables(model, input_channels, k_init)
   tx = _optimizer()

@@ -21,6 +21,7 @@ from upgrade_jax import parallel
 from upgrade_jax.engine import xla_options
 from upgrade_jax.engine.config import StepConfig, TrainConfig
 from upgrade_jax.engine.state import TrainState, ema_update
+from upgrade_jax.losses import foreground_of_logits
 from upgrade_jax.metrics import FOREGROUND_THRESHOLD, dice_counts, extent_mask
 
 __all__ = ["Batch", "crop_and_flip", "draw_indices", "gather_samples", "take_samples",
@@ -205,7 +206,7 @@ def _build_train_step(config: StepConfig, mesh, max_label: int, streamed: bool):
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     hard = target if target.dtype == jnp.bool_ else target > FOREGROUND_THRESHOLD  # soft or coded targets
-    counts = dice_counts(logits[..., 1] > logits[..., 0], hard, valid)
+    counts = dice_counts(foreground_of_logits(logits), hard, valid)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state,
                               ema_params=ema_update(state.ema_params, params,

@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from upgrade_jax.losses import dice_loss_from_logits
+from upgrade_jax.losses import dice_loss_from_logits, foreground_probs, soft_dice_loss
 from upgrade_jax.perturb import PerturbConfig, perturb
 
-__all__ = ["Task", "Upgrade", "Segment", "TASKS", "register", "make_task", "task_from_json"]
+__all__ = ["Task", "Upgrade", "Segment", "TASKS", "register", "make_task", "task_from_json",
+           "cell_codes"]
 
 TASKS: dict[str, type] = {}
 
@@ -53,6 +54,9 @@ class Task:
   """
 
   name: ClassVar[str] = ""
+  # Output classes of the network: 2 (background, foreground); a task with
+  # more (Upgrade with boundaries) puts background first.
+  num_classes: ClassVar[int] = 2
   extra_channels: ClassVar[int] = 0
   whole_samples: ClassVar[bool] = False
   uses_features: ClassVar[bool] = False
@@ -106,6 +110,12 @@ class Upgrade(Task):
     strength_mix: draw each training sample's omission / inclusion /
       salt-and-pepper rates uniformly in [0, configured rate], so the network
       sees every strength up to the configured one.
+    boundaries: also learn where touching cells meet: beside the foreground
+      the network predicts each cell's interior (its pixels without the
+      boundary: those with a 4-neighbour of another id or the background),
+      trained by Dice on the foreground plus Dice on the interior
+      (losses.foreground_probs); instances are then split on the predicted
+      interiors (instances.instances_from_interiors).
   """
 
   name: ClassVar[str] = "upgrade"
@@ -115,6 +125,11 @@ class Upgrade(Task):
   perturb: PerturbConfig = PerturbConfig()
   label_dropout: float = 0.0
   strength_mix: bool = False
+  boundaries: bool = False
+
+  @property
+  def num_classes(self) -> int:   # an instance property over the ClassVar
+    return 3 if self.boundaries else 2
 
   def __post_init__(self):
     if not isinstance(self.perturb, PerturbConfig):
@@ -141,7 +156,20 @@ class Upgrade(Task):
       keep = ~jax.random.bernoulli(k_drop, self.label_dropout, (b,))
       lq = lq & keep[:, None, None]
     inputs = jnp.concatenate([images, lq[..., None].astype(images.dtype)], -1)
+    if self.boundaries:   # int32 codes 0 background, 1 interior, 2 boundary (> 0.5: foreground)
+      return inputs, cell_codes(targets)
     return inputs, targets > 0
+
+  def loss(self, logits, target, valid):
+    if not self.boundaries:
+      return super().loss(logits, target, valid)
+    maps = foreground_probs(logits)
+    # The interior term does not move the foreground: its gradient reaches
+    # the interior logit only.
+    interior = jax.lax.stop_gradient(maps[..., 0]) * jax.nn.sigmoid(
+        logits[..., 2].astype(jnp.float32))
+    return (soft_dice_loss(maps[..., 0], target > 0, valid)
+            + soft_dice_loss(interior, target == 1, valid))
 
   def prediction_inputs(self, images, labels, valid):
     if labels is None:
@@ -164,6 +192,18 @@ class Segment(Task):
   def pair(self, key, images, targets, others, *, max_label: int, valid, train: bool):
     del key, others, max_label, valid, train
     return images, targets > 0
+
+
+def cell_codes(ids):
+  """(B, h, w) int32 codes of instance ids: 0 background, 1 interior, 2
+  boundary (a cell pixel with a 4-neighbour of another id, background
+  included; the image border counts as nothing). Jittable."""
+  ids = jnp.asarray(ids, jnp.int32)
+  pad = jnp.pad(ids, ((0, 0), (1, 1), (1, 1)), mode="edge")
+  centre = pad[:, 1:-1, 1:-1]
+  edge = ((pad[:, :-2, 1:-1] != centre) | (pad[:, 2:, 1:-1] != centre)
+          | (pad[:, 1:-1, :-2] != centre) | (pad[:, 1:-1, 2:] != centre))
+  return jnp.where(ids > 0, jnp.where(edge, 2, 1), 0).astype(jnp.int32)
 
 
 def make_task(name: str, **options) -> Task:

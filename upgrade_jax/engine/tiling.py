@@ -120,7 +120,8 @@ def predict_image(model, variables, task: Task, image: np.ndarray, labels=None, 
     config: the TileConfig.
 
   Returns:
-    (H, W) float32 in [0, 1].
+    (H, W) float32 in [0, 1]; (H, W, 2) [foreground, interior] for a model
+    with boundaries (losses.foreground_probs).
   """
   image = float_images(image, "predict_image")
   if image.ndim != 3:
@@ -135,7 +136,8 @@ def predict_image(model, variables, task: Task, image: np.ndarray, labels=None, 
   rows, row_cuts = tile_starts(x.shape[0], th, config.margin)
   cols, col_cuts = tile_starts(x.shape[1], tw, config.margin)
   boxes = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
-  out = np.zeros(x.shape[:2], np.float32)
+  maps = 2 if model.num_classes == 3 else 1
+  out = np.zeros(x.shape[:2] + ((maps,) if maps > 1 else ()), np.float32)
   calls = []   # (boxes of a call, its probabilities on the device)
 
   def paste(calls):

@@ -104,11 +104,13 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
   t0 = time.perf_counter()
   # Every upgraded label of the run, scored or written, comes from the Upgrader
   # `experiments.apply` loads (rep 0 saves it to out_dir/model): one path.
+  hq_fg = review.max_foreground_fraction(data.hq_train)
   if run.rep == 0:
-    upgrader = export_upgrader(cfg, fit, data.hq_train.channels, run.out_dir, run.guard)
+    upgrader = export_upgrader(cfg, fit, data.hq_train.channels, run.out_dir, run.guard, hq_fg)
   else:
-    upgrader = upgrader_of(cfg, fit, data.hq_train.channels)
-  upgraded_test = upgrade_labels(upgrader, data.test_lq_masks)
+    upgrader = upgrader_of(cfg, fit, data.hq_train.channels, hq_fg)
+  test_probs, test_interior = upgrade_maps(upgrader, data.test_lq_masks)
+  upgraded_test = test_probs > metrics.FOREGROUND_THRESHOLD
   valid = data.test.valid_mask()
   ann = {"lq": metrics.pooled_dice_np(data.test_lq_masks.targets, data.test.targets, valid),
          "upgraded": metrics.pooled_dice_np(upgraded_test, data.test.targets, valid)}
@@ -119,13 +121,15 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
       "lq": instances.summary_scores(crop(data.test.targets), [
           instances.components(m) for m in crop(data.test_lq_masks.targets)]),
       "upgraded": instances.summary_scores(crop(data.test.targets), [
-          instances.instances_from_upgrade(m, lq) for m, lq
-          in zip(crop(upgraded_test), crop(data.test_lq_masks.targets))])}
+          instances.labels_from_mask(m, lq, "instances", q) for m, lq, q
+          in zip(crop(upgraded_test), crop(data.test_lq_masks.targets),
+                 crop(test_interior) if test_interior is not None
+                 else [None] * len(data.test))])}
   upgraded = data.lq_masks
   if len(data.lq_masks):
     # The probabilities once: the masks are those of upgrade_labels, and the
     # review queue gets their doubt.
-    probs = upgrade_probs(upgrader, data.lq_masks)
+    probs, interior = upgrade_maps(upgrader, data.lq_masks)
     masks = probs > metrics.FOREGROUND_THRESHOLD
     upgraded = data.lq_masks.replace(targets=masks.astype(np.int32))
     lq_valid = data.lq_masks.valid_mask()
@@ -134,11 +138,16 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
         "upgraded": metrics.pooled_dice_np(masks, data.lq_truth.targets, lq_valid)}
     target_dir = run.out_dir / "upgraded" if run.rep == 0 else run.rep_dir / "upgraded"
     write_upgraded(target_dir, data.lq_masks, masks, guard=run.guard, output=cfg.output,
-                   lq_labels=data.lq_masks.targets)
+                   lq_labels=data.lq_masks.targets, interior=interior)
     # review.csv + review/ beside upgraded/; simulated data know the truth.
-    review.write_dataset_review(target_dir.parent, data.lq_masks, masks, probs,
-                                truth=data.lq_truth.targets, top_n=cfg.review_top,
-                                guard=run.guard)
+    ranked = review.write_dataset_review(
+        target_dir.parent, data.lq_masks, masks, probs, truth=data.lq_truth.targets,
+        top_n=cfg.review_top, guard=run.guard,
+        hq_foreground_fraction=upgrader.hq_foreground_fraction)
+    run.result["flooded"] = [r["name"] for r in ranked if r["flooded"]]
+    if run.result["flooded"]:
+      run.log(f"[rep {run.rep}] {len(run.result['flooded'])} upgraded slices flooded (column "
+              f"flooded of review.csv): {', '.join(run.result['flooded'][:5])}")
   run.timed("upgrade_predict_s", t0)
   run.result["annotation_dice"] = ann
   run.log(f"[rep {run.rep}] annotation Dice on the test set: LQ {ann['lq']:.4f} -> "
@@ -218,44 +227,56 @@ def upgrade_probs(upgrader: export.Upgrader, ds: Dataset) -> np.ndarray:
   return export.upgrade_probs(upgrader, ds, ds.targets)
 
 
+def upgrade_maps(upgrader: export.Upgrader, ds: Dataset):
+  """upgrade_probs and the (N, H, W) interior probability of an upgrader
+  with boundaries (None without)."""
+  return export.upgrade_maps(upgrader, ds, ds.targets)
+
+
 def upgrade_labels(upgrader: export.Upgrader, ds: Dataset) -> np.ndarray:
   """(N, H, W) bool: u_θ(image, LQ mask) for every sample of `ds` (LQ targets)."""
   return upgrade_probs(upgrader, ds) > metrics.FOREGROUND_THRESHOLD
 
 
-def upgrader_of(cfg: PipelineConfig, fit: engine.FitResult,
-                image_channels: int) -> export.Upgrader:
-  """The Upgrader of a fit (its best u_θ, the run's normalisation and tiling)."""
+def upgrader_of(cfg: PipelineConfig, fit: engine.FitResult, image_channels: int,
+                hq_foreground_fraction: float | None = None) -> export.Upgrader:
+  """The Upgrader of a fit (its best u_θ, the run's normalisation and tiling,
+  the HQ training images' largest foreground fraction)."""
   return export.upgrader_from_state(fit.state_best, image_channels=image_channels,
                                     normalisation=cfg.data.normalisation, tiling=cfg.tiling,
-                                    percentiles=cfg.data.percentiles)
+                                    percentiles=cfg.data.percentiles,
+                                    hq_foreground_fraction=hq_foreground_fraction)
 
 
 def write_upgraded(directory: Path, ds: Dataset, masks: np.ndarray,
                    guard: rundir.InputGuard | None = None, *, output: str = "mask",
-                   lq_labels: np.ndarray | None = None) -> list[Path]:
+                   lq_labels: np.ndarray | None = None,
+                   interior: np.ndarray | None = None) -> list[Path]:
   """One uint16/uint32 instance-label TIFF per sample, cropped to the
   sample's valid extent, named after it.
 
   output "mask": connected components of the upgraded mask; "instances":
   touching cells split, seeded by `lq_labels` (N, H, W) where they hold
-  instances (instances.instances_from_upgrade).
+  instances (instances.instances_from_upgrade), or split on the (N, H, W)
+  `interior` probability of an upgrader with boundaries.
   """
   directory.mkdir(parents=True, exist_ok=True)
   paths = []
   for i, (name, mask, (h, w)) in enumerate(zip(ds.names, masks, ds.extents)):
     lq = None if lq_labels is None else lq_labels[i, :h, :w]
-    lab = instances.labels_from_mask(mask[:h, :w], lq, output)
+    q = None if interior is None else interior[i, :h, :w]
+    lab = instances.labels_from_mask(mask[:h, :w], lq, output, q)
     paths.append(io.write_labels(directory / f"{Path(name).stem}.tif", lab, guard=guard))
   return paths
 
 
 def export_upgrader(cfg: PipelineConfig, fit: engine.FitResult, image_channels: int,
-                    out_dir: Path, guard) -> export.Upgrader:
+                    out_dir: Path, guard,
+                    hq_foreground_fraction: float | None = None) -> export.Upgrader:
   """Saves out_dir/model (the best u_θ, its config, normalisation and tiling)
   and returns the upgrader read back from it, so that a run writes its files
   exactly as `experiments.apply` will."""
-  up = upgrader_of(cfg, fit, image_channels)
+  up = upgrader_of(cfg, fit, image_channels, hq_foreground_fraction)
   export.save_upgrader(out_dir / "model", up, guard=guard, train={
       "best_val_dice": fit.best_val_dice, "best_step": fit.best_step,
       "config": cfg.upgrade.to_json()})

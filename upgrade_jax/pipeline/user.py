@@ -27,7 +27,7 @@ from upgrade_jax.data.types import Dataset, concat
 from upgrade_jax.pipeline.config import PipelineConfig, run_key
 from upgrade_jax.pipeline.others import with_others
 from upgrade_jax.pipeline.scenarios import METHOD
-from upgrade_jax.pipeline.stages import export_upgrader, upgrade_probs
+from upgrade_jax.pipeline.stages import export_upgrader, upgrade_maps
 from upgrade_jax.rundir import InputError
 
 __all__ = ["UserData", "UserInputs", "OPTIMISTIC", "prepare_user", "run_user", "stack_labels",
@@ -142,7 +142,7 @@ def stack_labels(slices) -> np.ndarray:
 
 
 def write_user_labels(directory: Path, d: UserInputs, masks: np.ndarray,
-                      output: str) -> list[Path]:
+                      output: str, interior: np.ndarray | None = None) -> list[Path]:
   """One label file per LQ file: (H, W) for an image, (Z, H, W) for a stack
   (see `stack_labels`), uint16/uint32 via io.write_labels, named after it."""
   directory.mkdir(parents=True, exist_ok=True)
@@ -152,11 +152,32 @@ def write_user_labels(directory: Path, d: UserInputs, masks: np.ndarray,
     for i in range(start, start + z):
       h, w = d.lq_masks.extents[i]
       lq = None if d.lq_instances is None else d.lq_instances[i, :h, :w]
-      labs.append(instances.labels_from_mask(masks[i, :h, :w], lq, output))
+      q = None if interior is None else interior[i, :h, :w]
+      labs.append(instances.labels_from_mask(masks[i, :h, :w], lq, output, q))
     start += z
     arr = labs[0] if z == 1 else stack_labels(labs)
     paths.append(io.write_labels(directory / f"{stem}.tif", arr, guard=d.guard))
   return paths
+
+
+def validation_instances(cfg: PipelineConfig, upgrader, hq_val: Dataset) -> dict:
+  """{"lq", "upgraded": instances.summary_scores} on the HQ validation pairs:
+  their labels perturbed once by the P u_θ trained with (the LQ, scored as
+  its components), and their upgrade (the instances a file would hold),
+  against the HQ labels. The only instances user mode can score; the
+  validation set chose u_θ's epoch, so they are optimistic. {} without
+  validation pairs."""
+  if len(hq_val) == 0:
+    return {}
+  lq = sampling.make_lq(hq_val, cfg.upgrade.task.perturb, seed=cfg.seed)
+  probs, interior = upgrade_maps(upgrader, lq)
+  crop = lambda a: [x[:h, :w] for x, (h, w) in zip(a, hq_val.extents)]  # noqa: E731
+  truth, lq_masks = crop(hq_val.targets), crop(lq.targets)
+  upgraded = [instances.labels_from_mask(m > metrics.FOREGROUND_THRESHOLD, l, cfg.output, q)
+              for m, l, q in zip(crop(probs), lq_masks,
+                                 crop(interior) if interior is not None else [None] * len(lq))]
+  return {"lq": instances.summary_scores(truth, [instances.components(m > 0) for m in lq_masks]),
+          "upgraded": instances.summary_scores(truth, upgraded)}
 
 
 def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
@@ -183,18 +204,31 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
     log(f"upgrade network: best validation Dice {fit.best_val_dice:.4f} ({OPTIMISTIC})")
     # Export the upgrader, then upgrade through it one image at a time
     # (tiled), as experiments.apply does: its files equal these.
-    upgrader = export_upgrader(cfg, fit, d.hq.channels, out_dir, d.guard)
-    probs = upgrade_probs(upgrader, d.lq_masks)
+    upgrader = export_upgrader(cfg, fit, d.hq.channels, out_dir, d.guard,
+                               review.max_foreground_fraction(hq_train))
+    val_inst = validation_instances(cfg, upgrader, hq_val)
+    if val_inst:
+      log("instances on the HQ validation pairs, their labels perturbed by P (optimistic): "
+          + "; ".join(f"{k} F1@0.5 {v['f1@0.5']:.4f}, DSB score {v['dsb_score']:.4f}"
+                      for k, v in val_inst.items()))
+    probs, interior = upgrade_maps(upgrader, d.lq_masks)
     masks = probs > metrics.FOREGROUND_THRESHOLD
-    paths = write_user_labels(out_dir / "upgraded", d, masks, cfg.output)
+    paths = write_user_labels(out_dir / "upgraded", d, masks, cfg.output, interior)
     log(f"wrote {len(paths)} upgraded label files to {out_dir / 'upgraded'}")
     ranked = review.write_dataset_review(out_dir, d.lq_masks, masks, probs,
-                                         top_n=cfg.review_top, guard=d.guard)
+                                         top_n=cfg.review_top, guard=d.guard,
+                                         hq_foreground_fraction=upgrader.hq_foreground_fraction)
+    flooded = [r["name"] for r in ranked if r["flooded"]]
+    if flooded:
+      log(f"WARNING: {len(flooded)} upgraded labels flooded (foreground far above the LQ "
+          f"label's and every HQ image's; column flooded of review.csv): "
+          f"{', '.join(flooded[:5])}")
     log(f"review queue: {out_dir / 'review.csv'} (most doubtful first: "
         f"{ranked[0]['name']}), overlays of the first {min(len(ranked), cfg.review_top)} "
         f"in {out_dir / 'review'}")
     result = {"upgrade_best_val_dice": fit.best_val_dice, "val_dice_note": OPTIMISTIC,
-              "n_hq": len(d.hq), "n_lq": len(d.lq_masks), "upgraded": [str(p) for p in paths]}
+              "n_hq": len(d.hq), "n_lq": len(d.lq_masks), "upgraded": [str(p) for p in paths],
+              "flooded": flooded, "validation_instances": val_inst}
     if METHOD in cfg.scenarios:
       upgraded = d.lq_masks.replace(targets=masks.astype(np.int8))
       seg = engine.fit(dataclasses.replace(cfg.segment, seed=cfg.seed),
