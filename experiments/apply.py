@@ -90,9 +90,10 @@ def plan(out_dir: Path):
       raise InputError(f"--truth={F.truth}: {e}") from None
   for stem, image_path, label_path in pairs:  # decode and check every pair now
     image, _ = export.load_sample(image_path, label_path, upgrader)
-    if stem in truth and io.read_labels(truth[stem]).shape != image.shape[:2]:
-      raise InputError(f"{truth[stem]}: shape {io.read_labels(truth[stem]).shape} differs "
-                       f"from its image's {image.shape[:2]}")
+    shape = io.read_labels(truth[stem]).shape if stem in truth else image.shape[:2]
+    if shape != image.shape[:2]:
+      raise InputError(f"{truth[stem]}: shape {shape} differs from its image's "
+                       f"{image.shape[:2]}")
   return upgrader, [(s, i, l, truth.get(s)) for s, i, l in pairs], guard
 
 
@@ -138,9 +139,7 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
     ranked = review.write_review(out_dir, rows, sample, top_n=F.review_top, guard=guard)
     flooded = [r["name"] for r in ranked if r["flooded"]]
     if flooded:
-      cli.log_line(f"WARNING: {len(flooded)} upgraded labels flooded (foreground far above the "
-                   f"LQ label's and every HQ image's; column flooded of review.csv): "
-                   f"{', '.join(flooded[:5])}")
+      cli.log_line(review.flood_warning(ranked))
     record = {"model": str(Path(F.model).resolve()), "images": F.images, "labels": F.labels,
               "output": F.output, "tiling": dataclasses.asdict(upgrader.tiling),
               "upgraded": written, "review": [r["name"] for r in ranked], "flooded": flooded,

@@ -117,3 +117,10 @@ def test_max_foreground_fraction_reads_each_sample_on_its_extent():
                others=np.zeros_like(targets), names=("a", "b"), extents=np.array([[4, 4], [8, 8]]))
   assert review.max_foreground_fraction(ds) == pytest.approx(0.5)
   assert review.max_foreground_fraction(ds.subset(np.array([0]))) == pytest.approx(0.25)
+
+
+def test_flood_warning_names_the_flooded_rows_only():
+  rows = [{"name": "a", "flooded": 0}, {"name": "b", "flooded": 1}]
+  assert review.flood_warning(rows[:1]) is None
+  line = review.flood_warning(rows)
+  assert line.startswith("WARNING: 1 upgraded labels flooded") and line.endswith(": b")

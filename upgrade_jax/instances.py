@@ -121,18 +121,12 @@ def instances_from_interiors(mask, interior, *, threshold: float = 0.5,
     raise ValueError(f"instances_from_interiors: interior {interior.shape} != mask {mask.shape}")
   if not mask.any():
     return np.zeros(mask.shape, np.int32)
-  seeds = components((interior > threshold) & mask)
-  if min_seed > 1:
-    small = np.bincount(seeds.ravel()) < min_seed
-    small[0] = False
-    seeds[small[seeds]] = 0
+  seeds = drop_small(components((interior > threshold) & mask), min_seed)
   labels = watershed(-interior, seeds, mask=mask).astype(np.int32)
   rest = mask & (labels == 0)
   if rest.any():
-    pieces = components(rest)
-    keep = np.bincount(pieces.ravel()) >= min_unseeded
-    keep[0] = False
-    labels[keep[pieces]] = pieces[keep[pieces]] + labels.max()
+    pieces = drop_small(components(rest), min_unseeded)
+    labels[pieces > 0] = pieces[pieces > 0] + labels.max()
   return relabel(labels)
 
 

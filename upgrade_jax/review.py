@@ -47,7 +47,7 @@ from upgrade_jax.data.types import Dataset
 
 __all__ = ["SCORE", "COLUMNS", "binary_entropy", "image_review", "rank_rows", "review_csv",
            "write_review", "dataset_rows", "write_dataset_review", "TOP_N", "FLOOD_FRACTION",
-           "FLOOD_RATIO", "max_foreground_fraction"]
+           "FLOOD_RATIO", "max_foreground_fraction", "flood_warning"]
 
 # The column the queue is sorted by (see the module docstring for why).
 SCORE = "mean_entropy_foreground"
@@ -77,6 +77,16 @@ def _unmatched(a: np.ndarray, b: np.ndarray) -> int:
     return 0
   hit = np.bincount(lab[b & a].ravel(), minlength=n + 1)[1:]
   return int(np.count_nonzero(hit == 0))
+
+
+def flood_warning(ranked: Sequence[dict]) -> str | None:
+  """The log line naming the flooded rows of a review queue, or None."""
+  flooded = [r["name"] for r in ranked if r["flooded"]]
+  if not flooded:
+    return None
+  return (f"WARNING: {len(flooded)} upgraded labels flooded (foreground far above the LQ "
+          f"label's and every HQ image's; column flooded of review.csv): "
+          f"{', '.join(flooded[:5])}")
 
 
 def max_foreground_fraction(ds: Dataset) -> float:

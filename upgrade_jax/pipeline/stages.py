@@ -146,8 +146,7 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
         hq_foreground_fraction=upgrader.hq_foreground_fraction)
     run.result["flooded"] = [r["name"] for r in ranked if r["flooded"]]
     if run.result["flooded"]:
-      run.log(f"[rep {run.rep}] {len(run.result['flooded'])} upgraded slices flooded (column "
-              f"flooded of review.csv): {', '.join(run.result['flooded'][:5])}")
+      run.log(f"[rep {run.rep}] {review.flood_warning(ranked)}")
   run.timed("upgrade_predict_s", t0)
   run.result["annotation_dice"] = ann
   run.log(f"[rep {run.rep}] annotation Dice on the test set: LQ {ann['lq']:.4f} -> "

@@ -220,9 +220,7 @@ def run_user(cfg: PipelineConfig, user: UserData, out_dir, *,
                                          hq_foreground_fraction=upgrader.hq_foreground_fraction)
     flooded = [r["name"] for r in ranked if r["flooded"]]
     if flooded:
-      log(f"WARNING: {len(flooded)} upgraded labels flooded (foreground far above the LQ "
-          f"label's and every HQ image's; column flooded of review.csv): "
-          f"{', '.join(flooded[:5])}")
+      log(review.flood_warning(ranked))
     log(f"review queue: {out_dir / 'review.csv'} (most doubtful first: "
         f"{ranked[0]['name']}), overlays of the first {min(len(ranked), cfg.review_top)} "
         f"in {out_dir / 'review'}")
