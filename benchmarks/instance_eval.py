@@ -5,9 +5,9 @@ r"""Instance scores of label folders against a ground-truth folder.
 
 For each named folder: StarDist-style matching summed over the images
 (precision, recall, F1 and accuracy TP/(TP+FP+FN) at IoU 0.5 and 0.75) and
-pooled Dice, on the files present in --gt, and the flooded files: foreground
-above FLOOD_FRACTION of the image where the truth's is below
-FLOOD_TRUTH_BELOW (a background turned foreground). --same checks that two
+pooled Dice, on the files present in --gt, and the flooded files
+(review.truth_floods: foreground above half the image where the truth's is
+below 0.3, a background turned foreground). --same checks that two
 folders hold byte-identical files. Prints one JSON line.
 """
 
@@ -25,12 +25,11 @@ flags.DEFINE_list("labels", [], "name=folder pairs to score.")
 flags.DEFINE_list("same", [], "Two folders whose files must be byte-identical.")
 flags.mark_flag_as_required("gt")
 F = flags.FLAGS
-FLOOD_FRACTION, FLOOD_TRUTH_BELOW = 0.5, 0.3
 
 
 def main(argv):
   del argv
-  from upgrade_jax import instances, metrics
+  from upgrade_jax import instances, metrics, review
 
   gt_files = sorted(Path(F.gt).glob("*.tif"))
   gts = [tifffile.imread(p) for p in gt_files]
@@ -41,7 +40,7 @@ def main(argv):
     scores = instances.summary_scores(gts, preds)
     scores["objects"] = int(sum(len(np.unique(p)) - 1 for p in preds))
     scores["flooded"] = [p.name for p, pr, g in zip(gt_files, preds, gts)
-                         if (pr > 0).mean() > FLOOD_FRACTION and (g > 0).mean() < FLOOD_TRUTH_BELOW]
+                         if review.truth_floods(pr, g)]
     scores["dice"] = metrics.pooled_dice(np.sum([metrics.dice_counts_np(p > 0, g > 0)
                                                  for p, g in zip(preds, gts)], axis=0))
     out[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}

@@ -1,12 +1,15 @@
 r"""A saved upgrader applied to a new folder: train once, upgrade many.
 
     python -m experiments.apply --model=RUN/model --images=DIR --labels=DIR \
-        --out_dir=DIR [--output=instances|mask] [--tile=1024 --tile_margin=64]
+        --out_dir=DIR [--output=instances|mask] [--tile=1024 --tile_margin=64] \
+        [--naming=upgrade_jax|cellpose|stardist] [--truth=DIR]
 
 reads each image with its LQ label file (same name, any extension) and writes
 out_dir/upgraded/<same name>.tif: uint16 (uint32 above 65535 objects)
 instance labels, touching cells separate (--output=instances, the default),
-or the connected components of the upgraded mask (--output=mask). The model
+or the connected components of the upgraded mask (--output=mask);
+--naming=cellpose|stardist lays them out as those tools' training folders
+(upgrade_jax/data/layouts.py). The model
 folder is what a training run of experiments.upgrade leaves in out_dir/model.
 It also writes the review queue: out_dir/review.csv (one row per image, most
 doubtful first; upgrade_jax/review.py) and overlays of the first
@@ -32,12 +35,18 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments import cli, run_flags  # the shared CLI; the run flags apply may share
+from upgrade_jax.data import layouts   # the layouts --naming chooses from
 
 F = flags.FLAGS
 
 flags.DEFINE_string("model", None, "The model/ folder a training run left (out_dir/model).")
 flags.DEFINE_string("images", None, "Folder of images to upgrade the labels of.")
 flags.DEFINE_string("labels", None, "Folder of their LQ labels (same file names).")
+flags.DEFINE_enum("naming", layouts.NAMINGS[0], list(layouts.NAMINGS),
+                  "How out_dir/upgraded is laid out: upgrade_jax (<name>.tif), cellpose "
+                  "(<name>_masks.tif beside a copy of each image: `cellpose --train "
+                  "--dir=out_dir/upgraded`) or stardist (images/ and masks/, one file name "
+                  "in both). See upgrade_jax/data/layouts.py.")
 flags.DEFINE_string("truth", None, "Optional folder of true instance labels of the same images "
                     "(same file names): apply then scores the LQ and the upgraded labels "
                     "against them (instance F1 at IoU 0.5 and 0.75, DSB score, PQ, Dice).")
@@ -82,6 +91,10 @@ def plan(out_dir: Path):
   guard = rundir.InputGuard([F.images, F.labels, F.model] + ([F.truth] if F.truth else []))
   rundir.check_out_dir(out_dir, guard, owner="apply")
   pairs = io.pair_files(F.images, F.labels)
+  try:
+    layouts.check_stems([stem for stem, _, _ in pairs], F.naming)
+  except ValueError as e:
+    raise InputError(f"--naming={F.naming}: {e}") from None
   truth = {}
   if F.truth:
     try:
@@ -107,19 +120,22 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
   target = out_dir / "upgraded"
   with rundir.RunLock(out_dir, owner="apply"):
     rundir.remove_stale_temps(out_dir)
-    target.mkdir(parents=True, exist_ok=True)
+    for folder in layouts.folders(target, F.naming):
+      folder.mkdir(parents=True, exist_ok=True)
     written, rows, packed = [], [], {}
     tallies = {k: instances.InstanceTally() for k in ("lq", "upgraded")}
     dice = {k: np.zeros(3, np.int64) for k in ("lq", "upgraded")}
+    truth_flooded = []
     for k, (stem, image_path, label_path, truth_path) in enumerate(pairs):
       image, lq = export.load_sample(image_path, label_path, upgrader)
-      # The probabilities once: upgrade_sample's mask is this > FOREGROUND_THRESHOLD.
-      probs, interior = export.sample_maps(upgrader, image, lq)
-      mask = probs > metrics.FOREGROUND_THRESHOLD
-      labels = instances.labels_from_mask(mask, lq, F.output, interior)
-      written.append(str(io.write_labels(target / f"{stem}.tif", labels, guard=guard)))
-      rows.append(review.image_review(lq, mask, probs, stem,
-                                      hq_foreground_fraction=upgrader.hq_foreground_fraction))
+      # The napari plugin's Upgrade widget runs the same function on its layers.
+      mask, labels, row = export.upgrade_reviewed(upgrader, image, lq, stem, F.output)
+      written.append(str(io.write_labels(layouts.label_path(target, stem, F.naming), labels,
+                                         guard=guard)))
+      copy = layouts.image_copy_path(target, stem, image_path, F.naming)
+      if copy is not None:   # a training layout: the image beside its labels, byte for byte
+        files.write_bytes(copy, Path(image_path).read_bytes(), guard=guard)
+      rows.append(row)
       packed[stem] = (np.packbits(mask), mask.shape)   # 1 bit a pixel for the overlays
       if truth_path is not None:
         truth = io.read_labels(truth_path)
@@ -127,6 +143,8 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
         for name, lab in (("lq", lq_instances), ("upgraded", labels)):
           tallies[name].add(truth, lab)
           dice[name] += metrics.dice_counts_np(lab > 0, truth > 0)
+        if review.truth_floods(labels, truth):
+          truth_flooded.append(stem)
       cli.log_line(f"[{k + 1}/{len(pairs)}] {stem}: {image.shape[0]}x{image.shape[1]}, "
                    f"{int(lq.max())} LQ -> {int(labels.max())} upgraded objects")
     paths_of = {stem: (image_path, label_path) for stem, image_path, label_path, _ in pairs}
@@ -141,11 +159,12 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
     if flooded:
       cli.log_line(review.flood_warning(ranked))
     record = {"model": str(Path(F.model).resolve()), "images": F.images, "labels": F.labels,
-              "output": F.output, "tiling": dataclasses.asdict(upgrader.tiling),
+              "output": F.output, "naming": F.naming, "tiling": dataclasses.asdict(upgrader.tiling),
               "upgraded": written, "review": [r["name"] for r in ranked], "flooded": flooded,
               "seconds": time.perf_counter() - t0,
               "scores": ({k: {**tallies[k].summary(), "dice": metrics.pooled_dice(dice[k]),
                               "images": tallies[k].images} for k in tallies}
+                         | {"flooded_vs_truth": truth_flooded}
                          if tallies["lq"].images else None),
               "command": " ".join(sys.argv)}
     files.write_text(out_dir / "apply.json", json.dumps(record, indent=2), guard=guard)
@@ -162,7 +181,12 @@ def main(argv):
   record = cli.one_line_errors(execute, out_dir, upgrader, pairs, guard)
   cli.log_line(f"wrote {len(record['upgraded'])} upgraded label files to "
                f"{out_dir / 'upgraded'} in {record['seconds']:.1f}s")
-  for name, s in (record["scores"] or {}).items():
+  scores = dict(record["scores"] or {})
+  if scores:
+    floods = scores.pop("flooded_vs_truth")
+    cli.log_line(f"flooded against --truth (foreground > half the image where the truth's "
+                 f"< 0.3): {len(floods)} of {scores['upgraded']['images']} upgraded labels")
+  for name, s in scores.items():
     cli.log_line(f"{name:9} against --truth ({s['images']} images): F1@0.5 {s['f1@0.5']:.4f}, "
                  f"F1@0.75 {s['f1@0.75']:.4f}, DSB score {s['dsb_score']:.4f}, "
                  f"PQ@0.5 {s['panoptic_quality@0.5']:.4f}, Dice {s['dice']:.4f}")

@@ -12,7 +12,7 @@ from upgrade_jax.engine import TrainConfig, Upgrade
 from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.perturb import PerturbConfig
 from upgrade_jax.data.labels import FelzenszwalbConfig
-from upgrade_jax.pipeline import REGISTRY, DataConfig, PipelineConfig
+from upgrade_jax.pipeline import REGISTRY, USER_HAZE, DataConfig, PipelineConfig
 from upgrade_jax.pipeline.scenarios import METHOD
 
 F = flags.FLAGS
@@ -113,7 +113,9 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                 lr_drops=v.lr_drops, lr_drop_factor=v.lr_drop_factor,
                 patience_growth=v.patience_growth)
   upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=v.label_dropout,
-                                     strength_mix=v.strength_mix, boundaries=v.boundaries),
+                                     strength_mix=v.strength_mix, boundaries=v.boundaries,
+                                     haze=_or(v.haze, USER_HAZE if v.hq_images else
+                                              Upgrade().haze)),
                         max_steps=v.max_steps, **common)
   segment = TrainConfig(task=Segment(), max_steps=v.seg_max_steps or v.max_steps,
                         **{**common, "patience": v.seg_patience or v.patience,

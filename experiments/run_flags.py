@@ -18,7 +18,7 @@ from upgrade_jax.engine import TrainConfig, Upgrade
 from upgrade_jax.engine.tiling import TileConfig
 from upgrade_jax.instances import OUTPUTS
 from upgrade_jax.perturb import COUNT_ROUNDINGS
-from upgrade_jax.pipeline import (HQ_COST, LQ_SOURCES, OTHERS_MODES, REGISTRY, SCENARIOS,
+from upgrade_jax.pipeline import (USER_HAZE, HQ_COST, LQ_SOURCES, OTHERS_MODES, REGISTRY, SCENARIOS,
                                   SOURCES, DataConfig, PipelineConfig)
 from upgrade_jax.data.intensity import check_percentiles as io_check_percentiles
 
@@ -219,6 +219,11 @@ flags.DEFINE_bool("strength_mix", _UPGRADE.strength_mix, "Draw each sample's per
 flags.DEFINE_bool("boundaries", _UPGRADE.boundaries, "u_θ also learns each cell's boundary "
                   "(a third class), and instances are split on its predicted interiors: "
                   "touching cells come apart without LQ instances to seed them.")
+flags.DEFINE_float("haze", None, "Largest height of a random smooth background (a ramp or "
+                   "a glow, in units of the normalised range) laid over u_θ's training "
+                   "images, so a hazy image's background is not upgraded to foreground; 0: "
+                   f"none (default {USER_HAZE} in user mode, {_UPGRADE.haze} in simulated runs).",
+                   lower_bound=0.0, upper_bound=10.0)
 flags.DEFINE_integer("log_every", _TRAIN.log_every, "Steps between progress lines.",
                      lower_bound=1)
 

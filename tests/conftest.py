@@ -8,6 +8,7 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 
 from upgrade_jax.data.types import Dataset
 
@@ -60,3 +61,45 @@ def toy_discs(n: int, size=(48, 48), *, seed: int = 0, discs=(3, 6),
     images[i, ..., 0] = np.where(valid, img, 0.0)
   return Dataset(images, targets, np.zeros_like(targets), ext.astype(np.int32),
                  tuple(f"toy{i}" for i in range(n)))
+
+
+# CI installs the napari and export extras and sets this: there, a missing
+# extra (or display) fails its tests instead of skipping them.
+REQUIRE_EXTRAS = os.environ.get("UPGRADE_JAX_REQUIRE_EXTRAS") == "1"
+
+
+def require_extra(module: str, why: str = ""):
+  """The module, imported; skips the calling test module where it is not
+  installed, unless CI requires the extras (REQUIRE_EXTRAS: then it fails)."""
+  if REQUIRE_EXTRAS:
+    import importlib
+    return importlib.import_module(module)
+  return pytest.importorskip(module, reason=why or None)
+
+
+def skip_unless_required(reason: str):
+  """pytest.skip, or a failure where CI requires the extras."""
+  if REQUIRE_EXTRAS:
+    pytest.fail(f"required in CI (UPGRADE_JAX_REQUIRE_EXTRAS=1): {reason}")
+  pytest.skip(reason)
+
+
+def pytest_addoption(parser):
+  # napari's pytest plugin is off for the suite (pyproject's addopts): its
+  # autouse fixtures would run around every test. tests/test_napari_plugin.py
+  # imports its make_napari_viewer fixture, which reads these two options.
+  for name in ("--show-napari-viewer", "--save-leaked-object-graph"):
+    try:
+      parser.addoption(name, action="store_true", default=False,
+                       help="napari's test option (tests/test_napari_plugin.py)")
+    except ValueError:   # napari's plugin was loaded after all (-p napari)
+      pass
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  # What napari's plugin records and make_napari_viewer's teardown reads
+  # (item.rep_setup / rep_call / rep_teardown), kept with the plugin off.
+  outcome = yield
+  rep = outcome.get_result()
+  setattr(item, f"rep_{rep.when}", rep)

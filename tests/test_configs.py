@@ -127,7 +127,7 @@ def test_every_entry_point_imports_in_one_process():
   # Flags are global: two entry points defining the same flag name would make
   # the second import fail (DuplicateFlagError) in tests and notebooks.
   import importlib
-  for m in ("upgrade", "sweep", "apply", "reproduce", "advise"):
+  for m in ("upgrade", "sweep", "apply", "reproduce", "advise", "export"):
     importlib.import_module(f"experiments.{m}")
 
 
@@ -199,6 +199,19 @@ def test_lr_drop_flags_reach_the_networks_they_name():
     assert cfg.segment.lr_drop_factor == cfg.upgrade.lr_drop_factor == 0.5
   with parsed("--out_dir=runs/x", "--lr_drops=2", "--seg_lr_drops=0"):
     assert run_config.build_config().segment.lr_drops == 0
+
+
+def test_haze_defaults_on_in_user_mode_only():
+  from upgrade_jax.pipeline import USER_HAZE
+  user = [f"--{f}=/tmp/x{i}" for i, f in enumerate(run_flags.USER_FLAGS)]
+  with parsed("--out_dir=runs/x"):
+    assert run_config.build_config().upgrade.task.haze == 0.0   # the paper's protocol
+  with parsed("--out_dir=runs/x", *user):
+    assert run_config.build_config().upgrade.task.haze == USER_HAZE > 0
+  with parsed("--out_dir=runs/x", *user, "--haze=0"):
+    assert run_config.build_config().upgrade.task.haze == 0.0
+  with parsed("--out_dir=runs/x", "--haze=0.5"):
+    assert run_config.build_config().upgrade.task.haze == 0.5
 
 
 def test_method_flags_are_derived_from_the_registry():

@@ -178,12 +178,42 @@ def test_apply_scores_the_labels_against_truth(trained, tmp_path):
   assert scores["upgraded"]["f1@0.5"] == pytest.approx(
       instances.summary_scores(truths, up)["f1@0.5"])
   assert "upgraded  against --truth (4 images): F1@0.5" in proc.stdout
+  assert scores["flooded_vs_truth"] == [] and "flooded against --truth" in proc.stdout
   # A truth folder that does not pair with the images is refused, nothing written.
   (tmp_path / "t").mkdir()
   proc = run("experiments.apply", [f"--model={root}/run/model", f"--images={root}/lq/images",
                                    f"--labels={root}/lq/labels", f"--truth={tmp_path}/t",
                                    f"--out_dir={tmp_path}/refused"], check=False)
   assert proc.returncode == 2 and "--truth=" in proc.stderr and not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow
+def test_apply_writes_cellpose_and_stardist_training_folders(trained, tmp_path):
+  root = trained
+  args = [f"--model={root}/run/model", f"--images={root}/lq/images", f"--labels={root}/lq/labels"]
+  run("experiments.apply", args + [f"--out_dir={tmp_path}/cp", "--naming=cellpose"])
+  run("experiments.apply", args + [f"--out_dir={tmp_path}/sd", "--naming=stardist"])
+  stems = [f"lq{i}" for i in range(4, 8)]
+  want = {s: (root / "run/upgraded" / f"{s}.tif").read_bytes() for s in stems}
+  image = {s: (root / "lq/images" / f"{s}.tif").read_bytes() for s in stems}
+  cp, sd = tmp_path / "cp/upgraded", tmp_path / "sd/upgraded"
+  assert sorted(p.name for p in cp.iterdir()) == sorted(
+      [f"{s}.tif" for s in stems] + [f"{s}_masks.tif" for s in stems])
+  assert sorted(p.name for p in sd.iterdir()) == ["images", "masks"]
+  for s in stems:   # the same labels, and each image's bytes beside them
+    assert (cp / f"{s}_masks.tif").read_bytes() == (sd / "masks" / f"{s}.tif").read_bytes() == want[s]
+    assert (cp / f"{s}.tif").read_bytes() == (sd / "images" / f"{s}.tif").read_bytes() == image[s]
+  assert json.loads((tmp_path / "cp/apply.json").read_text())["naming"] == "cellpose"
+  # An image Cellpose would read as masks is refused before anything is written.
+  bad = tmp_path / "bad"
+  for kind in ("images", "labels"):
+    (bad / kind).mkdir(parents=True)
+    (bad / kind / "x_masks.tif").write_bytes((root / f"lq/{kind}/lq4.tif").read_bytes())
+  proc = run("experiments.apply", [f"--model={root}/run/model", f"--images={bad}/images",
+                                   f"--labels={bad}/labels", f"--out_dir={tmp_path}/no",
+                                   "--naming=cellpose"], check=False)
+  assert proc.returncode == 2 and "--naming=cellpose" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
 
 
 @pytest.mark.slow

@@ -58,6 +58,11 @@ def test_synthetic_run_writes_the_review_queue_z_consistent(tmp_path):
   rep = json.loads((out / "rep0" / "rep.json").read_text())
   assert rep["config"]["data"]["z_consistent"] is True
   assert rep["effective_rates"]["targets"] > 0
+  # Floods by the truth: the column and the rep's list say the same.
+  assert {"truth_foreground_fraction", "flooded_vs_truth"} <= set(rows[0])
+  assert rep["flooded_vs_truth"]["lq_train_set"] == [
+      r["name"] for r in rows if r["flooded_vs_truth"] == "1"]
+  assert isinstance(rep["flooded_vs_truth"]["test"], list)
 
 
 def test_cli_rejects_bad_flags(tmp_path):

@@ -37,6 +37,25 @@ def test_image_review_counts_by_hand():
       pytest.approx(2 * 20 / (20 + 29))
 
 
+def test_truth_floods_by_hand():
+  truth = np.zeros((10, 10), np.int32)
+  truth[:2, :] = 1                                   # truth 20% foreground
+  up = np.zeros((10, 10), bool)
+  up[:6, :] = True                                   # 60%: a flood
+  assert review.truth_floods(up, truth)
+  assert not review.truth_floods(np.zeros((10, 10)), truth)   # empty
+  up[5, :] = False                                   # exactly 50%: not above
+  assert not review.truth_floods(up, truth)
+  truth[2, :] = 2                                    # truth exactly 30%: not below
+  assert not review.truth_floods(np.ones((10, 10)), truth)
+  truth[2, 0] = 0
+  assert review.truth_floods(np.ones((10, 10)), truth)
+  r = review.image_review(truth, np.ones((10, 10), bool), np.ones((10, 10)), "x", truth=truth)
+  assert (r["flooded_vs_truth"], r["truth_foreground_fraction"]) == (1, pytest.approx(0.29))
+  with pytest.raises(ValueError, match="shapes differ"):
+    review.truth_floods(np.ones((4, 4)), np.ones((4, 5)))
+
+
 def test_entropy_and_empty_images():
   np.testing.assert_allclose(review.binary_entropy([0.0, 0.5, 1.0]), [0, 1, 0], atol=1e-5)
   z = np.zeros((8, 8))

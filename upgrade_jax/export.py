@@ -16,6 +16,8 @@ A run that trains u_θ leaves `out_dir/model/`:
 LQ label) into an upgraded mask and the labels written to disk. The training
 run writes its own upgraded files through the same functions, so
 `python -m experiments.apply` with its model reproduces them bit for bit.
+`load_sample` reads a file pair, `prepare_arrays` takes the same arrays in
+memory (the napari plugin's layers); `upgrade_reviewed` adds the review row.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax
 import numpy as np
 
 import upgrade_jax
-from upgrade_jax import files, instances, rundir
+from upgrade_jax import files, instances, review, rundir
 from upgrade_jax.data import intensity, io, stacking
 from upgrade_jax.data.types import Dataset
 from upgrade_jax.engine.state import TrainState
@@ -43,8 +45,8 @@ from upgrade_jax.rundir import InputError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_JSON", "VARIABLES", "Upgrader",
            "save_upgrader", "load_upgrader", "upgrader_from_state", "load_sample",
-           "upgrade_sample", "sample_maps", "sample_probability", "upgrade_probs",
-           "upgrade_maps"]
+           "prepare_arrays", "upgrade_sample", "upgrade_reviewed", "sample_maps",
+           "sample_probability", "upgrade_probs", "upgrade_maps"]
 
 FORMAT = "upgrade_jax.upgrader"
 # Bumped when a saved model's meaning changes; a loader refuses newer formats.
@@ -257,15 +259,40 @@ def load_sample(image_path, label_path, upgrader: Upgrader) -> tuple[np.ndarray,
     ValueError naming the file; InputError when the channel count differs
     from the network's.
   """
-  labels = io.read_labels(label_path)
-  if labels.ndim != 2:
-    raise ValueError(f"{label_path}: expected a 2-D label image, got shape {labels.shape}")
+  labels = _check_2d(io.read_labels(label_path), label_path)
   image = io.read_image(image_path)
-  ds = stacking.stack_samples([(image, labels, None, f"{image_path} vs {label_path}")],
+  return prepare_arrays(image, labels, upgrader, image_name=image_path, label_name=label_path)
+
+
+def _check_2d(labels: np.ndarray, label_name) -> np.ndarray:
+  if labels.ndim != 2:
+    raise ValueError(f"{label_name}: expected a 2-D label image, got shape {labels.shape}")
+  return labels
+
+
+def prepare_arrays(image: np.ndarray, labels: np.ndarray, upgrader: Upgrader, *,
+                   image_name="image", label_name="labels") -> tuple[np.ndarray, np.ndarray]:
+  """`load_sample` of arrays already in memory (a napari layer's, say).
+
+  Args:
+    image: (H, W) or (H, W, C), C in 1-4, of any numeric dtype, as a file holds it.
+    labels: (H, W) LQ labels, non-negative integers (or bool).
+    image_name, label_name: what error messages call them.
+
+  Returns:
+    (image (H, W, C) float32, labels (H, W) int32 relabelled 1..n), exactly
+    as load_sample returns them for files holding these arrays.
+
+  Raises:
+    ValueError naming them (bad ids, shapes that differ); InputError when
+    the channel count differs from the network's.
+  """
+  labels = _check_2d(io.check_labels(labels, label_name), label_name)
+  ds = stacking.stack_samples([(image, labels, None, f"{image_name} vs {label_name}")],
                         normalisation=upgrader.normalisation, channels=upgrader.channels,
                         percentiles=upgrader.percentiles)
   if ds.channels != upgrader.image_channels:
-    raise InputError(f"{image_path}: {ds.channels} channel(s) after the model's "
+    raise InputError(f"{image_name}: {ds.channels} channel(s) after the model's "
                      f"'{upgrader.channels}' policy, but the model takes "
                      f"{upgrader.image_channels}; use a model trained on such images")
   return ds.images[0], ds.targets[0]
@@ -284,11 +311,31 @@ def upgrade_sample(upgrader: Upgrader, image: np.ndarray, lq_labels: np.ndarray,
   Returns:
     (mask (H, W) bool, labels (H, W) int32).
   """
+  _, mask, labels = _upgrade(upgrader, image, lq_labels, output)
+  return mask, labels
+
+
+def upgrade_reviewed(upgrader: Upgrader, image: np.ndarray, lq_labels: np.ndarray, name: str,
+                     output: str = "instances") -> tuple[np.ndarray, np.ndarray, dict]:
+  """`upgrade_sample` with the sample's review row: what apply writes of one
+  image (the label file and its row of review.csv), and the napari plugin shows.
+
+  Returns:
+    (mask (H, W) bool, labels (H, W) int32, review.image_review's row named `name`).
+  """
+  probs, mask, labels = _upgrade(upgrader, image, lq_labels, output)
+  return mask, labels, review.image_review(
+      lq_labels, mask, probs, name, hq_foreground_fraction=upgrader.hq_foreground_fraction)
+
+
+def _upgrade(upgrader, image, lq_labels, output):
+  """(probabilities, mask, labels) of one sample: the probabilities computed
+  once; the mask is them > FOREGROUND_THRESHOLD."""
   if output not in instances.OUTPUTS:
     raise ValueError(f"output must be one of {instances.OUTPUTS}, got {output!r}")
   probs, interior = sample_maps(upgrader, image, lq_labels)
   mask = probs > FOREGROUND_THRESHOLD
-  return mask, instances.labels_from_mask(mask, lq_labels, output, interior)
+  return probs, mask, instances.labels_from_mask(mask, lq_labels, output, interior)
 
 
 def sample_maps(upgrader: Upgrader, image: np.ndarray,

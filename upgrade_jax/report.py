@@ -61,12 +61,22 @@ def instance_summary(reps: list) -> dict:
           for k in first}
 
 
+def flood_summary(reps: list) -> dict:
+  """{"test"|"lq_train_set": number of upgraded labels flooded against the
+  truth, summed over the reps} (review.truth_floods), or {}."""
+  reps = [r["flooded_vs_truth"] for r in reps if "flooded_vs_truth" in r]
+  return {k: sum(len(r.get(k, [])) for r in reps) for k in ("test", "lq_train_set")} if reps else {}
+
+
 def results_dict(results, extra: dict | None = None) -> dict:
   """The content of results.json: summaries, per-rep numbers, config, versions."""
   summary = results.summary()
   inst = instance_summary(results.reps)
   if inst:
     summary["annotation_instances"] = inst
+  floods = flood_summary(results.reps)
+  if floods:
+    summary["flooded_vs_truth"] = floods
   timings = dict(results.timings)
   timings["per_rep"] = [r.get("timings", {}) for r in results.reps]
   return {**summary, "reps": results.reps, "config": json_safe(results.config),
@@ -159,6 +169,11 @@ def format_table(d: dict, paper: dict | None = None) -> str:
       lines.append(f"{'':14}{row_label(d, k):16}" + "".join(
           f"{s[c]['mean']:>10.4f} ± {s[c]['std']:.3f}" if s[c]["std"] is not None
           else f"{s[c]['mean']:>18.4f}" for c in cols))
+  floods = d.get("flooded_vs_truth")
+  if floods:
+    lines.append(f"{'':14}Flooded against the truth: {floods['test']} test, "
+                 f"{floods['lq_train_set']} LQ training labels (foreground > 0.5 where the "
+                 f"truth's < 0.3)")
   gap = d.get("oracle_gap_recovered") or {}
   if gap:
     lines.append("")

@@ -25,7 +25,10 @@ background can make it) is flagged, not hidden: `flooded` is 1 where the
 upgraded foreground covers more than FLOOD_FRACTION of the image and more
 than FLOOD_RATIO times the larger of the LQ label's foreground and the
 largest of the HQ training images' (`foreground_ratio`, a column to sort
-by). Such a file is unusable as it is; the row says so.
+by). Such a file is unusable as it is; the row says so. Where the truth
+is known (simulated data, `apply --truth`), `truth_floods` is the check
+that needs no reference: the upgraded foreground above FLOOD_FRACTION where
+the truth's is below TRUTH_FLOOD_BELOW (column flooded_vs_truth).
 
 All functions are pure except `write_review`, which writes files.
 """
@@ -47,7 +50,8 @@ from upgrade_jax.data.types import Dataset
 
 __all__ = ["SCORE", "COLUMNS", "binary_entropy", "image_review", "rank_rows", "review_csv",
            "write_review", "dataset_rows", "write_dataset_review", "TOP_N", "FLOOD_FRACTION",
-           "FLOOD_RATIO", "max_foreground_fraction", "flood_warning"]
+           "FLOOD_RATIO", "TRUTH_FLOOD_BELOW", "truth_floods", "max_foreground_fraction",
+           "flood_warning"]
 
 # The column the queue is sorted by (see the module docstring for why).
 SCORE = "mean_entropy_foreground"
@@ -57,6 +61,8 @@ COLUMNS = ("rank", "name", "score", "changed_fraction", "pixels_added", "pixels_
            "lq_foreground_fraction", "foreground_ratio", "flooded")
 TOP_N = 20
 FLOOD_FRACTION, FLOOD_RATIO = 0.5, 2.0
+TRUTH_FLOOD_BELOW = 0.3
+TRUTH_COLUMNS = ("dice_vs_truth", "truth_foreground_fraction", "flooded_vs_truth")
 _EPS = 1e-7
 _PNG = re.compile(r"^\d{3,}_.*\.png$")   # the overlays this module writes
 
@@ -89,6 +95,21 @@ def flood_warning(ranked: Sequence[dict]) -> str | None:
           f"{', '.join(flooded[:5])}")
 
 
+def truth_floods(upgraded, truth) -> bool:
+  """Whether an upgraded label flooded by its truth: foreground (> 0) over
+  more than FLOOD_FRACTION of the image where the truth's covers less than
+  TRUTH_FLOOD_BELOW (a background turned foreground).
+
+  Args: upgraded, truth: (H, W) labels or masks of one shape (> 0 is foreground).
+  """
+  up, t = np.asarray(upgraded) > 0, np.asarray(truth) > 0
+  if up.shape != t.shape:
+    raise ValueError(f"shapes differ: upgraded {up.shape}, truth {t.shape}")
+  if not up.size:
+    return False
+  return bool(up.mean() > FLOOD_FRACTION and t.mean() < TRUTH_FLOOD_BELOW)
+
+
 def max_foreground_fraction(ds: Dataset) -> float:
   """The largest foreground fraction (target > 0 over its valid extent) of
   a Dataset's samples: the HQ set's reference for `flooded`."""
@@ -106,7 +127,9 @@ def image_review(lq, upgraded, probs, name: str, truth=None,
     upgraded: (H, W) bool upgraded mask (probs > 0.5).
     probs: (H, W) float32 foreground probabilities of u_θ.
     name: the image's name.
-    truth: optional (H, W) ground truth (simulated data): adds `dice_vs_truth`.
+    truth: optional (H, W) ground truth (simulated data): adds TRUTH_COLUMNS
+      (`dice_vs_truth`, `truth_foreground_fraction`, `flooded_vs_truth` 0/1
+      by `truth_floods`).
     hq_foreground_fraction: the largest foreground fraction of the HQ
       training images (Upgrader.hq_foreground_fraction), or None (unknown:
       the LQ label alone is the reference).
@@ -151,6 +174,8 @@ def image_review(lq, upgraded, probs, name: str, truth=None,
     t = np.asarray(truth) > 0
     denom = int(t.sum() + up.sum())
     row["dice_vs_truth"] = 2 * int((t & up).sum()) / denom if denom else 1.0
+    row["truth_foreground_fraction"] = float(t.mean()) if t.size else 0.0
+    row["flooded_vs_truth"] = int(truth_floods(up, t))
   return row
 
 
@@ -162,8 +187,8 @@ def rank_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def review_csv(ranked: Sequence[dict]) -> str:
-  """CSV text of ranked rows: COLUMNS (plus dice_vs_truth when known)."""
-  cols = list(COLUMNS) + (["dice_vs_truth"] if ranked and "dice_vs_truth" in ranked[0] else [])
+  """CSV text of ranked rows: COLUMNS (plus TRUTH_COLUMNS when known)."""
+  cols = list(COLUMNS) + [c for c in TRUTH_COLUMNS if ranked and c in ranked[0]]
   buf = _io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(cols)

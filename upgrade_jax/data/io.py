@@ -30,7 +30,7 @@ from upgrade_jax.data.types import Volume
 from upgrade_jax.files import atomic_write
 
 __all__ = ["IMAGE_SUFFIXES", "read_array", "read_image", "read_labels", "check_labels",
-           "write_labels", "pair_files", "folder", "stack", "epfl_mito", "synthetic"]
+           "write_labels", "label_file_array", "pair_files", "folder", "stack", "epfl_mito", "synthetic"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 _TIFF = (".tif", ".tiff")
@@ -136,6 +136,13 @@ def _split_channels(image: np.ndarray, label_shape, source) -> np.ndarray:
                    "axis of 1-4)")
 
 
+def label_file_array(labels: np.ndarray, source="labels") -> np.ndarray:
+  """labels as `write_labels` stores them: checked, uint16, or uint32 above
+  65535 ids (so an array in memory, e.g. a napari layer, equals the file)."""
+  arr = check_labels(labels, source)
+  return arr.astype(np.uint16 if arr.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32)
+
+
 def write_labels(path, labels: np.ndarray, *,
                  guard: rundir.InputGuard | None = None) -> Path:
   """Writes an instance/binary label map as a zlib TIFF, atomically.
@@ -150,12 +157,11 @@ def write_labels(path, labels: np.ndarray, *,
     The destination Path.
   """
   path = Path(path)
-  arr = check_labels(labels, f"labels for {path}")
+  arr = label_file_array(labels, f"labels for {path}")
   if guard is not None:
     guard.check_output(path)
   if not path.parent.is_dir():
     raise FileNotFoundError(f"output folder does not exist: {path.parent}")
-  arr = arr.astype(np.uint16 if arr.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32)
   # minisblack: a short stack (Z <= 4) must not be stored as one RGB image.
   return atomic_write(path, lambda tmp: tifffile.imwrite(
       tmp, arr, compression="zlib", photometric="minisblack"))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from upgrade_jax.engine.augment import haze as add_haze
 from upgrade_jax.losses import dice_loss_from_logits, foreground_probs, soft_dice_loss
 from upgrade_jax.perturb import PerturbConfig, perturb
 
@@ -116,6 +117,9 @@ class Upgrade(Task):
       trained by Dice on the foreground plus Dice on the interior
       (losses.foreground_probs); instances are then split on the predicted
       interiors (instances.instances_from_interiors).
+    haze: the largest height of a random smooth background (a ramp or a
+      glow, engine.augment.haze) laid over training images, in units of
+      their normalised range; 0: none. Against floods on hazy images.
   """
 
   name: ClassVar[str] = "upgrade"
@@ -126,6 +130,7 @@ class Upgrade(Task):
   label_dropout: float = 0.0
   strength_mix: bool = False
   boundaries: bool = False
+  haze: float = 0.0
 
   @property
   def num_classes(self) -> int:   # an instance property over the ClassVar
@@ -136,6 +141,8 @@ class Upgrade(Task):
       raise ValueError("Upgrade.perturb must be a PerturbConfig")
     if not 0.0 <= self.label_dropout <= 1.0:
       raise ValueError(f"Upgrade.label_dropout must lie in [0, 1], got {self.label_dropout}")
+    if not 0.0 <= self.haze <= 10.0:
+      raise ValueError(f"Upgrade.haze must lie in [0, 10], got {self.haze}")
 
   def pair(self, key, images, targets, others, *, max_label: int, valid, train: bool):
     # Validation uses the configured P as is (no mix, no dropout).
@@ -155,6 +162,8 @@ class Upgrade(Task):
     if train and self.label_dropout > 0:
       keep = ~jax.random.bernoulli(k_drop, self.label_dropout, (b,))
       lq = lq & keep[:, None, None]
+    if train and self.haze > 0:   # a key of its own: the other streams stay as they were
+      images = add_haze(jax.random.fold_in(key, 3), images, valid, self.haze)
     inputs = jnp.concatenate([images, lq[..., None].astype(images.dtype)], -1)
     if self.boundaries:   # int32 codes 0 background, 1 interior, 2 boundary (> 0.5: foreground)
       return inputs, cell_codes(targets)

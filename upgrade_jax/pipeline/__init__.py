@@ -28,7 +28,7 @@ method on a user's folders of real HQ and LQ annotations.
 """
 
 from upgrade_jax.data.labels import FelzenszwalbConfig
-from upgrade_jax.pipeline.config import (HQ_COST, LQ_SOURCES, OTHERS_MODES, ConfigMismatch,
+from upgrade_jax.pipeline.config import (USER_HAZE, HQ_COST, LQ_SOURCES, OTHERS_MODES, ConfigMismatch,
                                          DataConfig, PipelineConfig, run_key)
 from upgrade_jax.pipeline.data import RepData, check_counts, hq_picks, load_volumes, prepare_rep
 from upgrade_jax.pipeline.others import OTHERS, felzenszwalb_volumes, target_area_range
@@ -39,7 +39,7 @@ from upgrade_jax.pipeline.stages import (threshold_baseline, upgrade_labels, upg
                                          write_upgraded)
 from upgrade_jax.pipeline.user import OPTIMISTIC, UserData, UserInputs, prepare_user, run_user
 
-__all__ = ["FelzenszwalbConfig", "HQ_COST", "LQ_SOURCES", "OTHERS_MODES", "ConfigMismatch",
+__all__ = ["USER_HAZE", "FelzenszwalbConfig", "HQ_COST", "LQ_SOURCES", "OTHERS_MODES", "ConfigMismatch",
            "DataConfig", "PipelineConfig", "run_key", "OTHERS", "SOURCES", "RepData",
            "check_counts", "felzenszwalb_volumes", "hq_picks", "load_volumes", "prepare_rep",
            "target_area_range", "Results", "discard_reps", "prepare_run", "run", "run_rep",

@@ -125,6 +125,11 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
           in zip(crop(upgraded_test), crop(data.test_lq_masks.targets),
                  crop(test_interior) if test_interior is not None
                  else [None] * len(data.test))])}
+  # Floods by the truth (review.truth_floods), of the test set's and the LQ
+  # training set's upgraded labels: simulated data can check what the
+  # review queue only suspects.
+  floods = {"test": [n for n, m, t in zip(data.test.names, crop(upgraded_test),
+                                          crop(data.test.targets)) if review.truth_floods(m, t)]}
   upgraded = data.lq_masks
   if len(data.lq_masks):
     # The probabilities once: the masks are those of upgrade_labels, and the
@@ -145,9 +150,13 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
         top_n=cfg.review_top, guard=run.guard,
         hq_foreground_fraction=upgrader.hq_foreground_fraction)
     run.result["flooded"] = [r["name"] for r in ranked if r["flooded"]]
+    floods["lq_train_set"] = [r["name"] for r in ranked if r.get("flooded_vs_truth")]
     if run.result["flooded"]:
       run.log(f"[rep {run.rep}] {review.flood_warning(ranked)}")
   run.timed("upgrade_predict_s", t0)
+  run.result["flooded_vs_truth"] = floods
+  if any(floods.values()):
+    run.log(f"[rep {run.rep}] WARNING: upgraded labels flooded against the truth: {floods}")
   run.result["annotation_dice"] = ann
   run.log(f"[rep {run.rep}] annotation Dice on the test set: LQ {ann['lq']:.4f} -> "
           f"upgraded {ann['upgraded']:.4f}")
