@@ -103,3 +103,4 @@ def pytest_runtest_makereport(item, call):
   outcome = yield
   rep = outcome.get_result()
   setattr(item, f"rep_{rep.when}", rep)
+

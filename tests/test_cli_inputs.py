@@ -351,3 +351,8 @@ def test_real_run_cleans_its_temporaries_writes_readable_files_and_refuses_itera
   before = _snapshot(root)
   proc = run_cli(_user_args(root, lq_labels=root / "out/upgraded"))
   assert_refused(proc, "--out_dir", before, root)
+  # A rerun with another config is refused inside its lock: it leaves
+  # nothing either, the lock file included (a finished run leaves none).
+  assert not (root / "out" / rundir.LOCK_NAME).exists()
+  proc = run_cli(_user_args(root) + ["--omission_rate=0.3"])
+  assert_refused(proc, "another config", before, root)

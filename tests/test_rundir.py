@@ -77,7 +77,11 @@ def test_lock_refuses_a_live_run_and_dies_with_a_killed_one(tmp_path):
   with rundir.RunLock(tmp_path):  # the killed run's lock is gone with it
     pass
   with rundir.RunLock(tmp_path):  # and a finished run's too
-    pass
+    assert (tmp_path / rundir.LOCK_NAME).is_file()
+  assert not (tmp_path / rundir.LOCK_NAME).exists()   # a run that ends leaves no lock file
+  with pytest.raises(RuntimeError), rundir.RunLock(tmp_path):   # nor one that fails
+    raise RuntimeError("refused")
+  assert not (tmp_path / rundir.LOCK_NAME).exists()
 
 
 def test_check_owner_refuses_files_it_did_not_write(tmp_path):

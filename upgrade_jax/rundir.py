@@ -24,6 +24,7 @@ prints its message as one line, without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -239,9 +240,13 @@ class RunLock:
   """An exclusive lock on a run's out_dir, held while the run lives.
 
   fcntl locks belong to the process: a killed run releases its lock, so a
-  rerun is never blocked by a stale lock file. With several JAX processes
-  only process 0 takes it (the others write no files; a second run's
-  process 0 is refused, and its other processes fail with it).
+  rerun is never blocked by a stale lock file. A run that ends (finished,
+  failed or refused) removes the file while it still holds the lock, so a
+  refused rerun leaves nothing behind; a process that opened the file just
+  before it went re-checks, after locking, that its file is still the one
+  at the path (else it locks afresh). With several JAX processes only
+  process 0 takes it (the others write no files; a second run's process 0
+  is refused, and its other processes fail with it).
   """
 
   def __init__(self, out_dir, owner: str | None = None):
@@ -253,18 +258,25 @@ class RunLock:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if not is_primary_process():
       return self
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+          os.close(fd)
+          raise
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise
-      holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        raise InputError(f"--out_dir={self.path.parent} is in use by a running upgrade_jax "
+                         f"process (pid {holder}); wait for it to finish or choose another "
+                         "--out_dir") from None
+      try:   # still the file at the path? (its last holder removes it on exit)
+        if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+          break
+      except FileNotFoundError:
+        pass
       os.close(fd)
-      raise InputError(f"--out_dir={self.path.parent} is in use by a running upgrade_jax "
-                       f"process (pid {holder}); wait for it to finish or choose another "
-                       "--out_dir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     self._fd = fd
@@ -274,6 +286,8 @@ class RunLock:
 
   def __exit__(self, *exc) -> None:
     if self._fd is not None:
+      with contextlib.suppress(FileNotFoundError):
+        self.path.unlink()   # while held: see the class docstring
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None
