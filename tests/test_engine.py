@@ -17,6 +17,7 @@ from upgrade_jax import parallel
 from upgrade_jax import engine as T
 from upgrade_jax.metrics import pooled_dice_np
 from upgrade_jax.perturb import PerturbConfig, perturb
+from upgrade_jax.rundir import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (4, 8, 8, 8, 8)
@@ -212,6 +213,33 @@ def test_early_stopping_keeps_best_and_finished_run_returns(tmp_path, toy_sets):
   other = train.replace(images=train.images[::-1].copy())
   with pytest.raises(T.ConfigMismatch, match="train_digest"):
     T.fit(cfg, other, val, tmp_path, log=lambda s: None)
+
+
+def test_a_corrupted_checkpoint_is_replaced_by_the_one_before(tmp_path, toy_sets):
+  train, val, _ = toy_sets
+  cfg = _toy_config(max_steps=8, steps_per_epoch=2, checkpoint_every=2, patience=100)
+  work, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+  full = T.fit(cfg, train, val, work, log=lambda s: None)
+  assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [6, 8]
+
+  def rot(step):   # bytes of the step's saved arrays flip on disk
+    for f in (p for p in (ckpt / str(step)).rglob("*") if p.is_file() and p.stat().st_size > 4096):
+      data = bytearray(f.read_bytes())
+      data[len(data) // 3::97] = bytes(b ^ 0x5A for b in data[len(data) // 3::97])
+      f.write_bytes(bytes(data))
+
+  rot(8)
+  lines = []
+  again = T.fit(cfg, train, val, work, log=lines.append)
+  warn = [line for line in lines if line.startswith("WARNING")]
+  assert len(warn) == 1 and "resuming from step 6 instead" in warn[0] and "/8" in warn[0]
+  assert again.resumed_from == 6
+  for a, b in zip(jax.tree.leaves((again.state_best.params, again.state_last.params)),
+                  jax.tree.leaves((full.state_best.params, full.state_last.params))):
+    np.testing.assert_array_equal(a, b)   # the steps since were replayed exactly
+  rot(6), rot(8)
+  with pytest.raises(InputError, match="every checkpoint is corrupted"):
+    T.fit(cfg, train, val, work, log=lambda s: None)
 
 
 _RESUME_SCRIPT = """

@@ -254,3 +254,53 @@ def test_apply_bad_inputs(trained, tmp_path, case, culprit):
   assert proc.returncode == 2, proc.stderr
   assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], lines
   assert snapshot(root) == before   # nothing created or changed
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_apply_in_one_line_and_the_rerun_finishes_it(trained, tmp_path,
+                                                                        monkeypatch, capsys):
+  # ENOSPC while the third label file is written (after part of it): one
+  # line naming the file and its size, nothing under a final name that an
+  # unfilled disk would not hold, and the rerun gives the uninterrupted files.
+  import errno
+
+  from absl import flags
+
+  from experiments import apply as apply_cli
+  from experiments import cli as cli_lib
+  from upgrade_jax import rundir
+
+  root = trained
+  args = [f"--model={root}/run/model", f"--images={root}/lq/images", f"--labels={root}/lq/labels"]
+  run("experiments.apply", args + [f"--out_dir={tmp_path}/ref"])
+  out = tmp_path / "full"
+  real, calls = tifffile.imwrite, []
+
+  def fills_the_disk(path, *a, **k):
+    calls.append(path)
+    if len(calls) == 3:
+      Path(path).write_bytes(b"half a file")
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(path, *a, **k)
+
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["apply", *args, f"--out_dir={out}"])
+  try:
+    plan = apply_cli.plan(out)
+    monkeypatch.setattr(tifffile, "imwrite", fills_the_disk)
+    with pytest.raises(SystemExit) as stop:
+      cli_lib.one_line_errors(apply_cli.execute, out, *plan)
+  finally:
+    monkeypatch.undo()
+    flags.FLAGS.unparse_flags()
+  err = capsys.readouterr().err.strip().splitlines()
+  assert stop.value.code == 2 and len(err) == 1
+  assert "lq6.tif: no space left" in err[0] and "MB" in err[0] and "rerun" in err[0]
+  names = sorted(p.name for p in (out / "upgraded").iterdir())
+  assert names == ["lq4.tif", "lq5.tif"]   # no partial file, no temporary, under any name
+  for n in names:
+    assert (out / "upgraded" / n).read_bytes() == (tmp_path / "ref/upgraded" / n).read_bytes()
+  assert not (out / "apply.json").exists() and not (out / rundir.LOCK_NAME).exists()
+  run("experiments.apply", args + [f"--out_dir={out}"])   # with space: the same files
+  assert snapshot(out / "upgraded") == snapshot(tmp_path / "ref/upgraded")
+  assert (out / "review.csv").read_text() == (tmp_path / "ref/review.csv").read_text()

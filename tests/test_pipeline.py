@@ -440,13 +440,17 @@ def test_synthetic_test_set_does_not_depend_on_n_volumes():
 @pytest.mark.slow
 def test_sweep_points_as_separate_jobs_collect_to_the_in_process_sweep(tmp_path):
   # A scheduler runs each point as its own process (--index, or the array
-  # index variable), then --collect; the result equals the in-process sweep.
+  # index variable), then --collect; it gathers each point's own results.
+  # (The in-process sweep and its collection: test_entry_points' user sweep.)
   base = TINY + ["--scenarios=", "--threshold_baseline=false", "--sweep=n_hq=2,4"]
-  run_cli(base + [f"--out_dir={tmp_path / 'one'}"], module="experiments.sweep")
   listed = run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--list"],
                    module="experiments.sweep").stdout.splitlines()
   assert [l.split("\t")[1] for l in listed] == ["n_hq=2", "n_hq=4"]
   assert all(l.endswith("todo") for l in listed) and not (tmp_path / "jobs").exists()
+  proc = run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--index=2"],
+                 module="experiments.sweep", check=False)   # out of range: nothing made
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--index=2" in proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "jobs").exists()
   proc = run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--collect"],
                  module="experiments.sweep", check=False)
   assert proc.returncode == 2 and "have not finished" in proc.stderr
@@ -457,9 +461,12 @@ def test_sweep_points_as_separate_jobs_collect_to_the_in_process_sweep(tmp_path)
   assert env_job.returncode == 0, env_job.stderr[-2000:]
   assert not (tmp_path / "jobs" / "sweep.json").exists()   # points only, no collection
   run_cli(base + [f"--out_dir={tmp_path / 'jobs'}", "--collect"], module="experiments.sweep")
-  a = json.loads((tmp_path / "one" / "sweep.json").read_text())
   b = json.loads((tmp_path / "jobs" / "sweep.json").read_text())
-  assert a == b and [p["value"] for p in a["points"]] == [2, 4]
+  assert [p["value"] for p in b["points"]] == [2, 4]
+  for p, n in zip(b["points"], (2, 4)):
+    own = json.loads((tmp_path / "jobs" / f"n_hq={n}" / "results.json").read_text())
+    assert p["annotation_dice"] == own["annotation_dice"]
+    assert own["config"]["data"]["n_hq"] == n
   assert (tmp_path / "jobs" / "sweep_n_hq.png").stat().st_size > 1000
 
 

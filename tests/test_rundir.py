@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,25 @@ def test_check_owner_refuses_files_it_did_not_write(tmp_path):
   rundir.check_owner(killed.parent, "apply")
   with pytest.raises(ValueError, match="unknown owner"):
     rundir.check_owner(new, "nobody")
+
+
+def test_a_write_that_runs_out_of_space_is_one_disk_full_line_and_leaves_nothing(tmp_path,
+                                                                                 monkeypatch):
+  import errno
+
+  from upgrade_jax import files
+
+  def no_space(self, data):
+    Path.write_text(self, "half")   # part of the file reached the disk
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(Path, "write_bytes", no_space)
+  with pytest.raises(rundir.DiskFull) as e:
+    files.write_bytes(tmp_path / "out" / "big.png", b"x" * 3_000_000)
+  monkeypatch.undo()
+  msg = str(e.value)
+  assert "big.png: no space left" in msg and "about 3.0 MB" in msg and "MB free" in msg
+  assert isinstance(e.value, rundir.InputError) and "\n" not in msg   # the CLI's one line
+  assert list((tmp_path / "out").iterdir()) == []   # no temporary, nothing under the name
+  other = OSError(errno.EACCES, "Permission denied")
+  assert rundir.disk_full(other, tmp_path / "x", 10) is None   # other errors stay themselves

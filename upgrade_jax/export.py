@@ -141,7 +141,7 @@ def save_upgrader(directory, upgrader: Upgrader, *, train: dict | None = None,
   path = directory / VARIABLES
   if guard is not None:
     guard.check_output(path)
-  files.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+  files.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), size=len(data))
   meta = {
       "format": FORMAT, "format_version": FORMAT_VERSION,
       "package_version": upgrade_jax.__version__,

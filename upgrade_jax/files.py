@@ -42,7 +42,7 @@ def write_json(path, obj, *, guard: rundir.InputGuard | None = None) -> Path:
   return write_text(path, json.dumps(json_safe(obj), indent=2), guard=guard)
 
 
-def atomic_write(path: Path, write) -> Path:
+def atomic_write(path: Path, write, *, size: int | None = None) -> Path:
   """Calls write(tmp_name) on a temporary file beside `path`, then renames it
   onto `path` in one step: readers never see a partial file, a failure leaves
   none, and a killed run's leftover is removed by `rundir.remove_stale_temps`.
@@ -50,7 +50,10 @@ def atomic_write(path: Path, write) -> Path:
 
   With several JAX processes (upgrade_jax.parallel) every process runs the
   same program and would write the same file: only process 0 writes, so they
-  never race on one path; the others return `path` at once."""
+  never race on one path; the others return `path` at once.
+
+  A write that runs out of space raises rundir.DiskFull (one line: the
+  file, `size` (its bytes, where the caller knows them) and what is free)."""
   if not rundir.is_primary_process():
     return path
   fd, tmp = rundir.temp_path_for(path)
@@ -59,9 +62,12 @@ def atomic_write(path: Path, write) -> Path:
     write(tmp)
     os.chmod(tmp, rundir.output_mode())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    full = rundir.disk_full(e, path, size)
+    if full is not None:
+      raise full from None
     raise
   return path
 
@@ -73,7 +79,7 @@ def write_text(path, text: str, *, guard: rundir.InputGuard | None = None) -> Pa
   if guard is not None:
     guard.check_output(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+  return atomic_write(path, lambda tmp: Path(tmp).write_text(text), size=len(text.encode()))
 
 
 def write_bytes(path, data: bytes, *, guard: rundir.InputGuard | None = None) -> Path:
@@ -83,5 +89,5 @@ def write_bytes(path, data: bytes, *, guard: rundir.InputGuard | None = None) ->
   if guard is not None:
     guard.check_output(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+  return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), size=len(data))
 

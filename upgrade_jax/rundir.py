@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["InputError", "InputGuard", "check_out_dir", "check_owner", "RunLock",
+__all__ = ["InputError", "DiskFull", "disk_full", "InputGuard", "check_out_dir", "check_owner", "RunLock",
            "remove_stale_temps", "TEMP_SUFFIX", "temp_path_for", "output_mode",
            "is_primary_process", "OWNER_NAME", "OWNERS", "mark_owner"]
 
@@ -69,6 +69,32 @@ class InputError(ValueError):
 
   The message names the file, flag or shape and says what to do.
   """
+
+
+class DiskFull(InputError):
+  """A write failed for lack of space (ENOSPC, EDQUOT). Its message names
+  the file, the space it needed and what is free; nothing is left under
+  the file's final name, and the rerun, with space, resumes."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: BaseException, path, needed: int | None) -> DiskFull | None:
+  """The DiskFull for an OSError that ran out of space writing `path`
+  (needed: its size in bytes where known), or None for any other error."""
+  if not isinstance(error, OSError) or error.errno not in _NO_SPACE:
+    return None
+  path = Path(path)
+  try:
+    st = os.statvfs(path.parent)
+    free = f"{st.f_bavail * st.f_frsize / 1e6:.1f} MB free there"
+  except OSError:
+    free = "free space unknown"
+  need = f"about {needed / 1e6:.1f} MB" if needed else "more space"
+  return DiskFull(f"{path}: no space left on the device while writing it (it needs {need}; "
+                  f"{free}); nothing was left under its name: free space and rerun the same "
+                  "command, which goes on from there")
 
 
 def _resolve(path) -> Path:

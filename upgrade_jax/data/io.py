@@ -164,7 +164,7 @@ def write_labels(path, labels: np.ndarray, *,
     raise FileNotFoundError(f"output folder does not exist: {path.parent}")
   # minisblack: a short stack (Z <= 4) must not be stored as one RGB image.
   return atomic_write(path, lambda tmp: tifffile.imwrite(
-      tmp, arr, compression="zlib", photometric="minisblack"))
+      tmp, arr, compression="zlib", photometric="minisblack"), size=arr.nbytes)
 
 
 

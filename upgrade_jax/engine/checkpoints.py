@@ -25,6 +25,7 @@ from upgrade_jax.metrics import pooled_dice
 from upgrade_jax.rundir import InputError
 
 __all__ = ["LoopRecord", "Checkpoints", "check_resumable", "ConfigMismatch", "config_diff",
+           "arrays_digest",
            "data_digest"]
 
 # The layout of a checkpoint: 3 = the state holds `ema_params` (the weights'
@@ -221,6 +222,27 @@ def check_resumable(record: LoopRecord, config: TrainConfig, train: Dataset, val
                          "out_dir, the same data to resume it, or start fresh")
 
 
+def arrays_digest(tree) -> str | None:
+  """sha256 (16 hex digits) of a pytree's arrays: each leaf's path, dtype,
+  shape and bytes, in tree order, from a host copy. None when an array is
+  split over processes (no process holds it whole: nothing to compare)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    x = leaf
+    if isinstance(x, jax.Array):
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+      if not x.is_fully_addressable:
+        shard = x.addressable_shards[0]
+        if shard.data.shape != x.shape:
+          return None
+        x = shard.data
+    a = np.ascontiguousarray(np.asarray(x))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
 class Checkpoints:
   """The run's Orbax checkpoints: workdir/checkpoints/<step>/{state,best,record}.
 
@@ -228,6 +250,12 @@ class Checkpoints:
   far and the host-side record (early-stopping counters, history, config), so
   a SIGKILL at any moment leaves a consistent checkpoint: either the previous
   step or the new one, never a latest without its matching best.
+
+  Each step also holds the digest of its arrays (`arrays_digest` of the
+  state and of the best variables). A restore checks it: a step that does
+  not read back or whose arrays differ from their digest is corrupted, and
+  the previous step is used instead (one log line; the steps since are
+  replayed exactly), or, with none left, the run is refused in one line.
   """
 
   def __init__(self, workdir):
@@ -244,16 +272,38 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, state: TrainState, best: dict, record: LoopRecord) -> None:
+    arrays = state.arrays()
+    digest = {"state": arrays_digest(arrays), "best": arrays_digest(best)}
     self.manager.save(record.step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state.arrays()),
+        state=ocp.args.StandardSave(arrays),
         best=ocp.args.StandardSave(best),
-        record=ocp.args.JsonSave(json_safe(dataclasses.asdict(record)))), force=True)
+        record=ocp.args.JsonSave(json_safe(dataclasses.asdict(record))),
+        digest=ocp.args.JsonSave(digest)), force=True)
 
-  def restore(self, template: TrainState):
-    """Latest (state, best variables, record), shaped and sharded like
-    `template`."""
+  def restore(self, template: TrainState, log=print):
+    """The latest good (state, best variables, record), shaped and sharded
+    like `template`; a corrupted step is skipped for the one before it,
+    said in one `log` line (see the class docstring)."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        return self._restore_step(step, template)
+      except (InputError, ConfigMismatch):
+        raise   # an old layout or another run: not corruption
+      except Exception as e:   # noqa: BLE001 - any failure to read back is corruption
+        why = " ".join(str(e).split())[:160] or type(e).__name__
+        where = self.directory / str(step)
+        if i + 1 < len(steps):
+          log(f"WARNING: checkpoint {where} is corrupted ({why}); resuming from step "
+              f"{steps[i + 1]} instead")
+          self.manager.delete(step)   # the replay saves this step afresh
+        else:
+          raise InputError(f"{self.directory}: every checkpoint is corrupted (step {step}: "
+                           f"{why}); delete {self.directory} to train this network afresh"
+                           ) from None
+
+  def _restore_step(self, step: int, template: TrainState):
     abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
-    step = self.latest_step()
     # The record first: an old layout is refused with its own message, not
     # with Orbax's error about a missing array.
     record = self.manager.restore(step, args=ocp.args.Composite(
@@ -262,8 +312,21 @@ class Checkpoints:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract(template.arrays())),
         best=ocp.args.StandardRestore(abstract(template.variables))))
+    stored = self._digest(step)
+    if stored is not None:
+      got = {"state": arrays_digest(out["state"]), "best": arrays_digest(out["best"])}
+      for k in ("state", "best"):
+        if stored.get(k) is not None and got[k] is not None and stored[k] != got[k]:
+          raise ValueError(f"its {k} arrays do not match their checksum")
     state = template.replace(**out["state"])
     return state, out["best"], record
+
+  def _digest(self, step: int) -> dict | None:
+    """The step's stored digest, or None (a checkpoint made before them)."""
+    if not (self.directory / str(step) / "digest").exists():
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(
+        digest=ocp.args.JsonRestore()))["digest"]
 
   def close(self):
     self.manager.wait_until_finished()

@@ -168,7 +168,7 @@ def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
   ckpt = Checkpoints(workdir)
   resumed_from = None
   if ckpt.latest_step() is not None:
-    state, best, record = ckpt.restore(state)
+    state, best, record = ckpt.restore(state, log=log)
     check_resumable(record, config, train, val, workdir, context)
     resumed_from = record.step
     log(f"resuming from step {resumed_from} in {ckpt.directory}")
