@@ -272,7 +272,7 @@ def test_a_full_disk_stops_apply_in_one_line_and_the_rerun_finishes_it(trained, 
 
   root = trained
   args = [f"--model={root}/run/model", f"--images={root}/lq/images", f"--labels={root}/lq/labels"]
-  run("experiments.apply", args + [f"--out_dir={tmp_path}/ref"])
+  ref = root / "run"   # apply's files equal the training run's (test_apply_reproduces_...)
   out = tmp_path / "full"
   real, calls = tifffile.imwrite, []
 
@@ -299,8 +299,8 @@ def test_a_full_disk_stops_apply_in_one_line_and_the_rerun_finishes_it(trained, 
   names = sorted(p.name for p in (out / "upgraded").iterdir())
   assert names == ["lq4.tif", "lq5.tif"]   # no partial file, no temporary, under any name
   for n in names:
-    assert (out / "upgraded" / n).read_bytes() == (tmp_path / "ref/upgraded" / n).read_bytes()
+    assert (out / "upgraded" / n).read_bytes() == (ref / "upgraded" / n).read_bytes()
   assert not (out / "apply.json").exists() and not (out / rundir.LOCK_NAME).exists()
   run("experiments.apply", args + [f"--out_dir={out}"])   # with space: the same files
-  assert snapshot(out / "upgraded") == snapshot(tmp_path / "ref/upgraded")
-  assert (out / "review.csv").read_text() == (tmp_path / "ref/review.csv").read_text()
+  assert snapshot(out / "upgraded") == snapshot(ref / "upgraded")
+  assert (out / "review.csv").read_text() == (ref / "review.csv").read_text()
