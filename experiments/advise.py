@@ -157,9 +157,7 @@ def _plot(out: dict, path: Path) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
-    return 2
+  cli.refuse_arguments(argv)
   cli.setup_runtime()
   out_dir = Path(F.out_dir)
   planned = cli.one_line_errors(plan, out_dir, checking=True)

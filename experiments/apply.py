@@ -172,9 +172,7 @@ def execute(out_dir: Path, upgrader, pairs, guard) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
-    return 2
+  cli.refuse_arguments(argv)
   cli.setup_runtime()
   out_dir = Path(F.out_dir)
   upgrader, pairs, guard = cli.one_line_errors(plan, out_dir, checking=True)

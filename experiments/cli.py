@@ -109,6 +109,16 @@ def one_line_errors(fn, *args, checking: bool = False):
     sys.exit(2)
 
 
+def refuse_arguments(argv, hint: str = "") -> None:
+  """Refuses what absl leaves in argv[1:] (words without --): every option
+  of an entry point is a --flag, so a stray word is a typo, not an input.
+  One line on stderr (with `hint`, e.g. the flag it may have meant), exit 2."""
+  if len(argv) > 1:
+    sys.stderr.write(f"error: unexpected arguments {argv[1:]}{hint}; every option is a "
+                     "--flag\n")
+    sys.exit(2)
+
+
 def parse_flags_one_line(argv):
   """absl's flag parsing, with a bad flag reported as one line (exit 2)."""
   try:

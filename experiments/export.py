@@ -149,9 +149,7 @@ def plan() -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
-    return 2
+  cli.refuse_arguments(argv)
   cli.setup_runtime()
   p = cli.one_line_errors(plan, checking=True)
   s = cli.one_line_errors(p["writer"], p)

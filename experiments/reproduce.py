@@ -29,6 +29,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from experiments import cli   # the one-line refusal of stray words
 from experiments.reproduction import figures, records, render
 from experiments.reproduction.entries import PAPER_NUMBERS, select
 from upgrade_jax.files import write_text
@@ -281,11 +282,9 @@ def _checks(entries, root: Path) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    hint = (f" (did you mean --only={argv[1]}?)" if not argv[1].startswith("-") else "")
-    sys.stderr.write(f"error: unexpected arguments {argv[1:]}{hint}; every option is a "
-                     "--flag\n")
-    return 2
+  hint = (f" (did you mean --only={argv[1]}?)"
+          if len(argv) > 1 and not argv[1].startswith("-") else "")
+  cli.refuse_arguments(argv, hint)
   root = Path(F.out_root).resolve()   # the runs' cwd is the repository
   doc = Path(F.doc)
   data_dirs = _data_dirs()

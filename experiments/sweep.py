@@ -173,9 +173,7 @@ def list_points(out_dir: Path) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
-    return 2
+  cli.refuse_arguments(argv)
   if not F.sweep:
     sys.stderr.write("error: --sweep=FLAG=V1,V2,... is required\n")
     return 2

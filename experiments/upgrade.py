@@ -95,9 +95,7 @@ def run_from_flags(out_dir: Path) -> dict | None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.stderr.write(f"error: unexpected arguments {argv[1:]}; every option is a --flag\n")
-    return 2
+  cli.refuse_arguments(argv)
   cli.setup_runtime()
   out_dir = Path(F.out_dir)
   plan = cli.one_line_errors(plan_from_flags, out_dir, checking=True)

@@ -242,6 +242,66 @@ def test_a_corrupted_checkpoint_is_replaced_by_the_one_before(tmp_path, toy_sets
     T.fit(cfg, train, val, work, log=lambda s: None)
 
 
+def _small_disk(path: Path, size: str) -> Path:
+  """A tmpfs of `size` mounted at path (root only; the test is skipped
+  elsewhere): a real file system that fills up, under Orbax's C++ writes too."""
+  path.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                     capture_output=True, text=True)
+  if r.returncode:
+    pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+  return path
+
+
+@pytest.mark.parametrize("during_the_write", [False, True], ids=["before", "during"])
+def test_a_full_disk_stops_a_checkpoint_in_one_line_and_the_rerun_resumes(
+    tmp_path, toy_sets, monkeypatch, capsys, during_the_write):
+  # The disk fills up (another process's file) between the first checkpoint
+  # and the second. "before": the free-space check refuses the step before
+  # it is written. "during": the disk fills after that check passed, and
+  # Orbax's own array writes (TensorStore, in C++) fail with ENOSPC.
+  from upgrade_jax.engine import checkpoints
+  from upgrade_jax.engine.checkpoints import Checkpoints
+  from upgrade_jax.rundir import DiskFull
+
+  train, val, _ = toy_sets
+  cfg = _toy_config(max_steps=8, steps_per_epoch=2, checkpoint_every=2, patience=100)
+  full = T.fit(cfg, train, val, tmp_path / "ref", log=lambda s: None)
+  disk = _small_disk(tmp_path / "disk", "24m")
+  try:
+    work, real, saves = disk / "run", Checkpoints.save, []
+
+    def the_disk_fills_up(self, state, best, record):
+      saves.append(record.step)
+      if len(saves) == 2:
+        st = os.statvfs(disk)
+        with open(disk / "filler", "wb") as f:
+          f.write(b"\1" * (st.f_bavail * st.f_frsize - 8192))
+      return real(self, state, best, record)
+
+    monkeypatch.setattr(Checkpoints, "save", the_disk_fills_up)
+    if during_the_write:
+      monkeypatch.setattr(checkpoints, "check_space", lambda path, needed: None)
+    capsys.readouterr()
+    with pytest.raises(DiskFull) as stop:
+      T.fit(cfg, train, val, work, log=lambda s: None)
+    monkeypatch.undo()
+    msg = str(stop.value)
+    said = "no space left" if during_the_write else "not enough space"
+    assert f"checkpoints/{saves[1]}: {said}" in msg and "MB" in msg and "\n" not in msg
+    assert capsys.readouterr().err == ""   # Orbax's threads' reports of it are dropped
+    # Only the complete first step is there: no partial step, under any name.
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [str(saves[0])]
+    (disk / "filler").unlink()   # the user frees space and reruns
+    again = T.fit(cfg, train, val, work, log=lambda s: None)
+    assert again.resumed_from == saves[0]
+    for a, b in zip(jax.tree.leaves((again.state_best.params, again.state_last.params)),
+                    jax.tree.leaves((full.state_best.params, full.state_last.params))):
+      np.testing.assert_array_equal(a, b)
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 _RESUME_SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})

@@ -100,6 +100,59 @@ def test_collect_of_a_user_mode_sweep(user_sweep):
   assert (user_sweep / "sweep_omission_rate.png").stat().st_size > 0
 
 
+# A sweep killed in its second point, right after that point's first
+# checkpoint: a real SIGKILL, at a chosen point, of `python -m experiments.sweep`.
+_KILLED_SWEEP = """
+import os, runpy, signal, sys
+from upgrade_jax.engine.checkpoints import Checkpoints
+real = Checkpoints.save
+def save_then_die(self, *a, **k):
+  real(self, *a, **k)
+  if "omission_rate=0.6" in str(self.directory):
+    os.kill(os.getpid(), signal.SIGKILL)
+Checkpoints.save = save_then_die
+sys.argv = ["sweep", *sys.argv[1:]]
+runpy.run_module("experiments.sweep", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_in_a_point_resumes_it_to_the_uninterrupted_files(user_sweep, folders,
+                                                                        tmp_path):
+  import os
+  import shutil
+  import signal
+  import subprocess
+  import sys
+
+  from experiments.sweep import USER_KEYS
+
+  out = tmp_path / "s"
+  shutil.copytree(user_sweep, out)   # point 0 finished; point 1 to run
+  for p in (out / "omission_rate=0.6", out / "sweep.json", out / "sweep_omission_rate.png"):
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+  args = [f"--hq_images={folders / 'HQ/images'}", f"--hq_labels={folders / 'HQ/labels'}",
+          f"--lq_images={folders / 'LQ/images'}", f"--lq_labels={folders / 'LQ/labels'}",
+          "--sweep=omission_rate=0.3,0.6", f"--out_dir={out}", *TINY]
+  proc = subprocess.run([sys.executable, "-c", _KILLED_SWEEP, *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  point = out / "omission_rate=0.6"
+  assert not (point / "results.json").exists() and list(point.rglob("checkpoints/*"))
+  again = _cli("experiments.sweep", *args, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming from step" in again.stdout   # the killed point goes on from its checkpoint
+  for name in ("omission_rate=0.3", "omission_rate=0.6"):
+    a = json.loads((user_sweep / name / "results.json").read_text())
+    b = json.loads((out / name / "results.json").read_text())
+    assert {k: a.get(k) for k in USER_KEYS} == {k: b.get(k) for k in USER_KEYS}
+    assert a["upgrade_best_val_dice"] is not None
+    assert _snapshot(out / name / "upgraded") == _snapshot(user_sweep / name / "upgraded")
+  assert (json.loads((out / "sweep.json").read_text())
+          == json.loads((user_sweep / "sweep.json").read_text()))
+
+
 def test_collect_refuses_what_it_cannot_collect_before_writing(user_sweep, tmp_path):
   import shutil
   copy = tmp_path / "s"

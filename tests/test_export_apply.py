@@ -304,3 +304,56 @@ def test_a_full_disk_stops_apply_in_one_line_and_the_rerun_finishes_it(trained, 
   run("experiments.apply", args + [f"--out_dir={out}"])   # with space: the same files
   assert snapshot(out / "upgraded") == snapshot(ref / "upgraded")
   assert (out / "review.csv").read_text() == (ref / "review.csv").read_text()
+
+
+# Killed while it writes the third label file (after part of it): a real
+# SIGKILL, at a chosen point, of a process that runs experiments.apply as
+# `python -m` does.
+_KILLED_APPLY = """
+import os, runpy, signal, sys
+from pathlib import Path
+import tifffile
+real, calls = tifffile.imwrite, []
+def killed_while_writing(path, *a, **k):
+  calls.append(path)
+  if len(calls) == 3:
+    Path(path).write_bytes(b"half a file")
+    os.kill(os.getpid(), signal.SIGKILL)
+  return real(path, *a, **k)
+tifffile.imwrite = killed_while_writing
+sys.argv = ["apply", *sys.argv[1:]]
+runpy.run_module("experiments.apply", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_apply_is_finished_by_its_rerun(trained, tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+
+  from upgrade_jax import rundir
+
+  root, out = trained, tmp_path / "killed"
+  args = [f"--compilation_cache={CACHE}", f"--model={root}/run/model",
+          f"--images={root}/lq/images", f"--labels={root}/lq/labels", f"--out_dir={out}"]
+  proc = subprocess.run([sys.executable, "-c", _KILLED_APPLY, *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  ref = root / "run"   # apply's files equal the training run's (test_apply_reproduces_...)
+  finals = sorted(p.name for p in (out / "upgraded").iterdir()
+                  if not p.name.endswith(rundir.TEMP_SUFFIX))
+  assert finals == ["lq4.tif", "lq5.tif"]   # the half-written third is not under its name
+  assert [p.read_bytes() for p in out.rglob("*" + rundir.TEMP_SUFFIX)] == [b"half a file"]
+  for n in finals:
+    assert (out / "upgraded" / n).read_bytes() == (ref / "upgraded" / n).read_bytes()
+  assert not (out / "apply.json").exists()
+  run("experiments.apply", args[1:])   # the same command again finishes the folder
+  assert snapshot(out / "upgraded") == snapshot(ref / "upgraded")
+  assert (out / "review.csv").read_text() == (ref / "review.csv").read_text()
+  assert json.loads((out / "apply.json").read_text())["upgraded"][-1].endswith("lq7.tif")
+  left = [p.name for p in out.rglob("*") if p.name.endswith(rundir.TEMP_SUFFIX)
+          or p.name == rundir.LOCK_NAME]
+  assert left == []   # no temporary of the killed run, no lock

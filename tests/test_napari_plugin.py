@@ -25,6 +25,7 @@ from napari.utils._testsupport import (  # noqa: E402,F401
 
 import csv  # noqa: E402
 import io  # noqa: E402
+import shutil  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -220,10 +221,16 @@ def test_upgrade_refuses_bad_inputs_in_one_line(make_napari_viewer, qtbot, train
   img = viewer.add_image(image[0], name="img")
   lab = viewer.add_labels(lq[0], name="lq")
   small = viewer.add_labels(lq[0][:100], name="small")
+  cases = [(lab, tmp_path / "empty", "holds no model.json"),
+           (lab, tmp_path / "three", "takes 3"),
+           (small, folder, "does not match label shape")]
+  from test_contracts import MODEL_BREAKAGES   # the entry points' matrix, in the widget
+  for name, breaks, culprit in MODEL_BREAKAGES:
+    shutil.copytree(folder, tmp_path / "broken" / name)
+    breaks(tmp_path / "broken" / name)
+    cases.append((lab, tmp_path / "broken" / name, culprit))
   w = None
-  for labels, model, culprit in ((lab, tmp_path / "empty", "holds no model.json"),
-                                 (lab, tmp_path / "three", "takes 3"),
-                                 (small, folder, "does not match label shape")):
+  for labels, model, culprit in cases:
     since = len(notification_manager.records)
     w = _upgrade(viewer, qtbot, img, labels, model, widget=w)
     errors = _errors(notification_manager.records, since)

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["InputError", "DiskFull", "disk_full", "InputGuard", "check_out_dir", "check_owner", "RunLock",
+__all__ = ["InputError", "DiskFull", "disk_full", "check_space", "InputGuard", "check_out_dir", "check_owner", "RunLock",
            "remove_stale_temps", "TEMP_SUFFIX", "temp_path_for", "output_mode",
            "is_primary_process", "OWNER_NAME", "OWNERS", "mark_owner"]
 
@@ -80,10 +80,21 @@ class DiskFull(InputError):
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+def _out_of_space(error: BaseException) -> bool:
+  """An OSError with ENOSPC/EDQUOT, or an error of a library that writes in
+  C++ (Orbax through TensorStore raises ValueError('RESOURCE_EXHAUSTED: ...
+  No space left on device [os_error_code='28']')) saying the same."""
+  if isinstance(error, OSError):
+    return error.errno in _NO_SPACE
+  text = str(error)
+  return any(s in text for s in ("No space left on device", "Disk quota exceeded",
+                                 "os_error_code='28'", "os_error_code='122'"))
+
+
 def disk_full(error: BaseException, path, needed: int | None) -> DiskFull | None:
   """The DiskFull for an OSError that ran out of space writing `path`
   (needed: its size in bytes where known), or None for any other error."""
-  if not isinstance(error, OSError) or error.errno not in _NO_SPACE:
+  if not _out_of_space(error):
     return None
   path = Path(path)
   try:
@@ -95,6 +106,23 @@ def disk_full(error: BaseException, path, needed: int | None) -> DiskFull | None
   return DiskFull(f"{path}: no space left on the device while writing it (it needs {need}; "
                   f"{free}); nothing was left under its name: free space and rerun the same "
                   "command, which goes on from there")
+
+
+def check_space(path, needed: int) -> None:
+  """Raises DiskFull (one line) when the file system that will hold `path`
+  has less than `needed` bytes free for this user: a write that cannot fit
+  is refused before it starts. Where the space cannot be read, it passes."""
+  path = Path(path)
+  parent = next((p for p in (path, *path.parents) if p.exists()), None)
+  try:
+    st = os.statvfs(parent)
+  except (OSError, TypeError):
+    return
+  free = st.f_bavail * st.f_frsize
+  if free < needed:
+    raise DiskFull(f"{path}: not enough space on the device to write it (it needs about "
+                   f"{needed / 1e6:.1f} MB; {free / 1e6:.1f} MB free there); nothing was "
+                   "written: free space and rerun the same command, which goes on from there")
 
 
 def _resolve(path) -> Path:

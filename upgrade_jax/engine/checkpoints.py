@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import logging
 import math
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -22,7 +27,7 @@ from upgrade_jax.data.types import Dataset
 from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.state import TrainState
 from upgrade_jax.metrics import pooled_dice
-from upgrade_jax.rundir import InputError
+from upgrade_jax.rundir import InputError, check_space, disk_full
 
 __all__ = ["LoopRecord", "Checkpoints", "check_resumable", "ConfigMismatch", "config_diff",
            "arrays_digest",
@@ -243,6 +248,61 @@ def arrays_digest(tree) -> str | None:
   return h.hexdigest()[:16]
 
 
+# What one step takes beyond its arrays' bytes: Orbax's metadata, index and
+# JSON files (tens of KB for these trees), with room to spare.
+STEP_OVERHEAD_BYTES = 1 << 20
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+class _HeldReports:
+  """Holds what Orbax's writer threads report while a step is saved (absl
+  log lines, tracebacks of callbacks on a closed event loop, unraisable
+  exceptions: ~1000 lines for one failed write) and prints them afterwards, unless `drop` is set:
+  a save that fails on a full disk is then one DiskFull line, not the same
+  error from every thread."""
+
+  def __init__(self):
+    self.drop, self._records, self._text = False, [], io.StringIO()
+
+  def filter(self, record):   # a logging filter: every absl record is held
+    self._records.append(record)
+    return False
+
+  def settle(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
+    """Waits until nothing has been reported for quiet_s (at most max_s)."""
+    t0, seen, since = time.monotonic(), -1, time.monotonic()
+    while time.monotonic() - t0 < max_s:
+      n = len(self._records) + len(self._text.getvalue())
+      if n != seen:
+        seen, since = n, time.monotonic()
+      elif time.monotonic() - since >= quiet_s:
+        return
+      time.sleep(0.05)
+
+  def __enter__(self):
+    self._logger = logging.getLogger("absl")
+    self._logger.addFilter(self)
+    self._stderr, sys.stderr = sys.stderr, self._text
+    self._hook, sys.unraisablehook = sys.unraisablehook, self._records.append
+    return self
+
+  def __exit__(self, *exc):
+    sys.stderr, sys.unraisablehook = self._stderr, self._hook
+    self._logger.removeFilter(self)
+    if not self.drop:
+      for record in self._records:
+        if isinstance(record, logging.LogRecord):
+          self._logger.handle(record)
+        else:
+          self._hook(record)
+      self._stderr.write(self._text.getvalue())
+    return False
+
+
 class Checkpoints:
   """The run's Orbax checkpoints: workdir/checkpoints/<step>/{state,best,record}.
 
@@ -274,11 +334,34 @@ class Checkpoints:
   def save(self, state: TrainState, best: dict, record: LoopRecord) -> None:
     arrays = state.arrays()
     digest = {"state": arrays_digest(arrays), "best": arrays_digest(best)}
-    self.manager.save(record.step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(arrays),
-        best=ocp.args.StandardSave(best),
-        record=ocp.args.JsonSave(json_safe(dataclasses.asdict(record))),
-        digest=ocp.args.JsonSave(digest)), force=True)
+    where = self.directory / str(record.step)
+    needed = _nbytes((arrays, best)) + STEP_OVERHEAD_BYTES
+    check_space(where, needed)   # a disk already full: one line, nothing written
+    with _HeldReports() as held:
+      try:
+        self.manager.save(record.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays),
+            best=ocp.args.StandardSave(best),
+            record=ocp.args.JsonSave(json_safe(dataclasses.asdict(record))),
+            digest=ocp.args.JsonSave(digest)), force=True)
+      except Exception as e:   # noqa: BLE001 - only a full disk is translated
+        full = disk_full(e, where, needed)
+        if full is None:
+          raise
+        # The disk filled up during the write. Orbax writes a step under
+        # <step>.orbax-checkpoint-tmp* and renames it only when complete, so
+        # the half-written step never has its final name; it is removed now
+        # (it holds space the user is about to free), once Orbax's threads
+        # have stopped, and their reports of the same error are dropped.
+        try:
+          self.manager.wait_until_finished()
+        except Exception:   # noqa: BLE001 - the same failure, reported by `full`
+          pass
+        held.settle()   # TensorStore's callbacks go on for a moment after the raise
+        for partial in self.directory.glob(f"{record.step}.orbax-checkpoint-tmp*"):
+          shutil.rmtree(partial, ignore_errors=True)
+        held.drop = True
+        raise full from None
 
   def restore(self, template: TrainState, log=print):
     """The latest good (state, best variables, record), shaped and sharded
