@@ -10,7 +10,7 @@ from experiments import run_config, run_flags, sweep  # noqa: F401  (define ever
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.cfg"))
 # Overlays, only meaningful after another flagfile (tested with their base below).
-OVERLAYS = ("cpu_scale",)
+OVERLAYS = ("cpu_scale", "paper_scale")
 RUNS = [p for p in CONFIGS if p.stem not in OVERLAYS]
 
 
@@ -54,6 +54,23 @@ def test_cpu_scale_overrides_the_scale_and_keeps_the_row(row):
   assert (cpu.data.preset, cpu.data.n_hq, cpu.lq_perturb, cpu.upgrade.task) == (
       paper.data.preset, paper.data.n_hq, paper.lq_perturb, paper.upgrade.task)
   assert "oracle" in cpu.scenarios
+
+
+@pytest.mark.parametrize("row", [p for p in CONFIGS if p.stem.startswith("table_3_1_")],
+                         ids=lambda p: p.stem)
+def test_paper_scale_trains_whole_slices_and_keeps_the_row(row):
+  with parsed(f"--flagfile={row}") as F:
+    alone = run_config.build_config()
+  with parsed(f"--flagfile={row}", f"--flagfile={row.parent / 'paper_scale.cfg'}") as F:
+    run_config.check_flag_combination(run_config.FlagView())
+    cfg = run_config.build_config()
+    assert F.reps == 5
+  assert cfg.data.volume_shape == (75, 565, 807) and cfg.upgrade.widths == (64, 128, 256, 512, 512)
+  for net in (cfg.upgrade, cfg.segment):   # whole slices (the crop is clipped to 576x816)
+    assert net.crop >= 816 and net.batch_size == 4
+  assert (cfg.data, cfg.lq_perturb, cfg.upgrade.task) == (alone.data, alone.lq_perturb,
+                                                          alone.upgrade.task)
+  assert "oracle" in cfg.scenarios
 
 
 def test_quickstart_is_the_readme_main_job():

@@ -253,13 +253,13 @@ def _small_disk(path: Path, size: str) -> Path:
   return path
 
 
-@pytest.mark.parametrize("during_the_write", [False, True], ids=["before", "during"])
 def test_a_full_disk_stops_a_checkpoint_in_one_line_and_the_rerun_resumes(
-    tmp_path, toy_sets, monkeypatch, capsys, during_the_write):
-  # The disk fills up (another process's file) between the first checkpoint
-  # and the second. "before": the free-space check refuses the step before
-  # it is written. "during": the disk fills after that check passed, and
-  # Orbax's own array writes (TensorStore, in C++) fail with ENOSPC.
+    tmp_path, toy_sets, monkeypatch, capsys):
+  # The disk fills up (another process's file) before a checkpoint, twice.
+  # Run 1: the free-space check refuses the step before it is written.
+  # Run 2 (resumed): the disk fills after that check passed, and Orbax's own
+  # array writes (TensorStore, in C++) fail with ENOSPC. Run 3, with space,
+  # resumes and ends where an uninterrupted run ends.
   from upgrade_jax.engine import checkpoints
   from upgrade_jax.engine.checkpoints import Checkpoints
   from upgrade_jax.rundir import DiskFull
@@ -273,26 +273,27 @@ def test_a_full_disk_stops_a_checkpoint_in_one_line_and_the_rerun_resumes(
 
     def the_disk_fills_up(self, state, best, record):
       saves.append(record.step)
-      if len(saves) == 2:
+      if len(saves) in (2, 3):   # before run 1's second save and run 2's first
         st = os.statvfs(disk)
         with open(disk / "filler", "wb") as f:
           f.write(b"\1" * (st.f_bavail * st.f_frsize - 8192))
       return real(self, state, best, record)
 
     monkeypatch.setattr(Checkpoints, "save", the_disk_fills_up)
-    if during_the_write:
-      monkeypatch.setattr(checkpoints, "check_space", lambda path, needed: None)
-    capsys.readouterr()
-    with pytest.raises(DiskFull) as stop:
-      T.fit(cfg, train, val, work, log=lambda s: None)
+    for run, said in ((1, "not enough space"), (2, "no space left")):
+      if run == 2:
+        monkeypatch.setattr(checkpoints, "check_space", lambda path, needed: None)
+      capsys.readouterr()
+      with pytest.raises(DiskFull) as stop:
+        T.fit(cfg, train, val, work, log=lambda s: None)
+      msg = str(stop.value)
+      assert f"checkpoints/{saves[-1]}: {said}" in msg and "MB" in msg and "\n" not in msg
+      assert capsys.readouterr().err == ""   # Orbax's threads' reports of it are dropped
+      # Only complete steps are there: no partial step, under any name.
+      assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [str(saves[0])]
+      (disk / "filler").unlink()   # the user frees space and reruns
     monkeypatch.undo()
-    msg = str(stop.value)
-    said = "no space left" if during_the_write else "not enough space"
-    assert f"checkpoints/{saves[1]}: {said}" in msg and "MB" in msg and "\n" not in msg
-    assert capsys.readouterr().err == ""   # Orbax's threads' reports of it are dropped
-    # Only the complete first step is there: no partial step, under any name.
-    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [str(saves[0])]
-    (disk / "filler").unlink()   # the user frees space and reruns
+    assert saves[1] == saves[2] > saves[0]   # run 2 resumed from run 1's step
     again = T.fit(cfg, train, val, work, log=lambda s: None)
     assert again.resumed_from == saves[0]
     for a, b in zip(jax.tree.leaves((again.state_best.params, again.state_last.params)),

@@ -170,13 +170,32 @@ def test_collect_refuses_what_it_cannot_collect_before_writing(user_sweep, tmp_p
 @pytest.mark.parametrize("args, culprit", [
     (["--only=nope"], "--only=nope"),
     (["table_3_1_inc"], "--only=table_3_1_inc"),
-], ids=["unknown_entry", "stray_argument"])
+    (["--scale=paper", "--only=epfl"], "--scale=paper"),
+    (["--scale=paper", "--records=docs/reproduction/reps"], "--records"),
+], ids=["unknown_entry", "stray_argument", "paper_scale_not_a_row", "paper_scale_cpu_record"])
 def test_reproduce_refuses_bad_entries_with_one_line(tmp_path, args, culprit):
   before = _snapshot(tmp_path)
-  proc = _cli("experiments.reproduce", f"--out_root={tmp_path / 'runs'}",
-              f"--doc={tmp_path / 'doc.md'}", f"--records={tmp_path / 'rec'}", *args)
+  given = {a.split("=")[0] for a in args}
+  paths = [f"--{k}={tmp_path / v}" for k, v in (("out_root", "runs"), ("doc", "doc.md"),
+                                               ("records", "rec")) if f"--{k}" not in given]
+  proc = _cli("experiments.reproduce", *paths, *args)
   assert proc.returncode == 2
   assert_refused(proc, culprit, before, tmp_path)
+
+
+def test_reproduce_at_paper_scale_writes_its_own_document(tmp_path):
+  proc = _cli("experiments.reproduce", "--scale=paper", "--norun",
+              f"--out_root={tmp_path / 'runs'}", f"--records={tmp_path / 'rec'}",
+              f"--doc={tmp_path / 'paper.md'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  md = (tmp_path / "paper.md").read_text()
+  assert md.startswith("# Table 3.1 at the paper's scale") and "paper_scale.cfg" in md
+  assert md.count("not run yet") == 8 and "Table 3.2" not in md   # its rows only
+  status = _cli("experiments.reproduce", "--scale=paper", "--status", "--only=table_3_1_bias",
+                f"--out_root={tmp_path / 'runs'}", f"--records={tmp_path / 'rec'}",
+                f"--doc={tmp_path / 'paper.md'}")
+  lines = status.stdout.strip().splitlines()
+  assert len(lines) == 2 and all("paper_scale.cfg" in line for line in lines)
 
 
 def test_apply_refuses_an_out_dir_with_a_users_file(user_sweep, folders, tmp_path):

@@ -67,6 +67,19 @@ def test_entries_commands_and_selection(tmp_path):
     entries.select(["nonsense"])
 
 
+def test_paper_scale_entries_are_the_table_3_1_rows_after_their_flagfile(tmp_path):
+  paper = entries.select([], "paper")
+  assert [e.row for e in paper] == list(entries.TABLE_3_1_ROWS)
+  for e in paper:
+    cmd = e.command(tmp_path / e.id, {})
+    assert cmd[2].endswith(f"table_3_1_{e.row}.cfg") and cmd[3].endswith("paper_scale.cfg")
+    assert all((entries.CONFIGS / f).is_file() for f in e.flagfiles)
+  assert [e.id for e in entries.select(["table_3_1_bias"], "paper")] == [
+      "table_3_1_bias_hl60", "table_3_1_bias_granulocytes"]
+  with pytest.raises(ValueError, match="at --scale=paper"):
+    entries.select(["epfl"], "paper")
+
+
 def test_document_renders_with_partial_results(tmp_path):
   from experiments import reproduce
   _rep(tmp_path / "table_3_1_bias_hl60", 0, {"hq": 0.8, "hq_upgraded": 0.9, "oracle": 0.95})

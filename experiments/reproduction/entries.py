@@ -123,12 +123,25 @@ ENTRIES: tuple[Entry, ...] = (
 )
 
 
-def select(only: list[str] | None) -> list[Entry]:
-  """The entries whose id starts with one of `only` (all when empty)."""
+# The Table 3.1 rows at the paper's scale (`reproduce --scale=paper`): the
+# row's flagfile followed by paper_scale.cfg (whole 565×807 slices, width 64,
+# batch 4, the segmentation protocol), for a GPU node. Their runs, record
+# and document are their own (reproduce.SCALES): the CPU record stays as it is.
+PAPER_SCALE_ENTRIES: tuple[Entry, ...] = tuple(
+    Entry(f"table_3_1_{r}", "table_3_1", r, (f"table_3_1_{r}.cfg", "paper_scale.cfg"))
+    for r in TABLE_3_1_ROWS)
+SCALES = {"cpu": ENTRIES, "paper": PAPER_SCALE_ENTRIES}
+
+
+def select(only: list[str] | None, scale: str = "cpu") -> list[Entry]:
+  """The entries of `scale` whose id starts with one of `only` (all when empty)."""
+  pool = SCALES[scale]
   if not only:
-    return list(ENTRIES)
-  picked = [e for e in ENTRIES if any(e.id.startswith(p) for p in only)]
+    return list(pool)
+  picked = [e for e in pool if any(e.id.startswith(p) for p in only)]
   if not picked:
-    raise ValueError(f"--only={','.join(only)} matches no entry; ids: "
-                     + ", ".join(e.id for e in ENTRIES))
+    raise ValueError(f"--only={','.join(only)} matches no entry"
+                     + (" at --scale=paper (its entries are the Table 3.1 rows)"
+                        if scale == "paper" else "") + "; ids: "
+                     + ", ".join(e.id for e in pool))
   return picked
