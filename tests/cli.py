@@ -84,6 +84,8 @@ def _child(req) -> None:
   sys.path[0] = req["cwd"]   # `python -m` puts the cwd first
   code = 0
   try:
+    if req.get("preamble"):
+      exec(compile(req["preamble"], "<preamble>", "exec"), {"__name__": "__preamble__"})
     runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
   except SystemExit as e:
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -168,29 +170,35 @@ def _server_env() -> dict:
 
 
 def run(module: str, args, *, cwd=ROOT, env=None, timeout: float = 600,
-        check: bool = False) -> subprocess.CompletedProcess:
+        check: bool = False, preamble: str | None = None) -> subprocess.CompletedProcess:
   """`python -m module *args` in `cwd` with `env` (default os.environ plus
   JAX_PLATFORMS=cpu), its output captured as text; raises
   subprocess.TimeoutExpired after `timeout` s (the case's processes killed),
-  and, with `check`, AssertionError on a non-zero exit."""
+  and, with `check`, AssertionError on a non-zero exit. `preamble`: Python
+  the case's process runs before the module (e.g. a SIGKILL at a chosen
+  call)."""
   env = {**os.environ, **_SERVER_ENV} if env is None else dict(env)
   env.setdefault("PYTHONPATH", str(ROOT))
   args = [str(a) for a in args]
   cmd = [sys.executable, "-m", module, *args]
+  if preamble:
+    cmd = [sys.executable, "-c", f"{preamble}\nimport runpy, sys\n"
+           f"sys.argv = [{module!r}, *sys.argv[1:]]\n"
+           f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)", *args]
   # The running server's variables (os.environ may have changed since it started).
   server_vars = _server[2] if _server is not None else _jax_vars(_server_env())
   if _jax_vars(env) != server_vars:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
   else:
-    proc = _run_forked(module, args, cmd, cwd, env, timeout)
+    proc = _run_forked(module, args, cmd, cwd, env, timeout, preamble)
   if check and proc.returncode != 0:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
                          f"{proc.stderr[-3000:]}")
   return proc
 
 
-def _run_forked(module, args, cmd, cwd, env, timeout):
+def _run_forked(module, args, cmd, cwd, env, timeout, preamble=None):
   path = _start()[1]
   umask = os.umask(0)
   os.umask(umask)
@@ -202,7 +210,8 @@ def _run_forked(module, args, cmd, cwd, env, timeout):
     sock.connect(path)
     try:
       _send(sock, {"module": module, "args": args, "cwd": str(cwd), "env": env,
-                   "umask": umask, "stdout": files[0], "stderr": files[1]})
+                   "umask": umask, "stdout": files[0], "stderr": files[1],
+                   "preamble": preamble})
       pid = _recv(sock)["pid"]
       sock.settimeout(timeout)
       try:

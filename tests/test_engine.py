@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -304,14 +303,22 @@ def test_a_full_disk_stops_a_checkpoint_in_one_line_and_the_rerun_resumes(
 
 
 _RESUME_SCRIPT = """
-import sys, time
+import sys
 sys.path.insert(0, {tests!r})
 import numpy as np, jax
 from conftest import toy_discs
 from upgrade_jax import engine as T
 from upgrade_jax.perturb import PerturbConfig
 
-workdir, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+workdir, out, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
+if kill:   # SIGKILL right after the first checkpoint (step 5) is committed
+  import os, signal
+  from upgrade_jax.engine.checkpoints import Checkpoints
+  real = Checkpoints.save
+  def save_then_die(self, *a, **k):
+    real(self, *a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)
+  Checkpoints.save = save_then_die
 cfg = T.TrainConfig(task=T.Upgrade(perturb=PerturbConfig(omission_rate=0.5,
                                                          salt_pepper_prob=0.01)),
                     widths=(4, 8, 8, 8, 8), crop=32, batch_size=4, max_steps=30,
@@ -319,7 +326,7 @@ cfg = T.TrainConfig(task=T.Upgrade(perturb=PerturbConfig(omission_rate=0.5,
                     log_every=1, checkpoint_every=5, seed=7)
 train = toy_discs(8, size=(32, 32), seed=0)
 val = toy_discs(4, size=(32, 32), seed=1)
-r = T.fit(cfg, train, val, workdir, log=lambda s: time.sleep(delay))
+r = T.fit(cfg, train, val, workdir, log=lambda s: None)
 leaves = jax.tree.leaves((r.state_last.params, r.state_last.batch_stats,
                           r.state_last.opt_state, r.state_best.params))
 np.savez(out, *[np.asarray(x) for x in leaves],
@@ -336,37 +343,30 @@ def test_killed_run_resumes_to_same_parameters(tmp_path):
              # One compile for the three runs; executables are the same.
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"))
 
-  def run(workdir, out, delay, **kw):
+  def run(workdir, out, how, **kw):
     return subprocess.Popen([sys.executable, str(script), str(workdir),
-                             str(out), str(delay)], env=env, cwd=REPO,
+                             str(out), how], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
 
-  full = run(tmp_path / "full", tmp_path / "full.npz", 0.0)
+  full = run(tmp_path / "full", tmp_path / "full.npz", "run")
   _, err = full.communicate(timeout=300)
   assert full.returncode == 0, err.decode()[-3000:]
 
-  # Slow progress (0.1 s per step) so the kill lands mid-run.
-  ckpt_dir = tmp_path / "killed" / "checkpoints"
-  proc = run(tmp_path / "killed", tmp_path / "unused.npz", 0.1)
-  deadline = time.time() + 240
-  while time.time() < deadline:
-    steps = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()] \
-        if ckpt_dir.exists() else []
-    if steps or proc.poll() is not None:
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run ended before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
+  # A real SIGKILL of the training process mid-run, at a known point: right
+  # after its first checkpoint is committed (the loop goes on to step 30).
+  proc = run(tmp_path / "killed", tmp_path / "unused.npz", "kill")
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
   assert not (tmp_path / "unused.npz").exists()
+  assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()
+          if p.name.isdigit()] == ["5"]
 
-  resumed = run(tmp_path / "killed", tmp_path / "resumed.npz", 0.0)
+  resumed = run(tmp_path / "killed", tmp_path / "resumed.npz", "run")
   _, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err.decode()[-3000:]
 
   a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "resumed.npz")
-  assert int(a["resumed"]) == -1 and 5 <= int(b["resumed"]) < 30
+  assert int(a["resumed"]) == -1 and int(b["resumed"]) == 5
   assert a["history"].shape == (3, 3)
   np.testing.assert_allclose(a["history"], b["history"], rtol=1e-6)
   leaf_keys = [k for k in a.files if k.startswith("arr_")]

@@ -101,9 +101,9 @@ def test_collect_of_a_user_mode_sweep(user_sweep):
 
 
 # A sweep killed in its second point, right after that point's first
-# checkpoint: a real SIGKILL, at a chosen point, of `python -m experiments.sweep`.
+# checkpoint: a real SIGKILL, at a chosen point, of the sweep's process.
 _KILLED_SWEEP = """
-import os, runpy, signal, sys
+import os, signal
 from upgrade_jax.engine.checkpoints import Checkpoints
 real = Checkpoints.save
 def save_then_die(self, *a, **k):
@@ -111,19 +111,14 @@ def save_then_die(self, *a, **k):
   if "omission_rate=0.6" in str(self.directory):
     os.kill(os.getpid(), signal.SIGKILL)
 Checkpoints.save = save_then_die
-sys.argv = ["sweep", *sys.argv[1:]]
-runpy.run_module("experiments.sweep", run_name="__main__")
 """
 
 
 @pytest.mark.slow
 def test_a_sweep_killed_in_a_point_resumes_it_to_the_uninterrupted_files(user_sweep, folders,
                                                                         tmp_path):
-  import os
   import shutil
   import signal
-  import subprocess
-  import sys
 
   from experiments.sweep import USER_KEYS
 
@@ -134,9 +129,7 @@ def test_a_sweep_killed_in_a_point_resumes_it_to_the_uninterrupted_files(user_sw
   args = [f"--hq_images={folders / 'HQ/images'}", f"--hq_labels={folders / 'HQ/labels'}",
           f"--lq_images={folders / 'LQ/images'}", f"--lq_labels={folders / 'LQ/labels'}",
           "--sweep=omission_rate=0.3,0.6", f"--out_dir={out}", *TINY]
-  proc = subprocess.run([sys.executable, "-c", _KILLED_SWEEP, *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = cli.run("experiments.sweep", args, preamble=_KILLED_SWEEP, timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   point = out / "omission_rate=0.6"
   assert not (point / "results.json").exists() and list(point.rglob("checkpoints/*"))

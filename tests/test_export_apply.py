@@ -298,10 +298,9 @@ def test_a_full_disk_stops_apply_in_one_line_and_the_rerun_finishes_it(trained, 
 
 
 # Killed while it writes the third label file (after part of it): a real
-# SIGKILL, at a chosen point, of a process that runs experiments.apply as
-# `python -m` does.
+# SIGKILL, at a chosen point, of the process that runs experiments.apply.
 _KILLED_APPLY = """
-import os, runpy, signal, sys
+import os, signal
 from pathlib import Path
 import tifffile
 real, calls = tifffile.imwrite, []
@@ -312,26 +311,19 @@ def killed_while_writing(path, *a, **k):
     os.kill(os.getpid(), signal.SIGKILL)
   return real(path, *a, **k)
 tifffile.imwrite = killed_while_writing
-sys.argv = ["apply", *sys.argv[1:]]
-runpy.run_module("experiments.apply", run_name="__main__")
 """
 
 
 @pytest.mark.slow
 def test_a_killed_apply_is_finished_by_its_rerun(trained, tmp_path):
-  import os
   import signal
-  import subprocess
-  import sys
 
   from upgrade_jax import rundir
 
   root, out = trained, tmp_path / "killed"
   args = [f"--compilation_cache={CACHE}", f"--model={root}/run/model",
           f"--images={root}/lq/images", f"--labels={root}/lq/labels", f"--out_dir={out}"]
-  proc = subprocess.run([sys.executable, "-c", _KILLED_APPLY, *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = cli.run("experiments.apply", args, preamble=_KILLED_APPLY, timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   ref = root / "run"   # apply's files equal the training run's (test_apply_reproduces_...)
   finals = sorted(p.name for p in (out / "upgraded").iterdir()

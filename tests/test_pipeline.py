@@ -101,57 +101,50 @@ def _user_mode(tmp_path, hq, lq, extra=()):
 
 
 @pytest.mark.slow
-def test_user_mode_writes_one_label_file_per_lq_image(tmp_path):
+def test_user_mode_writes_one_label_file_per_lq_file_planes_and_stacks(tmp_path):
+  # 2-D files of several sizes beside (Z, H, W) TIFF stacks of images and labels.
+  from conftest import toy_discs
   from upgrade_jax.data import synthetic
   vols = synthetic.generate("hl60", seed=1, n_volumes=2, shape=(6, 64, 80), keep_empty=True)
   imgs = [v.image[z] for v in vols for z in range(v.num_slices)]
   labs = [v.target[z].astype(np.uint16) for v in vols for z in range(v.num_slices)]
+  ds = toy_discs(11, (48, 56), seed=4)
+  timg = (ds.images[..., 0] * 1000).clip(0).astype(np.uint16)
+  tlab = ds.targets.astype(np.uint16)
   hq, lq = tmp_path / "hq", tmp_path / "lq"
-  _write_folder(hq, imgs[:4], labs[:4], [f"hq{i}" for i in range(4)])
+  _write_folder(hq, imgs[:4] + [timg[:5]], labs[:4] + [tlab[:5]],
+                [f"hq{i}" for i in range(4)] + ["hq_stack"])
   lq_names = ["a_lq", "b_lq", "c_lq"]
-  _write_folder(lq, [i[:48, :72] for i in imgs[4:7]], [(l[:48, :72] > 0).astype(np.uint8)
-                                                      for l in labs[4:7]], lq_names)
+  lq_stack = (tlab[5:10] > 0).astype(np.uint8)
+  lq_stack[:, :, :20] = 0                      # the LQ label misses the left cells
+  _write_folder(lq, [i[:48, :72] for i in imgs[4:7]] + [timg[5:10]],
+                [(l[:48, :72] > 0).astype(np.uint8) for l in labs[4:7]] + [lq_stack],
+                lq_names + ["cells"])
   out = _user_mode(tmp_path, hq, lq, extra=["--scenarios=hq_upgraded"])
   files = sorted(p.name for p in (out / "upgraded").glob("*.tif"))
-  assert files == [f"{n}.tif" for n in lq_names]
+  assert files == sorted(f"{n}.tif" for n in lq_names + ["cells"])
   for n in lq_names:
     lab = tifffile.imread(out / "upgraded" / f"{n}.tif")
     assert lab.shape == (48, 72) and lab.dtype == np.uint16
+  stack = tifffile.imread(out / "upgraded" / "cells.tif")
+  assert stack.shape == (5, 48, 56) and stack.dtype == np.uint16
+  ids = [set(np.unique(s[s > 0])) for s in stack]   # 2-D instances, unique over the stack
+  assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1:])
   assert (out / "seg_hq_upgraded").is_dir()
   res = json.loads((out / "results.json").read_text())
-  assert res["n_lq"] == 3 and set(res["flooded"]) <= set(lq_names)   # a barely trained u_θ may flood
+  assert res["n_lq"] == 8   # LQ slices: 3 planes and a 5-slice stack
+  assert set(res["flooded"]) <= set(lq_names) | {f"cells_z{z:03d}" for z in range(5)}
   # Instance scores on the HQ validation pairs, LQ (P of them) and upgraded.
   for k in ("lq", "upgraded"):
     assert 0.0 <= res["validation_instances"][k]["f1@0.5"] <= 1.0
     assert "dsb_score" in res["validation_instances"][k]
-
-
-@pytest.mark.slow
-def test_user_mode_takes_stacks_and_writes_stacks(tmp_path):
-  # (Z, H, W) TIFF stacks of images and labels, beside a 2-D file.
-  from conftest import toy_discs
-  ds = toy_discs(12, (48, 56), seed=4)
-  img = (ds.images[..., 0] * 1000).clip(0).astype(np.uint16)
-  lab = ds.targets.astype(np.uint16)
-  hq, lq = tmp_path / "hq", tmp_path / "lq"
-  _write_folder(hq, [img[:5], img[5]], [lab[:5], lab[5]], ["hq_stack", "hq_plane"])
-  lq_stack = (lab[6:11] > 0).astype(np.uint8)
-  lq_stack[:, :, :20] = 0                      # the LQ label misses the left cells
-  _write_folder(lq, [img[6:11], img[11]], [lq_stack, (lab[11] > 0).astype(np.uint8)],
-                ["cells", "plane"])
-  out = _user_mode(tmp_path, hq, lq)
-  assert sorted(p.name for p in (out / "upgraded").iterdir()) == ["cells.tif", "plane.tif"]
-  stack = tifffile.imread(out / "upgraded" / "cells.tif")
-  assert stack.shape == (5, 48, 56) and stack.dtype == np.uint16
-  assert tifffile.imread(out / "upgraded" / "plane.tif").shape == (48, 56)
-  ids = [set(np.unique(s[s > 0])) for s in stack]   # 2-D instances, unique over the stack
-  assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1:])
   import csv
   with open(out / "review.csv") as f:
     rows = list(csv.DictReader(f))
-  assert sorted(r["name"] for r in rows) == [f"cells_z{z:03d}" for z in range(5)] + ["plane"]
-  assert [int(r["rank"]) for r in rows] == list(range(1, 7))
-  assert len(list((out / "review").glob("*.png"))) == 6
+  assert sorted(r["name"] for r in rows) == sorted(
+      lq_names + [f"cells_z{z:03d}" for z in range(5)])
+  assert [int(r["rank"]) for r in rows] == list(range(1, 9))
+  assert len(list((out / "review").glob("*.png"))) == 8
 
 
 @pytest.mark.slow
