@@ -114,7 +114,8 @@ def main(argv=None) -> int:
   steps = {}
   problem = pj.Problem(scale["slice_hw"], scale["width"], scale["batch"], PERTURB)
   for network in ("segment", "upgrade"):
-    m = pj.train_step(problem, network, budget, rate, args.max_timed_steps)
+    m = pj.train_step(problem, network, budget, rate, args.max_timed_steps,
+                      another_follows=network == "segment")
     if m["measured"]:
       rate = m["gflops"]
     if torch is not None:
