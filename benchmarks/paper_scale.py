@@ -14,8 +14,9 @@ One JSON line per measure, then a summary line:
                analysis) and achieved GFLOP/s, the compiled program's memory
                and the device's peak memory (where the device reports it),
                and the same step of the same network in PyTorch on the same
-               device (benchmarks/torch_unet.py) as `ratio_vs_torch`
-               (t_torch / t_jax; null without PyTorch for that device);
+               device (benchmarks/torch_unet.py): a `torch_step` line each
+               with `ratio_vs_torch` = t_torch / t_jax (no such lines without
+               PyTorch for that device; null when it did not fit);
   perturbation P alone (the same 4 slices, jitted) and its share of the
                u_θ step; `share_by_identity_step` = 1 − t(step on the same
                input with the label made beforehand) / t(u_θ step), when the
@@ -114,12 +115,11 @@ def main(argv=None) -> int:
   steps = {}
   problem = pj.Problem(scale["slice_hw"], scale["width"], scale["batch"], PERTURB)
   for network in ("segment", "upgrade"):
-    m = pj.train_step(problem, network, budget, rate, args.max_timed_steps,
-                      another_follows=network == "segment")
+    # Room for the next network (1 step) and the PyTorch steps (2.5 each).
+    room = (network == "segment") + (5.0 if torch is not None else 0.0)
+    m = pj.train_step(problem, network, budget, rate, args.max_timed_steps, room_after=room)
     if m["measured"]:
       rate = m["gflops"]
-    if torch is not None:
-      m.update(pj.torch_step(torch, problem, network, budget, m))
     steps[network] = m
     lines.append(emit({"measure": "train_step", **m}, budget))
   lines.append(emit({"measure": "perturbation",
@@ -128,6 +128,13 @@ def main(argv=None) -> int:
   for side in scale["predict_sides"]:
     lines.append(emit({"measure": "predict", **pj.predict(problem, side, budget, rate, tiling)},
                       budget))
+  # PyTorch last: on a CPU its freed memory stays in the process (a 13 GB
+  # JAX step after a PyTorch one ran out of 24 GB; BUILD_NOTES).
+  for network in ("segment", "upgrade") if torch is not None else ():
+    nxt = 2.5 * steps["upgrade"]["step_s"] if network == "segment" else 0.0
+    lines.append(emit({"measure": "torch_step", "network": network,
+                       **pj.torch_step(torch, problem, network, budget, steps[network],
+                                       reserve_s=nxt)}, budget))
   lines.append(emit({"measure": "projection", **projection(steps)}))
   emit({"summary": True, "device": device.device_kind, "platform": device.platform,
         "devices": jax.device_count(), "smoke": args.smoke, "budget_s": args.budget_s,

@@ -128,10 +128,11 @@ def _step(problem: Problem, config, ds: Dataset):
 
 
 def train_step(problem: Problem, network: str, budget, rate_gflops: float,
-               max_steps: int, another_follows: bool = False) -> dict:
+               max_steps: int, room_after: float = 0.0) -> dict:
   """One network's train step at the problem's scale (see paper_scale.py).
-  `another_follows`: a second network of about this cost is measured next;
-  steps beyond the first leave it room (breadth before repetitions)."""
+  `room_after`: what the measures after it need, in steps of this one's
+  cost (the next network, PyTorch's warm-up and step); steps beyond the
+  first leave them that room (breadth before repetitions)."""
   ds = problem.dataset()
   compiled, state, data, compile_s = _step(problem, problem.config(network), ds)
   flops = _flops(compiled)
@@ -154,7 +155,7 @@ def train_step(problem: Problem, network: str, budget, rate_gflops: float,
   t0 = time.perf_counter()
   run()
   first = time.perf_counter() - t0
-  reserve = compile_s + first if another_follows else 0.0
+  reserve = room_after * (compile_s + first)
   times = [first] + (_timed(run, budget, max_steps - 1, reserve) if max_steps > 1 and
                      budget.fits(1.2 * first + reserve) else [])
   step_s = float(np.median(times))
@@ -248,12 +249,15 @@ def torch_for(device):
   return None
 
 
-def torch_step(torch, problem: Problem, network: str, budget, jax_m: dict) -> dict:
-  """The same step in PyTorch: same network, input, soft Dice and Adam."""
+def torch_step(torch, problem: Problem, network: str, budget, jax_m: dict,
+               reserve_s: float = 0.0) -> dict:
+  """The same step in PyTorch: same network, input, soft Dice and Adam.
+  Steps after the first leave `reserve_s` for the measures after it."""
   from benchmarks.torch_unet import UNet
 
   if not jax_m["measured"] or not budget.fits(2.5 * jax_m["step_s"]):
-    return {"torch_device": None, "torch_step_s": None, "ratio_vs_torch": None}
+    return {"torch_device": None, "torch_step_s": None, "ratio_vs_torch": None,
+            "measured": False}
   dev = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
   ds = problem.dataset(problem.batch)
   c = 1 + (network == "upgrade")
@@ -274,5 +278,6 @@ def torch_step(torch, problem: Problem, network: str, budget, jax_m: dict) -> di
       torch.cuda.synchronize()
 
   run()   # warm-up (cuDNN's algorithm search)
-  s = float(np.median(_timed(run, budget, 3)))
-  return {"torch_device": dev, "torch_step_s": s, "ratio_vs_torch": s / jax_m["step_s"]}
+  s = float(np.median(_timed(run, budget, 3, reserve_s)))
+  return {"torch_device": dev, "torch_step_s": s, "ratio_vs_torch": s / jax_m["step_s"],
+          "jax_step_s": jax_m["step_s"], "measured": True}
