@@ -6,6 +6,7 @@ projected from its compiled FLOPs at the GFLOP/s achieved so far."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -117,14 +118,22 @@ def _timed(fn, budget, max_steps: int, reserve_s: float = 0.0) -> list[float]:
   return times
 
 
-def _step(problem: Problem, config, ds: Dataset):
+def _step(config, ds: Dataset):
+  """(run, compiled, compile s): the library's train step on ds, compiled;
+  run() takes one step (the state is donated and carried) and waits for it."""
   mesh = parallel.make_mesh()
   channels = engine.network_channels(config, ds.channels)
-  state = engine.create_train_state(config, channels, jax.random.PRNGKey(0), mesh)
+  holder = [engine.create_train_state(config, channels, jax.random.PRNGKey(0), mesh)]
   data = parallel.place_dataset(ds, mesh)
   t0 = time.perf_counter()
-  compiled = engine.make_train_step(config, mesh, ds.max_label).lower(state, data).compile()
-  return compiled, state, data, time.perf_counter() - t0
+  compiled = engine.make_train_step(config, mesh, ds.max_label).lower(holder[0], data).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run():
+    holder[0], metrics = compiled(holder[0], data)
+    metrics["loss"].block_until_ready()
+
+  return run, compiled, compile_s
 
 
 def train_step(problem: Problem, network: str, budget, rate_gflops: float,
@@ -134,7 +143,7 @@ def train_step(problem: Problem, network: str, budget, rate_gflops: float,
   cost (the next network, PyTorch's warm-up and step); steps beyond the
   first leave them that room (breadth before repetitions)."""
   ds = problem.dataset()
-  compiled, state, data, compile_s = _step(problem, problem.config(network), ds)
+  run, compiled, compile_s = _step(problem.config(network), ds)
   flops = _flops(compiled)
   projected = flops / (rate_gflops * 1e9)
   out = {"network": network, "input": [problem.batch, *problem.padded_hw,
@@ -146,12 +155,6 @@ def train_step(problem: Problem, network: str, budget, rate_gflops: float,
     return {**out, "measured": False, "step_s": projected, "steps_per_s": 1 / projected,
             "img_per_s": problem.batch / projected, "gflops": None, "timed_steps": 0,
             "peak_device_bytes": None}
-  holder = [state]
-
-  def run():
-    holder[0], metrics = compiled(holder[0], data)
-    metrics["loss"].block_until_ready()
-
   t0 = time.perf_counter()
   run()
   first = time.perf_counter() - t0
@@ -187,13 +190,7 @@ def perturbation(problem: Problem, upgrade: dict, budget, rate_gflops: float) ->
   if upgrade["measured"] and budget.fits(upgrade["compile_s"] + 2 * upgrade["step_s"]):
     lq = np.asarray(fn(keys, t, o), np.float32)
     given = ds.replace(images=np.concatenate([ds.images, lq[..., None]], -1))
-    compiled, state, data, _ = _step(problem, problem.config("segment"), given)
-    holder = [state]
-
-    def run():
-      holder[0], metrics = compiled(holder[0], data)
-      metrics["loss"].block_until_ready()
-
+    run, _, _ = _step(problem.config("segment"), given)
     given_s = float(np.median(_timed(run, budget, 3)))
     out.update(identity_step_s=given_s,
                share_by_identity_step=1 - given_s / upgrade["step_s"])
@@ -244,7 +241,7 @@ def torch_for(device):
   if device.platform == "gpu" and torch.cuda.is_available():
     return torch
   if device.platform == "cpu":
-    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     return torch
   return None
 

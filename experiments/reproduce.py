@@ -29,7 +29,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments import cli   # the one-line refusal of stray words
+from experiments import cli   # one-line refusals: flags and stray words
 from experiments.reproduction import figures, records, render
 from experiments.reproduction.entries import PAPER_NUMBERS, select
 from upgrade_jax.files import write_text
@@ -113,13 +113,18 @@ def run_entry(entry, root: Path, data_dirs: dict) -> int:
   return code
 
 
+def _commit() -> str:
+  """The repository's short HEAD, the document's provenance."""
+  return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                        capture_output=True, text=True).stdout.strip() or "unknown"
+
+
 def document(root: Path, doc: Path, data_dirs: dict, root_label: str | None = None) -> str:
   """The whole markdown document (figures written beside it, in <doc stem>/)."""
   paper = json.loads(PAPER_NUMBERS.read_text())
   entries = select([])
   fig_dir = doc.parent / doc.stem
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                          capture_output=True, text=True).stdout.strip() or "unknown"
+  commit = _commit()
   out = [
       "# The paper's experiments, reproduced at CPU scale",
       "",
@@ -205,8 +210,7 @@ def paper_document(root: Path, doc: Path, root_label: str | None = None) -> str:
   """docs/reproduction_paper.md: the Table 3.1 rows at the paper's scale."""
   paper = json.loads(PAPER_NUMBERS.read_text())
   entries = select([], "paper")
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                          capture_output=True, text=True).stdout.strip() or "unknown"
+  commit = _commit()
   t31, found = render.table_3_1(entries, root, paper)
   return "\n".join([
       "# Table 3.1 at the paper's scale",
@@ -378,14 +382,5 @@ def main(argv):
   return 1 if failed else 0
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, a bad flag reported as one line (exit 2)."""
-  try:
-    return F(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags_one_line)

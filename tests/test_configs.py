@@ -41,30 +41,33 @@ def test_flagfile_builds_a_config(path):
     assert cfg.output == "instances"
 
 
-@pytest.mark.parametrize("row", [p for p in CONFIGS if p.stem.startswith("table_3_1_")],
-                         ids=lambda p: p.stem)
-def test_cpu_scale_overrides_the_scale_and_keeps_the_row(row):
-  with parsed(f"--flagfile={row}") as F:
-    paper = run_config.build_config()
-  with parsed(f"--flagfile={row}", f"--flagfile={row.parent / 'cpu_scale.cfg'}") as F:
+ROWS = [p for p in CONFIGS if p.stem.startswith("table_3_1_")]
+
+
+def _row_and_overlay(row: Path, overlay: str):
+  """(the row's config alone, the row + overlay's, its --reps); the overlay
+  must pass the mode rules."""
+  with parsed(f"--flagfile={row}"):
+    alone = run_config.build_config()
+  with parsed(f"--flagfile={row}", f"--flagfile={row.parent / overlay}") as F:
     run_config.check_flag_combination(run_config.FlagView())
-    cpu = run_config.build_config()
-    assert F.reps == 3
+    return alone, run_config.build_config(), F.reps
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda p: p.stem)
+def test_cpu_scale_overrides_the_scale_and_keeps_the_row(row):
+  paper, cpu, reps = _row_and_overlay(row, "cpu_scale.cfg")
+  assert reps == 3
   assert cpu.data.volume_shape == (32, 256, 256) and cpu.upgrade.widths[0] == 16
   assert (cpu.data.preset, cpu.data.n_hq, cpu.lq_perturb, cpu.upgrade.task) == (
       paper.data.preset, paper.data.n_hq, paper.lq_perturb, paper.upgrade.task)
   assert "oracle" in cpu.scenarios
 
 
-@pytest.mark.parametrize("row", [p for p in CONFIGS if p.stem.startswith("table_3_1_")],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("row", ROWS, ids=lambda p: p.stem)
 def test_paper_scale_trains_whole_slices_and_keeps_the_row(row):
-  with parsed(f"--flagfile={row}") as F:
-    alone = run_config.build_config()
-  with parsed(f"--flagfile={row}", f"--flagfile={row.parent / 'paper_scale.cfg'}") as F:
-    run_config.check_flag_combination(run_config.FlagView())
-    cfg = run_config.build_config()
-    assert F.reps == 5
+  alone, cfg, reps = _row_and_overlay(row, "paper_scale.cfg")
+  assert reps == 5
   assert cfg.data.volume_shape == (75, 565, 807) and cfg.upgrade.widths == (64, 128, 256, 512, 512)
   for net in (cfg.upgrade, cfg.segment):   # whole slices (the crop is clipped to 576x816)
     assert net.crop >= 816 and net.batch_size == 4

@@ -25,20 +25,14 @@ import tifffile
 
 from conftest import toy_discs
 from test_cli_inputs import _snapshot, assert_refused
+from test_export_apply import tiny_upgrader
 from upgrade_jax import export
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
   """A saved (untrained) upgrader for grey images; cases copy it."""
-  import jax
-
-  from upgrade_jax.engine import TrainConfig, create_train_state
-  from upgrade_jax.engine.tiling import TileConfig
-
-  state = create_train_state(TrainConfig(widths=(4, 8, 8, 8, 8)), 2, jax.random.PRNGKey(1))
-  up = export.upgrader_from_state(state, image_channels=1, tiling=TileConfig(tile=64, margin=16))
-  return export.save_upgrader(tmp_path_factory.mktemp("model") / "model", up)
+  return export.save_upgrader(tmp_path_factory.mktemp("model") / "model", tiny_upgrader())
 
 
 def _edit_json(field_path, value):
@@ -131,12 +125,8 @@ def _apply_case(setup):
 
 
 def _three_channel_model(root):
-  import jax
-
-  from upgrade_jax.engine import TrainConfig, create_train_state
   shutil.rmtree(root / "model")
-  state = create_train_state(TrainConfig(widths=(4, 8, 8, 8, 8)), 4, jax.random.PRNGKey(1))
-  export.save_upgrader(root / "model", export.upgrader_from_state(state, image_channels=3))
+  export.save_upgrader(root / "model", tiny_upgrader(image_channels=3))
 
 
 def _unpaired_names(root):

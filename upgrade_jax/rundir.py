@@ -92,7 +92,8 @@ def _out_of_space(error: BaseException) -> bool:
 
 
 def disk_full(error: BaseException, path, needed: int | None) -> DiskFull | None:
-  """The DiskFull for an OSError that ran out of space writing `path`
+  """The DiskFull for an error that ran out of space writing `path` (an
+  OSError, or a C++ writer's error saying so: `_out_of_space`)
   (needed: its size in bytes where known), or None for any other error."""
   if not _out_of_space(error):
     return None
