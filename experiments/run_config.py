@@ -111,7 +111,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                 patience=v.patience, log_every=v.log_every, data_placement=v.data_placement,
                 ema_decay=v.ema_decay, checkpoint_every=v.checkpoint_every,
                 lr_drops=v.lr_drops, lr_drop_factor=v.lr_drop_factor,
-                patience_growth=v.patience_growth)
+                patience_growth=v.patience_growth, anneal=v.anneal)
   upgrade = TrainConfig(task=Upgrade(perturb=train_p, label_dropout=v.label_dropout,
                                      strength_mix=v.strength_mix, boundaries=v.boundaries,
                                      haze=_or(v.haze, USER_HAZE if v.hq_images else
@@ -121,7 +121,8 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                         **{**common, "patience": v.seg_patience or v.patience,
                            "lr_drops": _or(v.seg_lr_drops, v.lr_drops),
                            "patience_growth": _or(v.seg_patience_growth,
-                                                  v.patience_growth)})
+                                                  v.patience_growth),
+                           "anneal": _or(v.seg_anneal, v.anneal)})
   data = DataConfig(source=v.data, preset=v.preset, data_dir=v.data_dir,
                     n_volumes=v.n_volumes, volume_shape=tuple(int(s) for s in v.volume_shape),
                     sim_size=v.sim_size,

@@ -202,6 +202,11 @@ flags.DEFINE_float("lr_drop_factor", _TRAIN.lr_drop_factor, "What a plateau mult
 flags.DEFINE_float("patience_growth", _TRAIN.patience_growth, "A stage's patience becomes "
                    "max(--patience, ceil(this x the epochs the stage took to reach its "
                    "best)); 0: fixed patience.", lower_bound=0.0)
+flags.DEFINE_float("anneal", _TRAIN.anneal, "At the plateau that would end a run, anneal "
+                   "instead: this x the epochs so far more epochs at rates falling along a "
+                   "cosine to 0, then stop; 0: stop at the plateau.", lower_bound=0.0)
+flags.DEFINE_float("seg_anneal", None, "--anneal of each segmentation network (default "
+                   "--anneal).", lower_bound=0.0)
 flags.DEFINE_integer("seg_lr_drops", None, "--lr_drops of each segmentation network "
                      "(default --lr_drops).", lower_bound=0)
 flags.DEFINE_float("seg_patience_growth", None, "--patience_growth of each segmentation "

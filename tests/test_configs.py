@@ -219,6 +219,12 @@ def test_lr_drop_flags_reach_the_networks_they_name():
     assert cfg.segment.lr_drop_factor == cfg.upgrade.lr_drop_factor == 0.5
   with parsed("--out_dir=runs/x", "--lr_drops=2", "--seg_lr_drops=0"):
     assert run_config.build_config().segment.lr_drops == 0
+  # anneal joined the key after runs were recorded: absent at its default.
+  with parsed("--out_dir=runs/x", "--seg_anneal=0.5"):
+    cfg = run_config.build_config()
+    key = run_key(cfg)
+    assert (cfg.segment.anneal, cfg.upgrade.anneal) == (0.5, 0.0)
+    assert key["segment"]["anneal"] == 0.5 and "anneal" not in key["upgrade"]
 
 
 def test_haze_defaults_on_in_user_mode_only():

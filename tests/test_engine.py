@@ -484,6 +484,19 @@ def test_plateau_drops_the_learning_rate_then_stops():
   assert drops == [10] and rec.stage_start == 10
   # Stage 2's best is its first epoch (11): it waits max(2, ceil(1 * 1)) = 2.
   assert epoch == 13 and rec.stop_reason == "early stop (patience 2, after 1 lr drop)"
+  # Anneal 0.5: the plateau at epoch 4 starts ceil(0.5 * 4) = 2 epochs at
+  # 0.5 (1 + cos(pi j / 3)) = 0.75 and 0.25 of the rate; no early stop meanwhile,
+  # the best (epoch 5) is still kept, and the run stops after the 2nd.
+  rec, factors = _record(), []
+  for epoch, v in enumerate([0.5, 0.6, 0.6, 0.55, 0.9, 0.1, 0.1], start=1):
+    rec.step = 10 * epoch
+    entry, _ = rec.close_epoch(v, None, patience=2, max_steps=1000, anneal=0.5)
+    factors.append(entry.get("anneal_lr"))
+    if rec.finished:
+      break
+  assert factors == [None, None, None, pytest.approx(0.75), pytest.approx(0.25), None]
+  assert rec.stop_reason == "annealed (2 epochs from a plateau at step 40)"
+  assert (rec.best_val_dice, rec.best_step, rec.anneal_start, rec.anneal_epochs) == (0.9, 50, 4, 2)
   # The cap ends a run whose rule has not, in the same epoch.
   rec = _record()
   rec.step = 100
@@ -491,22 +504,32 @@ def test_plateau_drops_the_learning_rate_then_stops():
   assert rec.finished and rec.stop_reason == "max_steps"
 
 
-def test_fit_lowers_the_learning_rate_at_a_plateau(tmp_path, toy_sets):
+def test_fit_lowers_the_learning_rate_at_a_plateau_then_anneals(tmp_path, toy_sets):
+  from upgrade_jax.engine.checkpoints import anneal_cosine
   train, val, _ = toy_sets
   cfg = _toy_config(lr=1e-9, max_steps=400, steps_per_epoch=3, patience=2, lr_drops=1,
-                    lr_drop_factor=0.25)
+                    lr_drop_factor=0.25, anneal=1.0)
   lines = []
   result = T.fit(cfg, train, val, tmp_path, log=lines.append)
   dropped = [h["epoch"] for h in result.history if h.get("lr_drop")]
   assert len(dropped) == 1 and result.lr_drops == 1
-  assert result.stop_reason == "early stop (patience 2, after 1 lr drop)"
-  assert result.summary(cfg.max_steps)["lr_drops"] == 1
-  assert T.learning_rate(result.state_last) == pytest.approx(0.25e-9)
   assert any(s.startswith("plateau at step") and "2.5e-10" in s for s in lines)
-  # The lowered rate is in the checkpoint: the finished run comes back with it.
+  # The second plateau anneals from the dropped rate over as many epochs as
+  # came before it (anneal 1.0), then the run stops.
+  start = next(h["epoch"] for h in result.history if "anneal_lr" in h)
+  assert start > dropped[0] and result.anneal_epochs == start
+  assert len(result.history) == 2 * start and result.steps == 3 * 2 * start
+  assert result.stop_reason == (f"annealed ({start} epochs from a plateau at step "
+                                f"{3 * start})")
+  assert any("annealing the learning rate from 2.5e-10" in s for s in lines)
+  summary = result.summary(cfg.max_steps)
+  assert (summary["lr_drops"], summary["anneal_epochs"], summary["hit_cap"]) == (1, start, False)
+  last = 0.25e-9 * anneal_cosine(start, start)
+  assert T.learning_rate(result.state_last) == pytest.approx(last)
+  # The rate is in the checkpoint: the finished run comes back with it.
   again = T.fit(cfg, train, val, tmp_path, log=lambda s: None)
-  assert T.learning_rate(again.state_last) == pytest.approx(0.25e-9)
-  assert again.lr_drops == 1
+  assert T.learning_rate(again.state_last) == pytest.approx(last)
+  assert (again.lr_drops, again.anneal_epochs) == (1, start)
 
 
 def test_a_run_from_before_a_new_field_resumes_with_its_default(toy_sets):
@@ -522,6 +545,6 @@ def test_a_run_from_before_a_new_field_resumes_with_its_default(toy_sets):
 
 def test_learning_rate_schedule_fields_are_validated():
   for bad in (dict(lr_drops=-1), dict(lr_drop_factor=1.0), dict(lr_drop_factor=0.0),
-              dict(patience_growth=-0.5)):
+              dict(patience_growth=-0.5), dict(anneal=-1.0)):
     with pytest.raises(ValueError, match=next(iter(bad))):
       T.TrainConfig(**bad)

@@ -92,7 +92,7 @@ def flood_warning(ranked: Sequence[dict]) -> str | None:
     return None
   return (f"WARNING: {len(flooded)} upgraded labels flooded (foreground far above the LQ "
           f"label's and every HQ image's; column flooded of review.csv): "
-          f"{', '.join(flooded[:5])}")
+          f"{', '.join(flooded[:5])}" + (", ..." if len(flooded) > 5 else ""))
 
 
 def truth_floods(upgraded, truth) -> bool:

@@ -26,7 +26,7 @@ from upgrade_jax.engine.evaluation import (ValSet, bucket_size, evaluate, make_v
 from upgrade_jax.engine.loop import FitResult, fit
 from upgrade_jax.engine.state import (TrainState, create_train_state, ema_update,
                                       init_variables, learning_rate, network_channels,
-                                      scale_learning_rate)
+                                      scale_learning_rate, set_learning_rate)
 from upgrade_jax.engine.step import (Batch, crop_and_flip, draw_indices, gather_samples,
                                      make_train_step, sample_crops, take_samples)
 from upgrade_jax.engine.tasks import TASKS, Segment, Task, Upgrade, make_task, task_from_json
@@ -36,7 +36,8 @@ __all__ = ["Checkpoints", "ConfigMismatch", "LoopRecord", "check_resumable", "co
            "data_digest", "StepConfig", "TrainConfig",
            "ValSet", "bucket_size", "evaluate", "make_val_set", "predict", "predict_proba",
            "FitResult", "fit", "TrainState", "create_train_state", "ema_update", "init_variables",
-           "learning_rate", "network_channels", "scale_learning_rate", "Batch", "crop_and_flip",
+           "learning_rate", "network_channels", "scale_learning_rate", "set_learning_rate",
+           "Batch", "crop_and_flip",
            "draw_indices", "gather_samples",
            "make_train_step", "sample_crops", "take_samples", "TASKS", "Segment", "Task", "Upgrade", "make_task",
            "task_from_json", "ConfidentLearning", "PartialLabelling"]

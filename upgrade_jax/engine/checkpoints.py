@@ -99,7 +99,8 @@ class LoopRecord:
   best validation so far (-1 before the first); best_epoch: its epoch (from
   1); bad_epochs: epochs since it, or since the last learning-rate drop;
   stage_start: the epoch of the last drop (0 before any); lr_drops: drops
-  made; finished / stop_reason; history: one dict per epoch; epoch_*: running sums
+  made; anneal_start / anneal_epochs: the epoch the final anneal began at and
+  its length (0 before it); finished / stop_reason; history: one dict per epoch; epoch_*: running sums
   of the current epoch's train metrics.
   """
 
@@ -113,6 +114,8 @@ class LoopRecord:
   bad_epochs: int = 0
   stage_start: int = 0
   lr_drops: int = 0
+  anneal_start: int = 0
+  anneal_epochs: int = 0
   finished: bool = False
   stop_reason: str = ""
   history: list = dataclasses.field(default_factory=list)
@@ -150,14 +153,20 @@ class LoopRecord:
                                                     metrics["dice_counts"])]
 
   def close_epoch(self, val_dice: float, img_per_s, patience: int, max_steps: int,
-                  lr_drops: int = 0, patience_growth: float = 0.0) -> tuple[dict, bool]:
+                  lr_drops: int = 0, patience_growth: float = 0.0,
+                  anneal: float = 0.0) -> tuple[dict, bool]:
     """Ends an epoch: appends its history entry, updates early stopping.
 
     A stage (the epochs since the last learning-rate drop) waits
     W = max(patience, ceil(patience_growth * (best_epoch - stage_start)))
     epochs without a new best. Then, while fewer than `lr_drops` drops were
     made, the entry gets "lr_drop": True (the caller lowers the rate) and a
-    new stage starts; else the run stops.
+    new stage starts; else, with `anneal` a > 0, the final anneal starts:
+    L = ceil(a * epoch) more epochs whose rates fall along a cosine to 0,
+    entry["anneal_lr"] = the factor (of the rate at the plateau) for the next
+    epoch, anneal_cosine(j, L) for its j-th epoch, and the run stops after
+    the L-th, with no early stop meanwhile (the best is still kept); else
+    the run stops.
 
     Returns:
       (entry, improved): the epoch's history dict, and whether `val_dice` is
@@ -178,11 +187,21 @@ class LoopRecord:
       self.bad_epochs += 1
     wait = max(int(patience),
                math.ceil(patience_growth * max(self.best_epoch - self.stage_start, 0)))
-    if self.bad_epochs >= wait:
+    if self.anneal_epochs:
+      j = epoch - self.anneal_start   # anneal epochs done
+      if j >= self.anneal_epochs:
+        self.finish(f"annealed ({self.anneal_epochs} epochs from a plateau at step "
+                    f"{self.history[self.anneal_start - 1]['step']})")
+      else:
+        entry["anneal_lr"] = anneal_cosine(j + 1, self.anneal_epochs)
+    elif self.bad_epochs >= wait:
       if self.lr_drops < lr_drops:
         self.lr_drops += 1
         self.bad_epochs, self.stage_start = 0, epoch
         entry["lr_drop"] = True
+      elif anneal > 0:
+        self.anneal_start, self.anneal_epochs = epoch, max(1, math.ceil(anneal * epoch))
+        entry["anneal_lr"] = anneal_cosine(1, self.anneal_epochs)
       else:
         drops = (f", after {self.lr_drops} lr drop{'s' if self.lr_drops != 1 else ''}"
                  if self.lr_drops else "")
@@ -201,6 +220,13 @@ class LoopRecord:
 
 def _canonical(x):
   return json.loads(json.dumps(json_safe(x), sort_keys=True))
+
+
+def anneal_cosine(j: int, length: int) -> float:
+  """The learning-rate factor of the j-th of `length` anneal epochs (1-based):
+  0.5 (1 + cos(pi j / (length + 1))), from just below 1 down towards 0, so
+  that no epoch trains at rate 0."""
+  return 0.5 * (1.0 + math.cos(math.pi * j / (length + 1)))
 
 
 def check_resumable(record: LoopRecord, config: TrainConfig, train: Dataset, val: Dataset,

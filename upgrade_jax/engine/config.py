@@ -71,6 +71,11 @@ class TrainConfig:
     patience_growth: g >= 0; the patience of a stage becomes
       max(patience, ceil(g * epochs the stage took to reach its best)), so a
       network that still improves slowly waits longer (0: fixed patience).
+    anneal: a >= 0; at the plateau that would end the run (no drops left),
+      anneal instead: ceil(a * epochs so far) more epochs at rates falling
+      along a cosine to 0 (checkpoints.anneal_cosine), then stop (0: stop at
+      the plateau). Why: a plateau at a constant rate is that rate's noise
+      floor, not the network's (BUILD_NOTES.md, "Convergence of the rule").
     log_every: steps between progress lines (the only host syncs).
     checkpoint_every: steps between checkpoints (also one at the end); each
       holds the best variables so far, and a resumed run replays the steps
@@ -98,6 +103,7 @@ class TrainConfig:
   lr_drops: int = 0
   lr_drop_factor: float = 0.1
   patience_growth: float = 0.0
+  anneal: float = 0.0
   log_every: int = 50
   checkpoint_every: int = 500
   eval_batch_size: int = 8
@@ -133,6 +139,8 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.lr_drop_factor must be in (0, 1), got {self.lr_drop_factor}")
     if not self.patience_growth >= 0.0:
       raise ValueError(f"TrainConfig.patience_growth must be >= 0, got {self.patience_growth}")
+    if not self.anneal >= 0.0:
+      raise ValueError(f"TrainConfig.anneal must be >= 0, got {self.anneal}")
     if not self.lr > 0:
       raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
 

@@ -25,7 +25,8 @@ from upgrade_jax.engine.checkpoints import Checkpoints, LoopRecord, check_resuma
 from upgrade_jax.engine.config import TrainConfig
 from upgrade_jax.engine.evaluation import evaluate, make_val_set
 from upgrade_jax.engine.state import (TrainState, create_train_state, learning_rate,
-                                      network_channels, scale_learning_rate)
+                                      network_channels, scale_learning_rate,
+                                      set_learning_rate)
 from upgrade_jax.engine.step import draw_indices, make_train_step
 
 __all__ = ["FitResult", "fit"]
@@ -38,8 +39,9 @@ class FitResult:
   train_dice, val_dice, img_per_s); resumed_from: the step a previous run
   had reached, or None for a fresh run; steps: the steps trained;
   stop_reason: why it stopped ("early stop (patience P)", "early stop
-  (patience P, after N lr drops)" or "max_steps"); lr_drops: how many
-  plateaus lowered the learning rate.
+  (patience P, after N lr drops)", "annealed (...)" or "max_steps");
+  lr_drops: how many plateaus lowered the learning rate; anneal_epochs: the
+  final anneal's length (0: none).
   """
   state_best: TrainState
   state_last: TrainState
@@ -50,6 +52,7 @@ class FitResult:
   steps: int = 0
   stop_reason: str = ""
   lr_drops: int = 0
+  anneal_epochs: int = 0
 
   @property
   def hit_cap(self) -> bool:
@@ -61,7 +64,8 @@ class FitResult:
     return {"steps": self.steps, "best_step": self.best_step,
             "best_val_dice": self.best_val_dice, "stop_reason": self.stop_reason,
             "hit_cap": self.hit_cap, "max_steps": int(max_steps),
-            "evaluations": len(self.history), "lr_drops": self.lr_drops}
+            "evaluations": len(self.history), "lr_drops": self.lr_drops,
+            "anneal_epochs": self.anneal_epochs}
 
 
 def _copy(tree):
@@ -187,7 +191,7 @@ def fit(config: TrainConfig, train: Dataset, val: Dataset, workdir, *,
                    history=record.history, best_val_dice=float(record.best_val_dice),
                    best_step=int(record.best_step), resumed_from=resumed_from,
                    steps=int(record.step), stop_reason=str(record.stop_reason),
-                   lr_drops=int(record.lr_drops))
+                   lr_drops=int(record.lr_drops), anneal_epochs=int(record.anneal_epochs))
 
 
 def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecord,
@@ -242,13 +246,21 @@ def _train(config: TrainConfig, state: TrainState, best: dict, record: LoopRecor
       sync()
       entry, improved = record.close_epoch(evaluate(state, valset), clock.epoch_rate(),
                                            config.patience, config.max_steps,
-                                           config.lr_drops, config.patience_growth)
+                                           config.lr_drops, config.patience_growth,
+                                           config.anneal)
       if improved:
         best = _copy(state.variables)
       if entry.get("lr_drop"):
         state = scale_learning_rate(state, config.lr_drop_factor)
         log(f"plateau at step {step}: learning rate lowered to {learning_rate(state):.3g} "
             f"(drop {record.lr_drops} of {config.lr_drops})")
+      if "anneal_lr" in entry:
+        # The rate at the plateau: every drop made so far applied to lr.
+        base = config.lr * config.lr_drop_factor ** record.lr_drops
+        state = set_learning_rate(state, base * entry["anneal_lr"])
+        if record.anneal_start == entry["epoch"]:
+          log(f"plateau at step {step}: annealing the learning rate from {base:.3g} to 0 "
+              f"over {record.anneal_epochs} epochs")
       # A checkpoint every checkpoint_every steps and when the run ends, not
       # at each new best: a killed run resumes from the last one and replays
       # the same steps (state.py), so it finds the same best again, and a

@@ -25,7 +25,7 @@ from upgrade_jax.engine.tasks import Task
 from upgrade_jax.models.unet import MULTIPLE, UNet
 
 __all__ = ["TrainState", "create_train_state", "ema_update", "init_variables",
-           "learning_rate", "network_channels", "scale_learning_rate"]
+           "learning_rate", "network_channels", "scale_learning_rate", "set_learning_rate"]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -172,6 +172,15 @@ def scale_learning_rate(state: TrainState, factor: float) -> TrainState:
   hp = dict(state.opt_state.hyperparams)
   old = hp["learning_rate"]
   hp["learning_rate"] = jax.device_put(old * jnp.float32(factor), old.sharding)
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+
+
+def set_learning_rate(state: TrainState, value: float) -> TrainState:
+  """`state` with its learning rate set to `value` (an anneal's epoch); as
+  scale_learning_rate, the compiled step is reused."""
+  hp = dict(state.opt_state.hyperparams)
+  old = hp["learning_rate"]
+  hp["learning_rate"] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
   return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
 
 

@@ -261,6 +261,9 @@ class PipelineConfig:
 _RUNTIME_FIELDS = ("reps", "scenarios", "threshold_baseline", "predict_batch", "review_top")
 _RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "conv_impl",
                          "data_placement")
+# Training fields added after runs were recorded: in the key only away from
+# their defaults, so the runs made before them still match.
+_LATER_TRAIN_FIELDS = {"anneal": 0.0}
 
 
 def run_key(cfg: PipelineConfig) -> dict:
@@ -274,6 +277,9 @@ def run_key(cfg: PipelineConfig) -> dict:
   for net in ("upgrade", "segment"):
     for k in _RUNTIME_TRAIN_FIELDS:
       d[net].pop(k)
+    for k, default in _LATER_TRAIN_FIELDS.items():
+      if d[net][k] == default:
+        d[net].pop(k)
   if cfg.data.others != "felzenszwalb":   # its settings change nothing then
     d["data"].pop("felzenszwalb")
   d["data"].pop("compact_images")   # the same numbers either way
