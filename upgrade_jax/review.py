@@ -85,6 +85,12 @@ def _unmatched(a: np.ndarray, b: np.ndarray) -> int:
   return int(np.count_nonzero(hit == 0))
 
 
+def first_names(names: Sequence[str], n: int) -> str:
+  """The first `n` names, comma-separated, with ", ..." when there are more:
+  a log line stays one line on a folder of hundreds of files."""
+  return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
 def flood_warning(ranked: Sequence[dict]) -> str | None:
   """The log line naming the flooded rows of a review queue, or None."""
   flooded = [r["name"] for r in ranked if r["flooded"]]
@@ -92,7 +98,7 @@ def flood_warning(ranked: Sequence[dict]) -> str | None:
     return None
   return (f"WARNING: {len(flooded)} upgraded labels flooded (foreground far above the LQ "
           f"label's and every HQ image's; column flooded of review.csv): "
-          f"{', '.join(flooded[:5])}" + (", ..." if len(flooded) > 5 else ""))
+          f"{first_names(flooded, 5)}")
 
 
 def truth_floods(upgraded, truth) -> bool:

@@ -164,24 +164,24 @@ def learning_rate(state: TrainState) -> float:
   return float(jax.device_get(state.opt_state.hyperparams["learning_rate"]))
 
 
-def scale_learning_rate(state: TrainState, factor: float) -> TrainState:
-  """`state` with its learning rate times `factor` (a plateau's drop). The
-  rate is optimizer state (inject_hyperparams), so the compiled step is
-  reused and a checkpoint carries the lowered rate; the new value keeps the
-  old one's sharding."""
+def _replace_learning_rate(state: TrainState, new_of_old) -> TrainState:
+  # The rate is optimizer state (inject_hyperparams): replacing it reuses the
+  # compiled step, a checkpoint carries it, and the new value keeps the old
+  # one's sharding.
   hp = dict(state.opt_state.hyperparams)
   old = hp["learning_rate"]
-  hp["learning_rate"] = jax.device_put(old * jnp.float32(factor), old.sharding)
+  hp["learning_rate"] = jax.device_put(new_of_old(old), old.sharding)
   return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+
+
+def scale_learning_rate(state: TrainState, factor: float) -> TrainState:
+  """`state` with its learning rate times `factor` (a plateau's drop)."""
+  return _replace_learning_rate(state, lambda old: old * jnp.float32(factor))
 
 
 def set_learning_rate(state: TrainState, value: float) -> TrainState:
-  """`state` with its learning rate set to `value` (an anneal's epoch); as
-  scale_learning_rate, the compiled step is reused."""
-  hp = dict(state.opt_state.hyperparams)
-  old = hp["learning_rate"]
-  hp["learning_rate"] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
-  return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+  """`state` with its learning rate set to `value` (an anneal's epoch)."""
+  return _replace_learning_rate(state, lambda old: jnp.asarray(value, old.dtype))
 
 
 def network_channels(config: TrainConfig, image_channels: int) -> int:

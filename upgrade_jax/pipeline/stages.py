@@ -158,8 +158,7 @@ def upgrade_lq_sets(cfg: PipelineConfig, data: RepData, fit: engine.FitResult,
   if any(floods.values()):
     # Counts and the first names: the full lists are in results.json (a run on
     # 400 real images once logged 270 names in one line).
-    named = "; ".join(f"{split} {len(names)}: {', '.join(names[:3])}"
-                      + (", ..." if len(names) > 3 else "")
+    named = "; ".join(f"{split} {len(names)}: {review.first_names(names, 3)}"
                       for split, names in floods.items() if names)
     run.log(f"[rep {run.rep}] WARNING: upgraded labels flooded against the truth ({named}; "
             "all in results.json, flooded_vs_truth)")
