@@ -131,7 +131,7 @@ def build_config(v: "FlagView | None" = None) -> PipelineConfig:
                     others=v.others, data_seed=v.data_seed, normalisation=v.normalisation,
                     percentiles=tuple(float(p) for p in v.norm_percentiles),
                     compact_images=v.compact_images,
-                    hq_perturb=hq_p, z_consistent=v.z_consistent,
+                    hq_perturb=hq_p, z_consistent=v.z_consistent, train_tile=v.train_tile,
                     felzenszwalb=FelzenszwalbConfig(scale=v.felzenszwalb_scale,
                                                     sigma=v.felzenszwalb_sigma,
                                                     min_size=v.felzenszwalb_min_size))

@@ -93,6 +93,10 @@ flags.DEFINE_enum("others", _DATA.others, list(OTHERS_MODES),
 _scoped((SIMULATED,), flags.DEFINE_integer,
         "data_seed", _DATA.data_seed, "Seed of the simulator and of the test "
         "hold-out.")
+flags.DEFINE_integer("train_tile", _DATA.train_tile, "Cut the HQ and LQ training images "
+                     "into tiles of at most this many px a side (the test set stays whole): "
+                     "for folders of mixed sizes, which one stack pads to the largest "
+                     "(default: whole images).", lower_bound=16)
 flags.DEFINE_bool("compact_images", _DATA.compact_images, "Keep 8/16-bit single-channel "
                   "images in their source dtype, normalised on the device (2-4x less "
                   "memory, the same results); --nocompact_images: float32 on the host.")

@@ -164,7 +164,7 @@ def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume],
                 n_hq: int, seed: int, n_lq: int | None = None, val_fraction: float = 0.2,
                 normalisation: str = "percentile", channels: str = "grey",
                 hq_volumes: int | None = None, compact: bool | str = False,
-                percentiles=None) -> Splits:
+                percentiles=None, train_tile: int | None = None) -> Splits:
   """HQ / LQ / test Datasets and the 80/20 train/validation split of HQ.
 
   Args:
@@ -180,6 +180,11 @@ def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume],
     hq_volumes: the HQ slices come from the first `hq_volumes` training
       volumes only (the paper's Figure 3.4 axis); None: from all of them. LQ
       slices still come from every training volume.
+    train_tile: None keeps every slice whole. An int cuts the HQ (train and
+      validation) and LQ slices into tiles of at most train_tile² px
+      (`stack_samples(tile=)`), after the train/validation split, which stays
+      one of whole slices; the test set stays whole. For folders of mixed
+      sizes, whose stack would otherwise pad every image to the largest.
   """
   if not train_volumes or not test_volumes:
     raise ValueError("make_splits needs at least one training and one test volume")
@@ -197,11 +202,18 @@ def make_splits(train_volumes: Sequence[Volume], test_volumes: Sequence[Volume],
     rng = np.random.default_rng([seed, 1])  # independent of the train/val stream
     rest = [rest[i] for i in np.sort(rng.permutation(len(rest))[:n_lq])]
   test = volumes_to_dataset(test_volumes, **kw)
-  hq = volumes_to_dataset(train_volumes, hq_picks, **kw) if hq_picks else empty_like(test)
-  lq = volumes_to_dataset(train_volumes, rest, **kw) if rest else empty_like(test)
-  train_idx, val_idx = train_val_split(len(hq), seed=seed, val_fraction=val_fraction)
-  return Splits(hq.subset(train_idx), hq.subset(val_idx), lq, test,
-                tuple(hq_picks), tuple(rest))
+  train_idx, val_idx = train_val_split(len(hq_picks), seed=seed, val_fraction=val_fraction)
+  if train_tile is None:
+    hq = volumes_to_dataset(train_volumes, hq_picks, **kw) if hq_picks else empty_like(test)
+    hq_train, hq_val = hq.subset(train_idx), hq.subset(val_idx)
+  else:   # split whole slices first: no slice has tiles on both sides
+    tiled = lambda picks: (volumes_to_dataset(train_volumes, picks, tile=train_tile, **kw)  # noqa: E731
+                           if picks else empty_like(test))
+    hq_train = tiled([hq_picks[i] for i in train_idx])
+    hq_val = tiled([hq_picks[i] for i in val_idx])
+  lq = (volumes_to_dataset(train_volumes, rest, tile=train_tile, **kw) if rest
+        else empty_like(test))
+  return Splits(hq_train, hq_val, lq, test, tuple(hq_picks), tuple(rest))
 
 
 @functools.lru_cache(maxsize=32)

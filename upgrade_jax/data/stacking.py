@@ -1,6 +1,9 @@
 """From samples to one padded Dataset: `stack_samples` (loose 2-D samples) and
 `volumes_to_dataset` (slices of Volumes), with the compact (uint8/uint16 on the
-device) form of integer images."""
+device) form of integer images, and training tiles (`tile_bounds`): a set of
+mixed sizes cut into tiles of at most tile² so that padding to one shape
+does not multiply its memory (DSB2018: 400 images padded to 1024×1272 are 521
+Mpx for 60 Mpx of image; as 256-px tiles, 84 Mpx)."""
 
 from __future__ import annotations
 
@@ -14,12 +17,13 @@ from upgrade_jax.data.intensity import (NORMALISATIONS, PERCENTILES, check_perce
                                         percentile_affine, to_channels)
 from upgrade_jax.data.types import Dataset, Volume, label_dtype
 
-__all__ = ["stack_samples", "volumes_to_dataset"]
+__all__ = ["stack_samples", "volumes_to_dataset", "tile_bounds"]
 
 
 def stack_samples(samples: Sequence, *, normalisation: str = "percentile",
                   channels: str = "grey", scales: Sequence[float] | None = None,
-                  compact: bool | str = False, percentiles=PERCENTILES) -> Dataset:
+                  compact: bool | str = False, percentiles=PERCENTILES,
+                  tile: int | None = None) -> Dataset:
   """Pads 2-D samples of different sizes into one Dataset.
 
   Args:
@@ -40,6 +44,12 @@ def stack_samples(samples: Sequence, *, normalisation: str = "percentile",
       compact when every sample allows it and is 8 or 16 bits, else float32.
       False: float32.
     percentiles: (low, high) of "percentile" normalisation.
+    tile: None keeps every sample whole. An int cuts each sample, after its
+      normalisation (so percentiles stay the whole image's), into
+      `tile_bounds` tiles of at most tile × tile px, each a sample of its own
+      with its labels relabelled 1..n, named "<name>@<y0>,<x0>" when a sample
+      makes more than one. For training sets only: an object cut by a tile
+      edge becomes two, so sets scored per image (test sets) stay whole.
 
   Returns:
     Dataset with images (N, Hmax, Wmax, C) float32 (or the source integer
@@ -88,9 +98,19 @@ def stack_samples(samples: Sequence, *, normalisation: str = "percentile",
     top = top if top > 0 else 1.0   # an all-zero image stays zero
     if not compact and normalisation not in ("none", "percentile"):
       img = np.asarray(img, np.float32) / top
-    divisors.append(top)
-    offsets.append(offset)
-    prepared.append((img, relabel_sequential(target), relabel_sequential(others), str(name)))
+    target, others = relabel_sequential(target), relabel_sequential(others)
+    if tile is None:
+      pieces = [(img, target, others, str(name))]
+    else:   # tiles of the normalised image; each tile's ids 1..n again
+      rows, cols = tile_bounds(target.shape[0], tile), tile_bounds(target.shape[1], tile)
+      cut = lambda a, y0, y1, x0, x1: a[y0:y1, x0:x1]  # noqa: E731
+      pieces = [(cut(img, *r, *c), relabel_sequential(cut(target, *r, *c)),
+                 relabel_sequential(cut(others, *r, *c)),
+                 str(name) if len(rows) * len(cols) == 1 else f"{name}@{r[0]},{c[0]}")
+                for r in rows for c in cols]
+    prepared.extend(pieces)
+    divisors.extend([top] * len(pieces))
+    offsets.extend([offset] * len(pieces))
   h = max(p[1].shape[0] for p in prepared)
   w = max(p[1].shape[1] for p in prepared)
   n, c = len(prepared), prepared[0][0].shape[-1]
@@ -115,6 +135,18 @@ def stack_samples(samples: Sequence, *, normalisation: str = "percentile",
   offset = np.asarray(offsets, np.float32) if compact and normalisation == "percentile" else None
   return Dataset(images, targets, others, extents, tuple(p[3] for p in prepared), scale,
                  offset)
+
+
+def tile_bounds(n: int, tile: int) -> list[tuple[int, int]]:
+  """[(start, stop), ...] cutting an axis of n px into ceil(n / tile) pieces
+  as even as possible (sizes differ by at most 1): 320 px with tile 256 give
+  two of 160, not 256 + a sliver of 64 that a training crop would mostly
+  pad."""
+  if tile < 1:
+    raise ValueError(f"tile must be >= 1, got {tile}")
+  k = max(1, -(-n // tile))
+  edges = [round(i * n / k) for i in range(k + 1)]
+  return list(zip(edges[:-1], edges[1:]))
 
 
 def _compact_ok(image: np.ndarray, channels: str, normalisation: str = "max") -> bool:

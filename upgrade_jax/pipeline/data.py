@@ -85,7 +85,7 @@ def prepare_rep(cfg: PipelineConfig, volumes, seed: int) -> RepData:
   train_vols, test_vols = volumes
   splits = sampling.make_splits(train_vols, test_vols, n_hq=cfg.data.n_hq, seed=seed,
                                 n_lq=cfg.data.n_lq, **cfg.data.image_kwargs,
-                                hq_volumes=cfg.data.hq_volumes)
+                                hq_volumes=cfg.data.hq_volumes, train_tile=cfg.data.train_tile)
   # Felzenszwalb others are made per volume in `run`; here only "none" acts.
   mode = "labels" if cfg.data.others == "felzenszwalb" else cfg.data.others
   prep = lambda d: with_others(d, mode, cfg.data.felzenszwalb)  # noqa: E731

@@ -320,7 +320,8 @@ def threshold_baseline(cfg: PipelineConfig, volumes, data: RepData):
           if threshold_intensities(cfg) == "percentile" else {"normalisation": "none"})
   raw = lambda vols, picks: stacking.volumes_to_dataset(vols, picks, **norm)  # noqa: E731
   hq = concat([data.hq_train, data.hq_val])
-  hq_raw = raw(train_vols, list(data.hq_picks))
+  hq_raw = stacking.volumes_to_dataset(train_vols, list(data.hq_picks), **norm,
+                                       tile=cfg.data.train_tile)   # HQ's own tiles
   index = {n: i for i, n in enumerate(hq_raw.names)}
   hq_raw = hq_raw.subset(np.array([index[n] for n in hq.names]))
   if hq_raw.targets.shape != hq.targets.shape:
