@@ -278,8 +278,8 @@ _RUNTIME_TRAIN_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "co
                          "data_placement")
 # Training fields added after runs were recorded: in the key only away from
 # their defaults, so the runs made before them still match.
-_LATER_TRAIN_FIELDS = {"anneal": 0.0}
-_LATER_DATA_FIELDS = {"train_tile": None}
+_LATER_FIELDS = {"upgrade": {"anneal": 0.0}, "segment": {"anneal": 0.0},
+                 "data": {"train_tile": None}}
 
 
 def run_key(cfg: PipelineConfig) -> dict:
@@ -293,14 +293,12 @@ def run_key(cfg: PipelineConfig) -> dict:
   for net in ("upgrade", "segment"):
     for k in _RUNTIME_TRAIN_FIELDS:
       d[net].pop(k)
-    for k, default in _LATER_TRAIN_FIELDS.items():
-      if d[net][k] == default:
-        d[net].pop(k)
   if cfg.data.others != "felzenszwalb":   # its settings change nothing then
     d["data"].pop("felzenszwalb")
-  for k, default in _LATER_DATA_FIELDS.items():
-    if d["data"][k] == default:
-      d["data"].pop(k)
+  for part, later in _LATER_FIELDS.items():
+    for k, default in later.items():
+      if d[part][k] == default:
+        d[part].pop(k)
   d["data"].pop("compact_images")   # the same numbers either way
   if cfg.data.normalisation != "percentile":   # unused then
     d["data"].pop("percentiles")

@@ -318,10 +318,10 @@ def threshold_baseline(cfg: PipelineConfig, volumes, data: RepData):
   train_vols, test_vols = volumes
   norm = ({"normalisation": "percentile", "percentiles": cfg.data.percentiles}
           if threshold_intensities(cfg) == "percentile" else {"normalisation": "none"})
-  raw = lambda vols, picks: stacking.volumes_to_dataset(vols, picks, **norm)  # noqa: E731
+  raw = lambda vols, picks, tile=None: stacking.volumes_to_dataset(  # noqa: E731
+      vols, picks, tile=tile, **norm)
   hq = concat([data.hq_train, data.hq_val])
-  hq_raw = stacking.volumes_to_dataset(train_vols, list(data.hq_picks), **norm,
-                                       tile=cfg.data.train_tile)   # HQ's own tiles
+  hq_raw = raw(train_vols, list(data.hq_picks), cfg.data.train_tile)   # HQ's own tiles
   index = {n: i for i, n in enumerate(hq_raw.names)}
   hq_raw = hq_raw.subset(np.array([index[n] for n in hq.names]))
   if hq_raw.targets.shape != hq.targets.shape:
