@@ -548,3 +548,25 @@ def test_learning_rate_schedule_fields_are_validated():
               dict(patience_growth=-0.5), dict(anneal=-1.0)):
     with pytest.raises(ValueError, match=next(iter(bad))):
       T.TrainConfig(**bad)
+
+
+def test_sets_of_any_size_share_one_compiled_step(toy_sets):
+  """The step proper depends on the batch, not on the set: Segment networks
+  trained on sets of 16 and 4 samples (other largest ids too) compile it
+  once, and only the small gather per set. Upgrade's P reads max_label, so
+  its step is built per bound."""
+  big, small, _ = toy_sets
+  assert big.max_label != small.max_label or len(big) != len(small)
+  cfg = _toy_config(task=T.Segment(), widths=(4, 4, 4, 4, 4), crop=32)
+  mesh = parallel.make_mesh()
+  steps = [T.make_train_step(cfg, mesh, ds.max_label) for ds in (big, small)]
+  assert steps[0].core is steps[1].core and isinstance(steps[0], T.TrainStep)
+  before = steps[0].core._cache_size()
+  for step, ds in zip(steps, (big, small)):
+    state = T.create_train_state(cfg, 1, jax.random.PRNGKey(0), mesh)
+    state, m = step(state, parallel.place_dataset(ds, mesh))
+    assert np.isfinite(float(m["loss"]))
+  assert steps[0].core._cache_size() - before == 1
+  assert steps[0].gather._cache_size() == 2
+  up = _toy_config()
+  assert T.make_train_step(up, mesh, 3).core is not T.make_train_step(up, mesh, 9).core

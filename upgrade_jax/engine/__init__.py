@@ -28,7 +28,7 @@ from upgrade_jax.engine.state import (TrainState, create_train_state, ema_update
                                       init_variables, learning_rate, network_channels,
                                       scale_learning_rate, set_learning_rate)
 from upgrade_jax.engine.step import (Batch, crop_and_flip, draw_indices, gather_samples,
-                                     make_train_step, sample_crops, take_samples)
+                                     TrainStep, make_train_step, sample_crops, take_samples)
 from upgrade_jax.engine.tasks import TASKS, Segment, Task, Upgrade, make_task, task_from_json
 from upgrade_jax.engine.noisy_tasks import ConfidentLearning, PartialLabelling
 
@@ -39,5 +39,5 @@ __all__ = ["Checkpoints", "ConfigMismatch", "LoopRecord", "check_resumable", "co
            "learning_rate", "network_channels", "scale_learning_rate", "set_learning_rate",
            "Batch", "crop_and_flip",
            "draw_indices", "gather_samples",
-           "make_train_step", "sample_crops", "take_samples", "TASKS", "Segment", "Task", "Upgrade", "make_task",
+           "TrainStep", "make_train_step", "sample_crops", "take_samples", "TASKS", "Segment", "Task", "Upgrade", "make_task",
            "task_from_json", "ConfidentLearning", "PartialLabelling"]

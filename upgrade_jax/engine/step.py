@@ -25,7 +25,7 @@ from upgrade_jax.losses import foreground_of_logits
 from upgrade_jax.metrics import FOREGROUND_THRESHOLD, dice_counts, extent_mask
 
 __all__ = ["Batch", "crop_and_flip", "draw_indices", "gather_samples", "take_samples",
-           "sample_crops", "make_train_step"]
+           "sample_crops", "make_train_step", "TrainStep"]
 
 
 class Batch(NamedTuple):
@@ -133,13 +133,82 @@ def sample_crops(key, data: parallel.DeviceData, batch_size: int, crop: int,
   return Batch(*crop_and_flip(k_geo, tuple(full), ext, crop, flips))
 
 
+class TrainStep:
+  """The train step of a device-resident set: a gather of the step's batch,
+  then the step proper on that batch (the streamed step).
+
+  Why two programs: the gather's depends on the set's size N, the step's
+  only on the batch. Every network of a run (and of a test session: the
+  persistent XLA cache) with the same StepConfig, sample shape and mesh then
+  shares one compiled step, whatever its N; only the small gather is
+  compiled per set. The step's arithmetic is that of one fused program: the
+  batch is the same rows, normalised inside the step (the replicated, sharded
+  and streamed placements train bit for bit alike, tests/test_parallel.py).
+
+  Call: step(state, data) -> (state, metrics), state donated. `lower(state,
+  data).compile()` gives the same call compiled ahead of time (benchmarks).
+  """
+
+  def __init__(self, gather, core):
+    self.gather, self.core = gather, core
+
+  def __call__(self, state: TrainState, data: parallel.DeviceData):
+    return self.core(state, self.gather(state.rng, state.step, data))
+
+  def lower(self, state: TrainState, data: parallel.DeviceData):
+    batch = self.gather.eval_shape(state.rng, state.step, data)
+    return _Lowered(self.gather.lower(state.rng, state.step, data),
+                    self.core.lower(state, batch))
+
+
+class _Lowered(NamedTuple):
+  gather: Any
+  core: Any
+
+  def compile(self):
+    return _Compiled(self.gather.compile(), self.core.compile())
+
+
+class _Compiled(NamedTuple):
+  gather: Any
+  core: Any
+
+  def __call__(self, state, data):
+    return self.core(state, self.gather(state.rng, state.step, data))
+
+  # The step proper's (its convolutions, all-reduces and FLOPs); the
+  # gather is a few row copies.
+  def as_text(self):
+    return self.core.as_text()
+
+  def cost_analysis(self):
+    return self.core.cost_analysis()
+
+  def memory_analysis(self):
+    """The two programs as one: the set (the gather's argument) and the
+    state are live together, the batch once (the gather's output is the
+    step's argument); temporaries are the larger program's."""
+    g, c = self.gather.memory_analysis(), self.core.memory_analysis()
+    return _Memory(c.argument_size_in_bytes + g.argument_size_in_bytes - g.output_size_in_bytes,
+                   c.output_size_in_bytes, max(c.temp_size_in_bytes, g.temp_size_in_bytes),
+                   c.alias_size_in_bytes)
+
+
+class _Memory(NamedTuple):
+  argument_size_in_bytes: int
+  output_size_in_bytes: int
+  temp_size_in_bytes: int
+  alias_size_in_bytes: int
+
+
 def make_train_step(config: TrainConfig | StepConfig, mesh, max_label: int, *,
                     streamed: bool = False):
   """The jitted, data-parallel train step.
 
   Built from the StepConfig (`config.step`) only and cached per (StepConfig,
   mesh, max_label, streamed), so fits that differ only in loop settings,
-  seed or learning rate compile once.
+  seed or learning rate compile once. `max_label` counts only for a task
+  that reads it (Task.uses_max_label).
 
   Args:
     streamed: `data` is not the training set but the B samples this step
@@ -149,14 +218,31 @@ def make_train_step(config: TrainConfig | StepConfig, mesh, max_label: int, *,
     train_step(state, data) -> (state, metrics): state is donated; data is
     the parallel.DeviceData of the training set (or of the step's batch when
     streamed); metrics = {"loss": () f32, "dice_counts": (3,) i32 train
-    TP/FP/FN at threshold 0.5}.
+    TP/FP/FN at threshold 0.5}. Not streamed: a TrainStep (its batch
+    gathered on the device by a program of its own).
   """
   step = config.step if isinstance(config, TrainConfig) else config
-  return _build_train_step(step, mesh, int(max_label), bool(streamed))
+  max_label = int(max_label) if step.task.uses_max_label else 0
+  core = _build_train_step(step, mesh, max_label)
+  if streamed:
+    return core
+  return TrainStep(_build_gather(step.batch_size, mesh), core)
 
 
 @functools.lru_cache(maxsize=16)
-def _build_train_step(config: StepConfig, mesh, max_label: int, streamed: bool):
+def _build_gather(batch_size: int, mesh):
+  """jit(rng, step, data) -> the DeviceData of the B whole samples the step
+  at `step` draws (draw_indices), its rows sharded over `data` as put_batch
+  lays out a streamed batch; count None (the step reads every row)."""
+  def gather(rng, step, data: parallel.DeviceData) -> parallel.DeviceData:
+    idx = draw_indices(rng, step, data.count, batch_size)
+    return parallel.shard_batch(jax.tree.map(lambda x: x[idx], data._replace(count=None)), mesh)
+
+  return jax.jit(gather)
+
+
+@functools.lru_cache(maxsize=16)
+def _build_train_step(config: StepConfig, mesh, max_label: int):
   parallel.check_batch(config.batch_size, mesh)
   task = config.task
   rep = parallel.replicated(mesh)
@@ -167,12 +253,9 @@ def _build_train_step(config: StepConfig, mesh, max_label: int, streamed: bool):
     # The pair (e.g. the perturbation P) is made on whole samples and cropped
     # afterwards when the task needs it (Task.whole_samples: the paper
     # perturbs whole slices). Other tasks crop first, so the step never moves
-    # whole large images.
-    # data.count: the real samples (a sharded set is padded); a traced maxval
-    # draws the same indices as the static one did.
-    idx = None if streamed else draw_indices(state.rng, state.step, data.count,
-                                             config.batch_size)
-    full, ext = take_samples(data, idx)
+    # whole large images. `data` is the step's batch, in order (TrainStep's
+    # gather, or the streamed batch).
+    full, ext = take_samples(data)
     full = parallel.shard_batch(full, mesh)
     pair = functools.partial(task.pair, max_label=max_label, train=True)
     if task.whole_samples:

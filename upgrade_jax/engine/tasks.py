@@ -52,6 +52,9 @@ class Task:
       that holds one cell).
     uses_features: the loss reads the UNet's last decoder features too; the
       step then calls `feature_loss` instead of `loss`.
+    uses_max_label: `pair` reads its static `max_label` (P's per-id tables).
+      Other tasks get 0, so their train and validation programs do not
+      depend on the largest id of the set (one compile serves them all).
   """
 
   name: ClassVar[str] = ""
@@ -61,6 +64,7 @@ class Task:
   extra_channels: ClassVar[int] = 0
   whole_samples: ClassVar[bool] = False
   uses_features: ClassVar[bool] = False
+  uses_max_label: ClassVar[bool] = False
 
   def pair(self, key, images, targets, others, *, max_label: int, valid, train: bool):
     """(inputs (B,h,w,C+extra) f32, target (B,h,w)) of a batch.
@@ -125,6 +129,7 @@ class Upgrade(Task):
   name: ClassVar[str] = "upgrade"
   extra_channels: ClassVar[int] = 1
   whole_samples: ClassVar[bool] = True
+  uses_max_label: ClassVar[bool] = True
 
   perturb: PerturbConfig = PerturbConfig()
   label_dropout: float = 0.0
