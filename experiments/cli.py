@@ -57,6 +57,11 @@ def setup_runtime() -> None:
   import jax
   if F.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", F.compilation_cache)
+    # Every program, not only those that took 1 s (JAX's default): a run's
+    # dozens of small programs (validation, prediction, P, the gathers)
+    # compile in 0.1-0.8 s each, a third of a tiny warm run (user CPU 27 s ->
+    # 17 s, BUILD_NOTES).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   from upgrade_jax import parallel
   parallel.maybe_initialize_distributed(F.distributed, coordinator_address=F.coordinator_address,
                                         num_processes=F.num_processes,

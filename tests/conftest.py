@@ -28,6 +28,11 @@ if "UPGRADE_JAX_TEST_XLA_CACHE" not in os.environ:
   os.environ["UPGRADE_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="upgrade_jax_xla_")
 XLA_CACHE = os.environ["UPGRADE_JAX_TEST_XLA_CACHE"]
 jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+# Cache every program, however fast it compiled (JAX caches only those over
+# 1 s): the tests' many small programs repeat across workers and CLI
+# subprocesses (which inherit the variable; the CLI sets the same).
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def toy_discs(n: int, size=(48, 48), *, seed: int = 0, discs=(3, 6),

@@ -566,6 +566,12 @@ def test_sets_of_any_size_share_one_compiled_step(toy_sets):
     state = T.create_train_state(cfg, 1, jax.random.PRNGKey(0), mesh)
     state, m = step(state, parallel.place_dataset(ds, mesh))
     assert np.isfinite(float(m["loss"]))
+  # The streamed placement's batch (put_batch) runs the same program.
+  streamed = T.make_train_step(cfg, mesh, big.max_label, streamed=True)
+  state = T.create_train_state(cfg, 1, jax.random.PRNGKey(0), mesh)
+  idx = np.asarray(T.draw_indices(np.asarray(state.rng), 0, len(big), cfg.batch_size))
+  streamed(state, parallel.put_batch(big, idx, mesh,
+                                     labels_as=parallel.label_dtype(big.targets, big.others)))
   assert steps[0].core._cache_size() - before == 1
   assert steps[0].gather._cache_size() == 2
   up = _toy_config()

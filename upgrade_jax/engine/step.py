@@ -224,8 +224,8 @@ def make_train_step(config: TrainConfig | StepConfig, mesh, max_label: int, *,
   step = config.step if isinstance(config, TrainConfig) else config
   max_label = int(max_label) if step.task.uses_max_label else 0
   core = _build_train_step(step, mesh, max_label)
-  if streamed:
-    return core
+  if streamed:   # put_batch's count is not read: the gathered batch's program
+    return lambda state, batch: core(state, batch._replace(count=None))
   return TrainStep(_build_gather(step.batch_size, mesh), core)
 
 
@@ -236,9 +236,12 @@ def _build_gather(batch_size: int, mesh):
   lays out a streamed batch; count None (the step reads every row)."""
   def gather(rng, step, data: parallel.DeviceData) -> parallel.DeviceData:
     idx = draw_indices(rng, step, data.count, batch_size)
-    return parallel.shard_batch(jax.tree.map(lambda x: x[idx], data._replace(count=None)), mesh)
+    return jax.tree.map(lambda x: x[idx], data._replace(count=None))
 
-  return jax.jit(gather)
+  # Stated, not inferred: on any mesh the batch is laid out as put_batch lays
+  # it (XLA would choose replicated on one device), so the gathered and the
+  # streamed batch run one step program.
+  return jax.jit(gather, out_shardings=parallel.batch_sharding(mesh))
 
 
 @functools.lru_cache(maxsize=16)
