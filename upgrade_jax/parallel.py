@@ -141,7 +141,7 @@ class DeviceData(NamedTuple):
   for up to 127 ids, else int16, else int32), widened to int32 by the train
   step after it gathers a batch; extents: (N, 2) int32 valid (height, width);
   count: () int32, the number of real samples (a sharded set's N is padded
-  to a multiple of the devices with samples never drawn).
+  to a multiple of the devices with samples never drawn); None for a batch.
   """
   images: Any
   targets: Any
@@ -218,10 +218,11 @@ def put_batch(dataset, index: np.ndarray, mesh: Mesh, labels_as=None) -> DeviceD
   """The samples `index` (B,) of a host Dataset as one batch on the devices,
   its leading axis split over `data` (the streaming placement: the set stays
   on the host, each step sends B whole samples). `labels_as`: the set's
-  label_dtype, computed once by the caller (a scan of the whole set)."""
+  label_dtype, computed once by the caller (a scan of the whole set).
+  count is None: every row of a batch is real (the layout of the train
+  step's own device gather, so both run one step program)."""
   host = _host_arrays(dataset, index, labels_as)
-  placed = jax.tree.map(lambda x: put(x, batch_sharding(mesh)), host._replace(count=None))
-  return placed._replace(count=put(host.count, replicated(mesh)))
+  return jax.tree.map(lambda x: put(x, batch_sharding(mesh)), host._replace(count=None))
 
 
 # The placements of a training set (TrainConfig.data_placement).

@@ -169,12 +169,8 @@ class _Lowered(NamedTuple):
     return _Compiled(self.gather.compile(), self.core.compile())
 
 
-class _Compiled(NamedTuple):
-  gather: Any
-  core: Any
-
-  def __call__(self, state, data):
-    return self.core(state, self.gather(state.rng, state.step, data))
+class _Compiled(TrainStep):
+  """TrainStep's call on the two compiled programs, and their analyses."""
 
   # The step proper's (its convolutions, all-reduces and FLOPs); the
   # gather is a few row copies.
@@ -224,8 +220,8 @@ def make_train_step(config: TrainConfig | StepConfig, mesh, max_label: int, *,
   step = config.step if isinstance(config, TrainConfig) else config
   max_label = int(max_label) if step.task.uses_max_label else 0
   core = _build_train_step(step, mesh, max_label)
-  if streamed:   # put_batch's count is not read: the gathered batch's program
-    return lambda state, batch: core(state, batch._replace(count=None))
+  if streamed:
+    return core
   return TrainStep(_build_gather(step.batch_size, mesh), core)
 
 
